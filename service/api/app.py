@@ -1,0 +1,78 @@
+"""The app factory. `uvicorn service.api.app:create_app --factory` or `flywheel api`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from redis.asyncio import Redis
+from sqlalchemy.engine import make_url
+
+from service import __version__
+from service.api import errors
+from service.api.limits import BodyLimitMiddleware
+from service.api.observe import RequestMetricsMiddleware
+from service.api.routes import feedback, gateway, health
+from service.api.state import AppState, TTLCache
+from service.config import Settings, get_settings
+from service.db import migrate
+from service.db.session import make_async_engine, make_async_sessionmaker, make_sync_engine
+from service.embedded import resolve_service_urls
+from service.engine.replicas import ReplicaPool
+
+log = logging.getLogger(__name__)
+
+
+def _check_schema(db_url: str, timeout_s: float) -> None:
+    engine = make_sync_engine(db_url, connect_timeout_s=timeout_s, pool_size=1)
+    try:
+        migrate.check_migrated(engine, db_url)
+    finally:
+        engine.dispose()
+
+
+def build_state(settings: Settings) -> AppState:
+    """Connect to (or start) the services and check the schema; raises NotMigrated if behind."""
+    db_url, broker_url = resolve_service_urls(settings)
+    _check_schema(db_url, settings.db_connect_timeout_s)
+    engine = make_async_engine(db_url, pool_size=settings.db_pool_size,
+                               max_overflow=settings.db_max_overflow,
+                               connect_timeout_s=settings.db_connect_timeout_s)
+    pool = ReplicaPool(settings.vllm_url_list, base_name=settings.base_model_name,
+                       connect_timeout_s=settings.upstream_connect_timeout_s,
+                       read_timeout_s=settings.upstream_timeout_s)
+    redis = Redis.from_url(broker_url, socket_connect_timeout=2, socket_timeout=2)
+    return AppState(settings=settings, db_url=db_url, broker_url=broker_url, engine=engine,
+                    sessions=make_async_sessionmaker(engine), pool=pool, redis=redis,
+                    auth_cache=TTLCache(settings.auth_cache_ttl_s),
+                    route_cache=TTLCache(settings.routing_cache_ttl_s))
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A configured FastAPI app; services are connected in its lifespan."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state = await asyncio.to_thread(build_state, settings)
+        app.state.fw = state
+        log.info("flywheel API ready: db=%s replicas=%s", make_url(state.db_url).render_as_string(
+            hide_password=True), settings.vllm_url_list)
+        try:
+            yield
+        finally:
+            await state.aclose()
+
+    app = FastAPI(title="Flywheel", version=__version__, lifespan=lifespan,
+                  description="OpenAI-compatible gateway with feedback-driven LoRA retraining.")
+    errors.install(app, settings.retry_after_s)
+    app.include_router(gateway.router)
+    app.include_router(feedback.router)
+    app.include_router(health.router)
+
+    app.add_middleware(RequestMetricsMiddleware)
+    # Outermost, so oversized bodies are refused before anything reads them.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    return app

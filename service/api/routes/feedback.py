@@ -1,0 +1,55 @@
+"""Feedback on interactions, and reading an interaction back."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from service.api.deps import Caller, State, owner_filter
+from service.api.errors import ApiError
+from service.api.schemas import FeedbackOut, FeedbackRequest, InteractionOut
+from service.db import repositories as repo
+from service.metrics import FEEDBACK
+
+router = APIRouter(tags=["feedback"])
+
+
+@router.post("/v1/feedback", response_model=FeedbackOut, status_code=201,
+             responses={200: {"model": FeedbackOut, "description": "an earlier rating replaced"}})
+async def post_feedback(body: FeedbackRequest, caller: Caller, state: State):
+    """Rate an interaction; posting again for the same (interaction, rater) replaces the rating."""
+    rater = body.rater_id or ""
+    async with state.sessions() as session, session.begin():
+        row = await repo.upsert_feedback(
+            session, interaction_id=body.interaction_id, tenant_id=caller.tenant_id,
+            owner_key=owner_filter(caller), rater_id=rater, rating=body.rating,
+            correction=body.correction, comment=body.comment, api_key_id=caller.key_id,
+        )
+    if row is None:
+        raise ApiError(404, f"interaction {body.interaction_id} not found", param="interaction_id",
+                       code="interaction_not_found")
+    FEEDBACK.labels(row.alias or "", body.rating).inc()
+    out = FeedbackOut(id=row.id, interaction_id=body.interaction_id, rating=body.rating,
+                      rater_id=rater, correction=body.correction, comment=body.comment,
+                      replaced=row.replaced, created_at=row.created_at, updated_at=row.updated_at)
+    return JSONResponse(out.model_dump(mode="json"), status_code=200 if row.replaced else 201)
+
+
+@router.get("/v1/interactions/{interaction_id}", response_model=InteractionOut)
+async def get_interaction(interaction_id: uuid.UUID, caller: Caller, state: State) -> InteractionOut:
+    """An interaction with its feedback; other tenants' (and, for product keys, other keys') → 404."""
+    async with state.sessions() as session:
+        found = await repo.get_interaction(session, interaction_id, caller.tenant_id,
+                                           owner_filter(caller))
+    if found is None:
+        raise ApiError(404, f"interaction {interaction_id} not found", param="interaction_id",
+                       code="interaction_not_found")
+    interaction, feedback = found
+    return InteractionOut(
+        **{c: getattr(interaction, c) for c in InteractionOut.model_fields if c != "feedback"},
+        feedback=[FeedbackOut(id=f.id, interaction_id=f.interaction_id, rating=f.rating,
+                              rater_id=f.rater_id, correction=f.correction, comment=f.comment,
+                              created_at=f.created_at, updated_at=f.updated_at) for f in feedback],
+    )

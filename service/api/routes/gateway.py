@@ -1,0 +1,104 @@
+"""OpenAI-compatible chat completions and model listing."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse
+
+from service import gateway
+from service.api.deps import Caller, State
+from service.api.errors import ApiError, unavailable
+from service.api.schemas import ChatCompletionRequest, ModelCard, ModelList
+from service.db import repositories as repo
+from service.metrics import GATEWAY_LATENCY, GATEWAY_TTFT
+
+router = APIRouter(tags=["gateway"])
+
+
+def _interaction_values(iid: uuid.UUID, caller, body: ChatCompletionRequest, route, served,
+                        capture: gateway.Capture) -> dict[str, Any]:
+    return {
+        "id": iid, "tenant_id": caller.tenant_id, "api_key_id": caller.key_id,
+        "alias": body.model, "adapter_id": route.adapter_id, "version_id": served.version_id,
+        "served_model": served.model, "replica": capture.replica, "user": body.user,
+        "messages": [m.model_dump(exclude_none=True) for m in body.messages],
+        "params": body.stored_params(), "response_text": capture.text,
+        "finish_reason": capture.finish_reason, "prompt_tokens": capture.prompt_tokens,
+        "completion_tokens": capture.completion_tokens, "latency_ms": capture.latency_ms,
+        "ttft_ms": capture.ttft_ms, "stream": body.stream,
+    }
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(body: ChatCompletionRequest, caller: Caller, state: State):
+    """Serve a chat completion through the alias's current version and log it."""
+    route = await state.route(caller.tenant_id, body.model)
+    if route is None:
+        raise ApiError(404, f"unknown model or alias {body.model!r}", param="model",
+                       code="model_not_found")
+    served = gateway.pick_served(route, body.user)
+    iid = uuid.uuid4()
+    capture = gateway.Capture()
+    headers = {"X-Interaction-Id": str(iid)}
+    labels = (body.model, served.model)
+    retry = state.settings.retry_after_s
+    try:
+        if body.stream:
+            upstream = await gateway.open_stream(state.pool, served.model, body.upstream_payload(),
+                                                 capture)
+        else:
+            result = await gateway.complete(state.pool, served.model, body.upstream_payload(),
+                                            capture)
+    except gateway.UpstreamUnavailable as exc:
+        raise unavailable(f"engine unavailable: {exc.reason}", retry, "engine_unavailable") from exc
+    except gateway.UpstreamRejected as exc:
+        return JSONResponse(exc.body, status_code=exc.status, headers=headers)
+
+    if not body.stream:
+        GATEWAY_LATENCY.labels(*labels).observe(capture.latency_ms / 1000)
+        await state.store_interaction(_interaction_values(iid, caller, body, route, served, capture))
+        result["model"] = body.model
+        result["interaction_id"] = str(iid)
+        return JSONResponse(result, headers=headers)
+
+    wants_usage = bool((body.stream_options or {}).get("include_usage"))
+
+    async def events():
+        stored = False
+        try:
+            async for data in gateway.relay_stream(upstream, capture, alias=body.model,
+                                                   interaction_id=str(iid),
+                                                   client_wants_usage=wants_usage):
+                if data == "[DONE]":
+                    # Stored before [DONE] so feedback posted right after finds the interaction.
+                    await state.store_interaction(
+                        _interaction_values(iid, caller, body, route, served, capture))
+                    stored = True
+                yield {"data": data}
+        finally:
+            GATEWAY_LATENCY.labels(*labels).observe(capture.latency_ms / 1000)
+            if capture.ttft_ms is not None:
+                GATEWAY_TTFT.labels(*labels).observe(capture.ttft_ms / 1000)
+            if not stored:  # client went away or the engine broke: keep what was served
+                capture.finish_reason = capture.finish_reason or "disconnected"
+                state.spawn(state.store_interaction(
+                    _interaction_values(iid, caller, body, route, served, capture)))
+
+    return EventSourceResponse(events(), headers=headers, sep="\n", ping=30)
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(caller: Caller, state: State) -> ModelList:
+    """The base model and the caller tenant's aliases, in OpenAI's format."""
+    async with state.sessions() as session:
+        aliases = await repo.list_routes(session, caller.tenant_id)
+    now = int(time.time())
+    cards = [ModelCard(id=state.settings.base_model_name, created=now, owned_by="flywheel")]
+    cards += [ModelCard(id=a, created=int(c.timestamp()), owned_by=caller.tenant_id)
+              for a, c in aliases]
+    return ModelList(data=cards)

@@ -1,0 +1,65 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from service import metrics
+from service.api.deps import State
+
+router = APIRouter(tags=["health"])
+
+_CHECK_TIMEOUT_S = 2.0
+
+
+@router.get("/healthz")
+async def healthz() -> dict:
+    """The process is up."""
+    return {"status": "ok"}
+
+
+async def _check_db(state) -> str | None:
+    async with state.sessions() as session:
+        await session.execute(text("SELECT 1"))
+
+
+async def _check_broker(state) -> str | None:
+    await state.redis.ping()
+
+
+async def _check_engine(state) -> str | None:
+    if not state.pool.replicas:
+        return "no vLLM replicas configured"
+    results = await asyncio.gather(
+        *(r.client.get("/health", timeout=_CHECK_TIMEOUT_S) for r in state.pool.replicas),
+        return_exceptions=True,
+    )
+    if not any(not isinstance(x, BaseException) and x.status_code == 200 for x in results):
+        return "no healthy vLLM replica"
+    return None
+
+
+@router.get("/readyz")
+async def readyz(state: State) -> JSONResponse:
+    """Ready when the database, the broker and at least one vLLM replica answer."""
+    checks = {"database": _check_db, "broker": _check_broker, "engine": _check_engine}
+    report: dict[str, str] = {}
+    for name, check in checks.items():
+        try:
+            problem = await asyncio.wait_for(check(state), _CHECK_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - any failure means "not ready"
+            problem = f"{type(exc).__name__}"
+        report[name] = "ok" if problem is None else f"unavailable: {problem}"
+    ready = all(v == "ok" for v in report.values())
+    return JSONResponse({"ready": ready, "checks": report}, status_code=200 if ready else 503,
+                        headers=None if ready else {"Retry-After": str(state.settings.retry_after_s)})
+
+
+@router.get("/metrics", include_in_schema=False)
+async def prometheus_metrics(state: State) -> Response:
+    body, content_type = metrics.render(state.settings.prometheus_multiproc_dir is not None)
+    return Response(body, media_type=content_type)

@@ -1,0 +1,101 @@
+"""Request and response bodies of the gateway and feedback API."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI's chat request. Unknown fields are forwarded to vLLM, which validates them."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1, max_length=200)
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    user: str | None = Field(default=None, max_length=200)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    # Feedback is per answer: one choice per interaction.
+    n: Literal[1] = 1
+    stream_options: dict[str, Any] | None = None
+
+    def upstream_payload(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True, exclude={"n"})
+
+    def stored_params(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True, exclude={"messages", "model", "stream_options"})
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    interaction_id: uuid.UUID
+    rating: Literal["up", "down"]
+    correction: str | None = Field(default=None, max_length=100_000)
+    comment: str | None = Field(default=None, max_length=10_000)
+    rater_id: str | None = Field(default=None, max_length=200)
+
+    @field_validator("correction")
+    @classmethod
+    def _not_blank(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("correction must not be blank; omit it instead")
+        return v
+
+
+class FeedbackOut(BaseModel):
+    id: uuid.UUID
+    interaction_id: uuid.UUID
+    rating: str
+    rater_id: str
+    correction: str | None = None
+    comment: str | None = None
+    replaced: bool = False
+    created_at: datetime
+    updated_at: datetime
+
+
+class InteractionOut(BaseModel):
+    id: uuid.UUID
+    tenant_id: str
+    alias: str
+    served_model: str
+    version_id: uuid.UUID | None
+    user: str | None
+    messages: list[Any]
+    params: dict[str, Any]
+    response_text: str
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    latency_ms: float | None
+    ttft_ms: float | None
+    stream: bool
+    created_at: datetime
+    feedback: list[FeedbackOut]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -1,0 +1,108 @@
+"""Per-process API state: engines, the replica pool, and short-lived caches."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+
+from service.config import Settings
+from service.db import repositories as repo
+from service.engine.replicas import ReplicaPool
+from service.metrics import INTERACTIONS, STORAGE_FAILURES
+
+log = logging.getLogger(__name__)
+
+
+class TTLCache:
+    """A tiny dict with per-entry expiry; bounded so a key-guessing client cannot grow it."""
+
+    def __init__(self, ttl_s: float, max_entries: int = 10_000) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._data: dict[Any, tuple[float, Any]] = {}
+
+    def get(self, key: Any) -> tuple[bool, Any]:
+        hit = self._data.get(key)
+        if hit is None or hit[0] < time.monotonic():
+            return False, None
+        return True, hit[1]
+
+    def put(self, key: Any, value: Any) -> None:
+        if len(self._data) >= self.max_entries:
+            self._data.clear()
+        self._data[key] = (time.monotonic() + self.ttl_s, value)
+
+    def clear(self) -> None:
+        self._data.clear()
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    db_url: str
+    broker_url: str
+    engine: AsyncEngine
+    sessions: async_sessionmaker
+    pool: ReplicaPool
+    redis: Redis
+    auth_cache: TTLCache
+    route_cache: TTLCache
+    background: set[asyncio.Task] = field(default_factory=set)
+
+    async def principal(self, key_hash: str) -> repo.Principal | None:
+        found, principal = self.auth_cache.get(key_hash)
+        if found:
+            return principal
+        async with self.sessions() as session:
+            principal = await repo.principal_for_hash(session, key_hash)
+        self.auth_cache.put(key_hash, principal)
+        return principal
+
+    async def route(self, tenant_id: str, alias: str) -> repo.Route | None:
+        """Alias -> route, cached for routing_cache_ttl_s (the bound on following a swap)."""
+        key = (tenant_id, alias)
+        found, route = self.route_cache.get(key)
+        if found:
+            return route
+        async with self.sessions() as session:
+            route = await repo.route_for_alias(session, tenant_id, alias,
+                                               self.settings.base_model_name)
+        self.route_cache.put(key, route)
+        return route
+
+    async def store_interaction(self, values: dict[str, Any]) -> bool:
+        """Store one interaction; a failure is counted and logged, never raised to the client."""
+        try:
+            async with self.sessions() as session, session.begin():
+                await repo.insert_interaction(session, values)
+        except Exception as exc:  # noqa: BLE001 - the client already has its answer
+            STORAGE_FAILURES.labels("interaction").inc()
+            # No message contents in logs: they may hold PII.
+            log.error("could not store interaction %s: %s", values.get("id"), type(exc).__name__)
+            return False
+        INTERACTIONS.labels(values.get("alias", "")).inc()
+        return True
+
+    def spawn(self, coro) -> None:
+        """Run coro in the background, keeping a reference until it finishes."""
+        task = asyncio.ensure_future(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def aclose(self) -> None:
+        if self.background:
+            await asyncio.wait(self.background, timeout=10)
+        await self.pool.aclose()
+        await self.redis.aclose()
+        await self.engine.dispose()
+
+
+def new_interaction_id() -> uuid.UUID:
+    return uuid.uuid4()

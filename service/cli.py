@@ -1,0 +1,216 @@
+"""The `flywheel` command line (typer + rich)."""
+
+from __future__ import annotations
+
+import enum
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from service.config import get_settings
+
+app = typer.Typer(help="Flywheel: feedback-driven LoRA retraining behind an OpenAI-compatible API.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+keys_app = typer.Typer(help="API keys: create, list, revoke.", no_args_is_help=True)
+adapters_app = typer.Typer(help="Adapter aliases and their versions.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(adapters_app, name="adapters")
+
+console = Console()
+err = Console(stderr=True)
+
+
+class RoleChoice(str, enum.Enum):
+    product = "product"
+    ops = "ops"
+
+
+def _sync_sessions():
+    from sqlalchemy.orm import sessionmaker
+
+    from service.db.session import make_sync_engine
+    from service.embedded import resolve_database_url
+
+    settings = get_settings()
+    url = resolve_database_url(settings)
+    return url, sessionmaker(make_sync_engine(url, connect_timeout_s=settings.db_connect_timeout_s))
+
+
+def _require_migrated(url: str) -> None:
+    from service.db import migrate
+    from service.db.session import make_sync_engine
+
+    try:
+        migrate.check_migrated(make_sync_engine(url, pool_size=1), url)
+    except migrate.NotMigrated as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+
+
+@app.command()
+def migrate() -> None:
+    """Apply database migrations (creates the embedded database when none is configured)."""
+    from service.db import migrate as m
+    from service.embedded import resolve_database_url
+
+    url = resolve_database_url(get_settings())
+    m.upgrade(url)
+    console.print(f"database at revision [bold]{m.head_revision(url)}[/bold]")
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="Tenant the key belongs to (created if new).")],
+    role: Annotated[RoleChoice, typer.Option(help="product: chat, feedback, own interactions; "
+                                                  "ops: everything in the tenant.")],
+    name: Annotated[str, typer.Option(help="A label for listings.")] = "",
+) -> None:
+    """Create an API key and print it once; only its hash is stored."""
+    from service.db import repositories as repo
+    from service.db.session import session_scope
+    from service.security import display_prefix, generate_key, hash_key
+
+    if not tenant.strip():
+        raise typer.BadParameter("tenant must not be empty", param_hint="--tenant")
+    url, sessions = _sync_sessions()
+    _require_migrated(url)
+    key = generate_key()
+    with session_scope(sessions) as session:
+        row = repo.create_api_key(session, tenant_id=tenant, role=role.value, key_hash=hash_key(key),
+                                  prefix=display_prefix(key), name=name)
+        repo.audit(session, tenant_id=tenant, actor="cli", action="key.create", target_type="api_key",
+                   target_id=str(row.id), detail={"role": role.value, "prefix": row.prefix})
+    err.print(f"created {role.value} key for tenant {tenant!r}; it is shown only once:")
+    print(key)
+
+
+@keys_app.command("list")
+def keys_list(tenant: Annotated[str | None, typer.Option(help="Only this tenant.")] = None) -> None:
+    """List keys (prefix, tenant, role, state); never the keys themselves."""
+    from service.db import repositories as repo
+    from service.db.session import session_scope
+
+    url, sessions = _sync_sessions()
+    _require_migrated(url)
+    table = Table("id", "prefix", "tenant", "role", "name", "created", "revoked")
+    with session_scope(sessions) as session:
+        for k in repo.list_api_keys(session, tenant):
+            table.add_row(str(k.id), k.prefix, k.tenant_id, k.role, k.name,
+                          f"{k.created_at:%Y-%m-%d %H:%M}",
+                          f"{k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "")
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key: Annotated[str, typer.Argument(help="Key id or its displayed prefix.")]) -> None:
+    """Revoke a key; requests with it fail within FLYWHEEL_AUTH_CACHE_TTL_S."""
+    from service.db import repositories as repo
+    from service.db.session import session_scope
+
+    url, sessions = _sync_sessions()
+    _require_migrated(url)
+    with session_scope(sessions) as session:
+        row = repo.revoke_api_key(session, key)
+        if row is None:
+            err.print(f"[red]error:[/red] no key with id or prefix {key!r}")
+            raise typer.Exit(2)
+        repo.audit(session, tenant_id=row.tenant_id, actor="cli", action="key.revoke",
+                   target_type="api_key", target_id=str(row.id))
+    console.print(f"revoked {row.prefix} ({row.tenant_id}, {row.role})")
+
+
+@adapters_app.command("create")
+def adapters_create(
+    alias: Annotated[str, typer.Argument(help="The name products send as `model`.")],
+    tenant: Annotated[str, typer.Option(help="Owning tenant.")],
+    description: Annotated[str, typer.Option()] = "",
+) -> None:
+    """Register an alias; it serves the base model until a trained version is promoted."""
+    import re
+
+    from service.db import repositories as repo
+    from service.db.session import session_scope
+
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,62}", alias):
+        raise typer.BadParameter("use 1-63 chars of a-z, 0-9, '.', '_', '-'", param_hint="ALIAS")
+    url, sessions = _sync_sessions()
+    _require_migrated(url)
+    with session_scope(sessions) as session:
+        adapter = repo.ensure_adapter(session, tenant, alias, description)
+        repo.audit(session, tenant_id=tenant, actor="cli", action="adapter.create",
+                   target_type="adapter", target_id=str(adapter.id))
+    console.print(f"alias {alias!r} ready for tenant {tenant!r}")
+
+
+@app.command()
+def api(
+    host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port.")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Uvicorn worker processes.")] = 1,
+) -> None:
+    """Serve the API (gateway, feedback, runs, ops page) in the foreground."""
+    import uvicorn
+
+    settings = get_settings()
+    url, _ = _sync_sessions()
+    _require_migrated(url)
+    uvicorn.run("service.api.app:create_app", factory=True, host=host or settings.api_host,
+                port=port or settings.api_port, workers=workers, log_level="warning",
+                access_log=False)
+
+
+@app.command("make-tiny-model")
+def make_tiny_model(
+    out_dir: Annotated[Path, typer.Argument(help="Directory to write the model into.")],
+    seed: Annotated[int, typer.Option(help="Weight seed.")] = 0,
+    pretrain_steps: Annotated[int, typer.Option(min=0, help="Brief pre-training so it emits words.")] = 0,
+) -> None:
+    """Build a tiny Llama-architecture model + tokenizer locally (no download) for demos and tests."""
+    from service.tiny_model import build_tiny_model
+
+    path = build_tiny_model(out_dir, seed=seed, pretrain_steps=pretrain_steps)
+    console.print(f"tiny model ready at {path}")
+
+
+@app.command()
+def engine(
+    port: Annotated[int | None, typer.Option(help="Port for the vLLM server.")] = None,
+) -> None:
+    """Run a managed vLLM server on FLYWHEEL_BASE_MODEL in the foreground."""
+    import time
+
+    from service.engine.managed import ManagedVllm
+
+    settings = get_settings()
+    if not settings.base_model:
+        err.print("[red]error:[/red] set FLYWHEEL_BASE_MODEL to a model directory "
+                  "(e.g. one made by `flywheel make-tiny-model`)")
+        raise typer.Exit(2)
+    vllm = ManagedVllm(settings.base_model, port or settings.vllm_port,
+                       served_model_name=settings.base_model_name,
+                       max_loras=settings.vllm_max_loras, max_cpu_loras=settings.vllm_max_cpu_loras,
+                       max_lora_rank=settings.vllm_max_lora_rank,
+                       max_model_len=settings.vllm_max_model_len,
+                       kv_cache_gb=settings.vllm_kv_cache_gb)
+    vllm.start()
+    try:
+        vllm.wait_healthy()
+        console.print(f"vLLM serving {settings.base_model} at {vllm.url} (Ctrl-C to stop)")
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        vllm.stop()
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app(prog_name="flywheel")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

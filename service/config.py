@@ -1,0 +1,87 @@
+"""The one Settings object. Every knob is an environment variable with the FLYWHEEL_ prefix."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Flywheel configuration. Unset service URLs mean: start embedded servers under data_dir."""
+
+    model_config = SettingsConfigDict(env_prefix="FLYWHEEL_", env_file=None, extra="ignore")
+
+    # Where embedded servers, artifacts and the tiny model live when nothing else is configured.
+    data_dir: Path = Field(default=Path(".flywheel"))
+
+    database_url: str | None = None
+    broker_url: str | None = None
+    # Comma-separated list of vLLM OpenAI server base URLs (without /v1).
+    vllm_urls: str | None = None
+    base_model: str | None = None
+    # The name the engine serves the base model under (vLLM --served-model-name).
+    base_model_name: str = "base"
+    artifact_dir: Path | None = None
+    policy_dir: Path = Field(default=Path("policies"))
+
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+
+    # Gateway
+    max_body_bytes: int = 1_000_000
+    upstream_timeout_s: float = 120.0
+    upstream_connect_timeout_s: float = 2.0
+    retry_after_s: int = 5
+    # How long a gateway process may serve a stale alias -> version mapping.
+    routing_cache_ttl_s: float = 1.0
+    # How long a verified API key is trusted without re-reading the DB (revocation bound).
+    auth_cache_ttl_s: float = 5.0
+
+    # Engine (managed vLLM for local runs and tests)
+    vllm_port: int = 8100
+    vllm_max_loras: int = 4
+    vllm_max_cpu_loras: int = 8
+    vllm_max_lora_rank: int = 16
+    vllm_max_model_len: int = 256
+    vllm_kv_cache_gb: int = 1
+
+    # Database pool
+    db_pool_size: int = 20
+    db_max_overflow: int = 20
+    db_connect_timeout_s: float = 3.0
+
+    log_level: str = "INFO"
+
+    # prometheus_client's own variable: set it when several processes serve metrics.
+    prometheus_multiproc_dir: Path | None = Field(
+        default=None, validation_alias="PROMETHEUS_MULTIPROC_DIR"
+    )
+
+    @field_validator("vllm_urls")
+    @classmethod
+    def _strip_urls(cls, v: str | None) -> str | None:
+        return v.strip() or None if v is not None else None
+
+    @property
+    def vllm_url_list(self) -> list[str]:
+        """Configured vLLM replica base URLs, without trailing slashes."""
+        if not self.vllm_urls:
+            return []
+        return [u.strip().rstrip("/") for u in self.vllm_urls.split(",") if u.strip()]
+
+    @property
+    def resolved_artifact_dir(self) -> Path:
+        return self.artifact_dir or (self.data_dir / "artifacts")
+
+    @property
+    def embedded_dir(self) -> Path:
+        return self.data_dir / "embedded"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """Process-wide settings, read once from the environment."""
+    return Settings()

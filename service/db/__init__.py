@@ -1,0 +1,1 @@
+"""Postgres schema, sessions and repositories. Postgres owns all of Flywheel's state."""

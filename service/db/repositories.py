@@ -1,0 +1,194 @@
+"""Queries the API and CLI need, as plain functions over a session. One statement per hot path."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, text
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+
+from service.db.models import (
+    Adapter,
+    AdapterVersion,
+    ApiKey,
+    AuditEvent,
+    Feedback,
+    Interaction,
+    Tenant,
+)
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: resolved from an API key."""
+
+    key_id: uuid.UUID
+    tenant_id: str
+    role: str
+
+
+@dataclass(frozen=True)
+class Route:
+    """What an alias serves right now."""
+
+    alias: str
+    adapter_id: uuid.UUID | None
+    version_id: uuid.UUID | None
+    served_model: str  # lora name, or the base model's served name
+    canary_version_id: uuid.UUID | None = None
+    canary_model: str | None = None
+    canary_share: float = 0.0
+
+
+# --- keys (sync: CLI) -------------------------------------------------------------------------
+
+def ensure_tenant(session: Session, tenant_id: str) -> Tenant:
+    tenant = session.get(Tenant, tenant_id)
+    if tenant is None:
+        tenant = Tenant(id=tenant_id, name=tenant_id)
+        session.add(tenant)
+        session.flush()
+    return tenant
+
+
+def create_api_key(session: Session, *, tenant_id: str, role: str, key_hash: str, prefix: str,
+                   name: str = "") -> ApiKey:
+    ensure_tenant(session, tenant_id)
+    key = ApiKey(tenant_id=tenant_id, role=role, key_hash=key_hash, prefix=prefix, name=name)
+    session.add(key)
+    session.flush()
+    return key
+
+
+def list_api_keys(session: Session, tenant_id: str | None = None) -> list[ApiKey]:
+    q = select(ApiKey).order_by(ApiKey.created_at)
+    if tenant_id:
+        q = q.where(ApiKey.tenant_id == tenant_id)
+    return list(session.scalars(q))
+
+
+def revoke_api_key(session: Session, key_id_or_prefix: str) -> ApiKey | None:
+    """Revoke by id or by display prefix; returns the key, or None if nothing matched."""
+    try:
+        key = session.get(ApiKey, uuid.UUID(key_id_or_prefix))
+    except ValueError:
+        key = session.scalars(select(ApiKey).where(ApiKey.prefix == key_id_or_prefix)).first()
+    if key is not None and key.revoked_at is None:
+        key.revoked_at = datetime.now().astimezone()
+    return key
+
+
+def ensure_adapter(session: Session, tenant_id: str, alias: str, description: str = "") -> Adapter:
+    ensure_tenant(session, tenant_id)
+    adapter = session.scalars(
+        select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.alias == alias)
+    ).first()
+    if adapter is None:
+        adapter = Adapter(tenant_id=tenant_id, alias=alias, description=description)
+        session.add(adapter)
+        session.flush()
+    return adapter
+
+
+def audit(session: Session, *, tenant_id: str | None, actor: str, action: str, target_type: str,
+          target_id: str, reason: str | None = None, detail: dict | None = None) -> None:
+    session.add(AuditEvent(tenant_id=tenant_id, actor=actor, action=action, target_type=target_type,
+                           target_id=target_id, reason=reason, detail=detail or {}))
+
+
+# --- API (async) -------------------------------------------------------------------------------
+
+async def principal_for_hash(session: AsyncSession, key_hash: str) -> Principal | None:
+    row = (await session.execute(
+        select(ApiKey.id, ApiKey.tenant_id, ApiKey.role)
+        .where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))
+    )).first()
+    return Principal(key_id=row.id, tenant_id=row.tenant_id, role=row.role) if row else None
+
+
+async def route_for_alias(session: AsyncSession, tenant_id: str, alias: str,
+                          base_name: str) -> Route | None:
+    """The route for an alias of a tenant; the base model name routes to base. None: unknown."""
+    if alias == base_name:
+        return Route(alias=alias, adapter_id=None, version_id=None, served_model=base_name)
+    serving = AdapterVersion.__table__.alias("serving")
+    canary = AdapterVersion.__table__.alias("canary")
+    row = (await session.execute(
+        select(Adapter.id, Adapter.serving_version_id, Adapter.canary_version_id,
+               Adapter.canary_share, serving.c.lora_name.label("serving_name"),
+               canary.c.lora_name.label("canary_name"))
+        .select_from(Adapter)
+        .outerjoin(serving, serving.c.id == Adapter.serving_version_id)
+        .outerjoin(canary, canary.c.id == Adapter.canary_version_id)
+        .where(Adapter.tenant_id == tenant_id, Adapter.alias == alias)
+    )).first()
+    if row is None:
+        return None
+    return Route(
+        alias=alias, adapter_id=row.id, version_id=row.serving_version_id,
+        served_model=row.serving_name or base_name,
+        canary_version_id=row.canary_version_id, canary_model=row.canary_name,
+        canary_share=float(row.canary_share or 0.0) if row.canary_name else 0.0,
+    )
+
+
+async def list_routes(session: AsyncSession, tenant_id: str) -> list[tuple[str, datetime]]:
+    rows = await session.execute(
+        select(Adapter.alias, Adapter.created_at).where(Adapter.tenant_id == tenant_id)
+        .order_by(Adapter.alias)
+    )
+    return [(r.alias, r.created_at) for r in rows]
+
+
+async def insert_interaction(session: AsyncSession, values: dict[str, Any]) -> None:
+    await session.execute(pg_insert(Interaction).values(**values))
+
+
+# One round trip: the interaction must exist and be visible to the caller, else nothing is written.
+_UPSERT_FEEDBACK = text("""
+INSERT INTO feedback (id, interaction_id, tenant_id, adapter_id, version_id, rater_id, rating,
+                      correction, comment, api_key_id, created_at, updated_at)
+SELECT :id, i.id, i.tenant_id, i.adapter_id, i.version_id, :rater_id, :rating,
+       :correction, :comment, :api_key_id, now(), now()
+FROM interactions i
+WHERE i.id = :interaction_id AND i.tenant_id = :tenant_id
+  AND (CAST(:owner_key AS uuid) IS NULL OR i.api_key_id = CAST(:owner_key AS uuid))
+ON CONFLICT (interaction_id, rater_id) DO UPDATE
+SET rating = EXCLUDED.rating, correction = EXCLUDED.correction, comment = EXCLUDED.comment,
+    api_key_id = EXCLUDED.api_key_id, updated_at = now(), seq = nextval('feedback_seq_seq')
+RETURNING id, seq, adapter_id, (xmax <> 0) AS replaced, created_at, updated_at,
+          (SELECT alias FROM interactions WHERE id = :interaction_id) AS alias
+""")
+
+
+async def upsert_feedback(session: AsyncSession, *, interaction_id: uuid.UUID, tenant_id: str,
+                          owner_key: uuid.UUID | None, rater_id: str, rating: str,
+                          correction: str | None, comment: str | None,
+                          api_key_id: uuid.UUID) -> Any | None:
+    """Insert or replace the (interaction, rater) rating; None when the interaction is not visible."""
+    result = await session.execute(_UPSERT_FEEDBACK, {
+        "id": uuid.uuid4(), "interaction_id": interaction_id, "tenant_id": tenant_id,
+        "owner_key": owner_key, "rater_id": rater_id, "rating": rating,
+        "correction": correction, "comment": comment, "api_key_id": api_key_id,
+    })
+    return result.first()
+
+
+async def get_interaction(session: AsyncSession, interaction_id: uuid.UUID, tenant_id: str,
+                          owner_key: uuid.UUID | None) -> tuple[Interaction, list[Feedback]] | None:
+    q = select(Interaction).where(Interaction.id == interaction_id,
+                                  Interaction.tenant_id == tenant_id)
+    if owner_key is not None:
+        q = q.where(Interaction.api_key_id == owner_key)
+    interaction = (await session.scalars(q)).first()
+    if interaction is None:
+        return None
+    feedback = list(await session.scalars(
+        select(Feedback).where(Feedback.interaction_id == interaction_id).order_by(Feedback.created_at)
+    ))
+    return interaction, feedback

@@ -1,0 +1,61 @@
+"""Engines and sessions: async for the API, sync for workers, CLI and migrations."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session, sessionmaker
+
+
+def _connect_args(timeout_s: float) -> dict:
+    return {"connect_timeout": max(1, int(timeout_s))}
+
+
+def make_async_engine(url: str, *, pool_size: int = 20, max_overflow: int = 20,
+                      connect_timeout_s: float = 3.0) -> AsyncEngine:
+    """Async engine (psycopg 3). pool_pre_ping so a restarted Postgres is recovered from."""
+    return create_async_engine(
+        url, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True,
+        pool_timeout=connect_timeout_s, connect_args=_connect_args(connect_timeout_s),
+    )
+
+
+def make_async_sessionmaker(engine: AsyncEngine) -> async_sessionmaker:
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+def make_sync_engine(url: str, *, connect_timeout_s: float = 3.0, pool_size: int = 5) -> Engine:
+    """Sync engine for workers, CLI and Alembic."""
+    return create_engine(url, pool_pre_ping=True, pool_size=pool_size,
+                         connect_args=_connect_args(connect_timeout_s))
+
+
+@contextmanager
+def session_scope(factory: sessionmaker) -> Iterator[Session]:
+    """A transaction: commit on success, roll back on error."""
+    session = factory()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def current_revision_sql() -> str:
+    return "SELECT version_num FROM alembic_version"
+
+
+def schema_revision(engine: Engine) -> str | None:
+    """The Alembic revision the database is at, or None when it was never migrated."""
+    with engine.connect() as conn:
+        try:
+            return conn.execute(text(current_revision_sql())).scalar()
+        except Exception:  # noqa: BLE001 - missing table means "never migrated"
+            return None

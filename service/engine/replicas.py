@@ -1,0 +1,71 @@
+"""The gateway's view of the vLLM replicas: which are healthy and which adapters each holds.
+
+The reconciler (and the gateway itself, on connection failures) update it; the gateway asks it
+for the replicas that can serve a model name, so no request is sent where its adapter is absent.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+
+@dataclass
+class Replica:
+    url: str
+    client: httpx.AsyncClient
+    healthy: bool = True
+    # None: not observed yet, assume it can serve anything (vLLM answers 404 if not).
+    loaded: set[str] | None = None
+    down_until: float = 0.0
+    last_error: str | None = field(default=None)
+
+    def can_serve(self, model: str, base_name: str) -> bool:
+        if not self.healthy or time.monotonic() < self.down_until:
+            return False
+        return model == base_name or self.loaded is None or model in self.loaded
+
+
+class ReplicaPool:
+    """Round-robin over the replicas that hold a model, skipping ones recently seen down."""
+
+    def __init__(self, urls: list[str], *, base_name: str, connect_timeout_s: float,
+                 read_timeout_s: float, down_cooldown_s: float = 2.0) -> None:
+        self.base_name = base_name
+        self.down_cooldown_s = down_cooldown_s
+        timeout = httpx.Timeout(read_timeout_s, connect=connect_timeout_s)
+        # keepalive pool sized for a busy gateway; vLLM handles concurrency itself.
+        limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+        self.replicas = [
+            Replica(url=u, client=httpx.AsyncClient(base_url=u, timeout=timeout, limits=limits))
+            for u in urls
+        ]
+        self._rr = itertools.count()
+
+    def candidates(self, model: str) -> list[Replica]:
+        """Replicas able to serve model, rotated so load spreads."""
+        able = [r for r in self.replicas if r.can_serve(model, self.base_name)]
+        if not able:
+            return []
+        start = next(self._rr) % len(able)
+        return able[start:] + able[:start]
+
+    def mark_down(self, replica: Replica, error: str) -> None:
+        replica.down_until = time.monotonic() + self.down_cooldown_s
+        replica.last_error = error
+
+    def observe(self, url: str, *, healthy: bool, loaded: set[str] | None) -> None:
+        """Record what the reconciler saw on a replica."""
+        for r in self.replicas:
+            if r.url == url:
+                r.healthy = healthy
+                r.loaded = loaded
+                if healthy:
+                    r.down_until = 0.0
+
+    async def aclose(self) -> None:
+        for r in self.replicas:
+            await r.client.aclose()

@@ -1,0 +1,59 @@
+"""Prometheus metrics shared by API and workers.
+
+Set PROMETHEUS_MULTIPROC_DIR (prometheus_client's own variable) when several processes serve, and
+/metrics aggregates them.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import REGISTRY as DEFAULT_REGISTRY
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+HTTP_REQUESTS = Counter(
+    "flywheel_http_requests_total", "HTTP requests by route, method and status",
+    ["route", "method", "status"],
+)
+HTTP_LATENCY = Histogram(
+    "flywheel_http_request_seconds", "HTTP request latency by route", ["route"],
+    buckets=LATENCY_BUCKETS,
+)
+GATEWAY_LATENCY = Histogram(
+    "flywheel_gateway_latency_seconds", "Chat completion latency by alias and version",
+    ["alias", "version"], buckets=LATENCY_BUCKETS,
+)
+GATEWAY_TTFT = Histogram(
+    "flywheel_gateway_ttft_seconds", "Time to first token of streamed completions",
+    ["alias", "version"], buckets=LATENCY_BUCKETS,
+)
+INTERACTIONS = Counter("flywheel_interactions_total", "Interactions stored", ["alias"])
+FEEDBACK = Counter("flywheel_feedback_total", "Feedback received", ["alias", "rating"])
+STORAGE_FAILURES = Counter(
+    "flywheel_storage_failures_total", "Interactions the gateway answered but could not store",
+    ["kind"],
+)
+UPSTREAM_ERRORS = Counter(
+    "flywheel_upstream_errors_total", "Failed calls to vLLM replicas", ["replica", "kind"],
+)
+RUNS_BY_STATE = Gauge(
+    "flywheel_runs", "Training runs by state", ["state"], multiprocess_mode="livemax",
+)
+
+
+def render(multiprocess_mode: bool = False) -> tuple[bytes, str]:
+    """Metrics exposition for this process, or for all processes in multiprocess mode."""
+    if multiprocess_mode:
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(DEFAULT_REGISTRY), CONTENT_TYPE_LATEST
