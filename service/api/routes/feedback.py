@@ -20,7 +20,8 @@ router = APIRouter(tags=["feedback"])
              responses={200: {"model": FeedbackOut, "description": "an earlier rating replaced"}})
 async def post_feedback(body: FeedbackRequest, caller: Caller, state: State):
     """Rate an interaction; posting again for the same (interaction, rater) replaces the rating."""
-    rater = body.rater_id or ""
+    # Without a rater_id, each key rates as one anonymous rater.
+    rater = body.rater_id or f"key:{caller.key_id}"
     async with state.sessions() as session, session.begin():
         row = await repo.upsert_feedback(
             session, interaction_id=body.interaction_id, tenant_id=caller.tenant_id,

@@ -1,0 +1,1 @@
+"""Engine control: vLLM replicas, adapter loading, swap and reconcile."""

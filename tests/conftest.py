@@ -1,0 +1,130 @@
+"""Session-wide real services. Started once, shared by every test that asks for them."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy.orm import sessionmaker
+
+from service.db import migrate
+from service.db import repositories as repo
+from service.db.session import make_sync_engine, session_scope
+from service.embedded import ensure_postgres, ensure_redis, stop_postgres, stop_redis
+from service.security import display_prefix, generate_key, hash_key
+from tests.helpers.stack import TINY_MODEL_CACHE, ApiProcess, flywheel_env
+
+
+@pytest.fixture(scope="session")
+def stack_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("stack")
+
+
+@pytest.fixture(scope="session")
+def embedded_dir(stack_root) -> Path:
+    return stack_root / "embedded"
+
+
+@pytest.fixture(scope="session")
+def db_url(embedded_dir) -> str:
+    url = ensure_postgres(embedded_dir)
+    migrate.upgrade(url)
+    yield url
+    stop_postgres(embedded_dir)
+
+
+@pytest.fixture(scope="session")
+def broker_url(embedded_dir) -> str:
+    handle = ensure_redis(embedded_dir)
+    yield handle.url
+    stop_redis(embedded_dir)
+
+
+@pytest.fixture(scope="session")
+def db_sessions(db_url) -> sessionmaker:
+    engine = make_sync_engine(db_url)
+    yield sessionmaker(engine, expire_on_commit=False)
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    from service.tiny_model import build_tiny_model
+
+    return build_tiny_model(TINY_MODEL_CACHE)
+
+
+@pytest.fixture(scope="session")
+def vllm(tiny_model, stack_root):
+    """One real vLLM (CPU build) server on the tiny model, shared by the whole session."""
+    from service.embedded import free_port
+    from service.engine.managed import ManagedVllm
+
+    server = ManagedVllm(tiny_model, free_port(), log_path=stack_root / "vllm.log")
+    server.start()
+    try:
+        server.wait_healthy(timeout=300)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def api_settings(db_url, broker_url, vllm, tiny_model, stack_root) -> dict[str, str]:
+    return {
+        "database_url": db_url, "broker_url": broker_url, "vllm_urls": vllm.url,
+        "base_model": str(tiny_model), "data_dir": str(stack_root / "data"),
+        "routing_cache_ttl_s": "0.5", "auth_cache_ttl_s": "1", "max_body_bytes": "200000",
+    }
+
+
+@pytest.fixture(scope="session")
+def api(api_settings, stack_root) -> ApiProcess:
+    """`flywheel api` running against the session's real services."""
+    proc = ApiProcess(env=flywheel_env(**api_settings), log=stack_root / "api.log").start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def make_key(db_sessions) -> Callable[..., str]:
+    """Create an API key in the DB and return it in clear."""
+
+    def _make(tenant: str, role: str = "product") -> str:
+        key = generate_key()
+        with session_scope(db_sessions) as s:
+            repo.create_api_key(s, tenant_id=tenant, role=role, key_hash=hash_key(key),
+                                prefix=display_prefix(key))
+        return key
+
+    return _make
+
+
+@pytest.fixture(scope="session")
+def make_alias(db_sessions) -> Callable[..., str]:
+    def _make(tenant: str, alias: str | None = None) -> str:
+        alias = alias or f"bot-{uuid.uuid4().hex[:8]}"
+        with session_scope(db_sessions) as s:
+            repo.ensure_adapter(s, tenant, alias)
+        return alias
+
+    return _make
+
+
+@pytest.fixture()
+def tenant() -> str:
+    """A fresh tenant per test, so tests never see each other's rows."""
+    return f"t-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture()
+def client(api) -> httpx.Client:
+    with httpx.Client(base_url=api.url, timeout=60) as c:
+        yield c
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}

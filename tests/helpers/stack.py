@@ -1,0 +1,75 @@
+"""Real servers for the test session: embedded Postgres + Redis, vLLM CPU, the API, a worker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from service.embedded import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_MODEL_CACHE = Path.home() / ".cache" / "flywheel" / "tiny-model-v1"
+
+
+def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = None,
+              log: Path | None = None) -> None:
+    """Poll url until it answers 200, or fail with the process log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-4000:] if log and log.exists() else ""
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} was up:\n{tail}")
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    tail = log.read_text()[-4000:] if log and log.exists() else ""
+    raise RuntimeError(f"{url} not up after {timeout}s:\n{tail}")
+
+
+@dataclass
+class ApiProcess:
+    """`flywheel api` as a child process with its own environment."""
+
+    env: dict[str, str]
+    log: Path
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> "ApiProcess":
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "api", "--port", str(self.port)],
+            cwd=REPO, env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_http(f"{self.url}/healthz", timeout, self.proc, self.log)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def flywheel_env(**settings: str) -> dict[str, str]:
+    """os.environ with FLYWHEEL_* replaced by the given settings (keys without the prefix)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
+    env.update({f"FLYWHEEL_{k.upper()}": str(v) for k, v in settings.items()})
+    return env
