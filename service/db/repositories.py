@@ -192,3 +192,31 @@ async def get_interaction(session: AsyncSession, interaction_id: uuid.UUID, tena
         select(Feedback).where(Feedback.interaction_id == interaction_id).order_by(Feedback.created_at)
     ))
     return interaction, feedback
+
+
+# --- adapter versions (sync: workers) ----------------------------------------------------------
+
+def lora_name_for(tenant_id: str, alias: str, number: int) -> str:
+    """The engine name of a version; unique and never reused (vllm #42125)."""
+    return f"{tenant_id}--{alias}--v{number}"
+
+
+def create_version(session: Session, adapter: Adapter, *, artifact_path: str, sha256: str,
+                   parent_version_id: uuid.UUID | None, run_id: uuid.UUID | None,
+                   lineage: dict) -> AdapterVersion:
+    """A new candidate version numbered after the adapter's highest (row-locked, so no two share one)."""
+    session.execute(select(Adapter.id).where(Adapter.id == adapter.id).with_for_update())
+    highest = session.scalar(
+        select(AdapterVersion.number).where(AdapterVersion.adapter_id == adapter.id)
+        .order_by(AdapterVersion.number.desc()).limit(1)
+    ) or 0
+    number = highest + 1
+    version = AdapterVersion(
+        adapter_id=adapter.id, number=number,
+        lora_name=lora_name_for(adapter.tenant_id, adapter.alias, number),
+        artifact_path=artifact_path, sha256=sha256, parent_version_id=parent_version_id,
+        run_id=run_id, lineage=lineage,
+    )
+    session.add(version)
+    session.flush()
+    return version

