@@ -48,6 +48,13 @@ class Settings(BaseSettings):
     vllm_max_model_len: int = 256
     vllm_kv_cache_gb: int = 1
 
+    # Workers
+    # Must exceed the longest training: Redis redelivers unacked messages after it (celery #5935).
+    broker_visibility_timeout_s: int = 6 * 3600
+    run_lease_s: float = 60.0
+    sweep_interval_s: float = 10.0
+    training_device: str = "auto"
+
     # Database pool
     db_pool_size: int = 20
     db_max_overflow: int = 20

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 1  # bump when the output changes, so cached builds are rebuilt
 MARKER_FILE = "flywheel_tiny_model.json"
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
@@ -66,12 +66,15 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0, pretrain_steps: int = 0) -
         try:
             _build_into(tmp, seed=seed, pretrain_steps=pretrain_steps)
             (tmp / MARKER_FILE).write_text(json.dumps(wanted, sort_keys=True) + "\n")
+            # Two renames keep the window without a model at out_dir tiny for lock-free readers.
+            old = tmp.with_name(tmp.name + "-old")
             if out_dir.exists():
-                shutil.rmtree(out_dir)
+                out_dir.rename(old)
             tmp.rename(out_dir)
         finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+            for leftover in (tmp, tmp.with_name(tmp.name + "-old")):
+                if leftover.exists():
+                    shutil.rmtree(leftover, ignore_errors=True)
     return out_dir
 
 
@@ -172,12 +175,16 @@ def _build_tokenizer():
 def _pin_tokenizer_config(path: Path) -> None:
     """Make tokenizer_config.json self-sufficient for older transformers and for vLLM.
 
-    transformers 5 names the class ``TokenizersBackend`` and stores the chat template only in
-    chat_template.jinja; older readers know neither.
+    transformers 5 names the class ``TokenizersBackend``, writes the role tokens as a list under
+    ``extra_special_tokens`` (4.x expects a dict there) and keeps the chat template only in
+    chat_template.jinja; older readers know none of these. Both versions read the form below.
     """
     cfg_path = path / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    extra = cfg.pop("extra_special_tokens", None)
+    if isinstance(extra, list):
+        cfg["additional_special_tokens"] = extra
     cfg["chat_template"] = CHAT_TEMPLATE
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)

@@ -21,6 +21,7 @@ from service.db import migrate
 from service.db.session import make_async_engine, make_async_sessionmaker, make_sync_engine
 from service.embedded import resolve_service_urls
 from service.engine.replicas import ReplicaPool
+from service.policy import PolicyStore
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,8 @@ def build_state(settings: Settings) -> AppState:
     return AppState(settings=settings, db_url=db_url, broker_url=broker_url, engine=engine,
                     sessions=make_async_sessionmaker(engine), pool=pool, redis=redis,
                     auth_cache=TTLCache(settings.auth_cache_ttl_s),
-                    route_cache=TTLCache(settings.routing_cache_ttl_s))
+                    route_cache=TTLCache(settings.routing_cache_ttl_s),
+                    policies=PolicyStore(settings.policy_dir))
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -16,6 +16,9 @@ from service.config import Settings
 from service.db import repositories as repo
 from service.engine.replicas import ReplicaPool
 from service.metrics import INTERACTIONS, STORAGE_FAILURES
+from service.policy import PolicyStore
+from service.runs import maybe_trigger_async
+from service.wakeup import wake_run
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,7 @@ class AppState:
     redis: Redis
     auth_cache: TTLCache
     route_cache: TTLCache
+    policies: PolicyStore
     background: set[asyncio.Task] = field(default_factory=set)
 
     async def principal(self, key_hash: str) -> repo.Principal | None:
@@ -89,6 +93,23 @@ class AppState:
             return False
         INTERACTIONS.labels(values.get("alias", "")).inc()
         return True
+
+    async def check_trigger(self, adapter_id: uuid.UUID, alias: str, tenant_id: str) -> None:
+        """Create a run if the alias's new feedback crosses its policy, and wake a worker.
+
+        The feedback is already committed: a failure here only delays training (the sweeper
+        re-checks every alias), so it is logged, not returned to the client.
+        """
+        try:
+            policy = self.policies.for_alias(alias, tenant_id)
+            async with self.sessions() as session, session.begin():
+                run_id = await maybe_trigger_async(session, adapter_id, policy)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("trigger check for %s failed: %s", alias, type(exc).__name__)
+            return
+        if run_id is not None:
+            log.info("feedback crossed the threshold of %s: run %s created", alias, run_id)
+            await asyncio.to_thread(wake_run, self.broker_url, run_id)
 
     def spawn(self, coro) -> None:
         """Run coro in the background, keeping a reference until it finishes."""

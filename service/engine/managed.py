@@ -1,7 +1,8 @@
 """Start, watch and stop a local vLLM OpenAI server as a child process group.
 
-Used for local runs and tests (vLLM's CPU build here, the GPU build elsewhere). vLLM forks an
-engine-core and worker processes, so everything is signalled as one process group.
+Used for local runs and tests (vLLM's CPU build here, the GPU build elsewhere). vLLM starts an
+engine-core process (and, in some setups, workers) under the API server, so the server gets its
+own process group and is stopped or killed as a whole.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class ManagedVllm:
         max_lora_rank: int = 16,
         max_model_len: int = 256,
         kv_cache_gb: float | None = 1,
-        max_num_seqs: int = 16,
+        max_num_seqs: int | None = None,
         dtype: str = "bfloat16",
         enforce_eager: bool = True,
         log_path: str | Path | None = None,
@@ -95,9 +96,6 @@ class ManagedVllm:
             "--port", str(self.port),
             "--dtype", self.dtype,
             "--max-model-len", str(self.max_model_len),
-            # vLLM sizes per-sequence buffers (LoRA mappings, sampler) by this; the CPU default
-            # (128) only slows startup for a test/dev server.
-            "--max-num-seqs", str(self.max_num_seqs),
             "--enable-lora",
             "--max-lora-rank", str(self.max_lora_rank),
             "--max-loras", str(self.max_loras),
@@ -105,6 +103,8 @@ class ManagedVllm:
             # Health polls would otherwise flood the log.
             "--disable-uvicorn-access-log",
         ]
+        if self.max_num_seqs is not None:
+            argv += ["--max-num-seqs", str(self.max_num_seqs)]
         if self.enforce_eager:
             # No graphs to capture on CPU (and LoRA already turns compile off there); on a GPU it
             # trades decode speed for a faster, lighter start. Pass False for GPU benchmarks.

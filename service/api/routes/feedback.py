@@ -32,6 +32,8 @@ async def post_feedback(body: FeedbackRequest, caller: Caller, state: State):
         raise ApiError(404, f"interaction {body.interaction_id} not found", param="interaction_id",
                        code="interaction_not_found")
     FEEDBACK.labels(row.alias or "", body.rating).inc()
+    if row.adapter_id is not None:
+        await state.check_trigger(row.adapter_id, row.alias, caller.tenant_id)
     out = FeedbackOut(id=row.id, interaction_id=body.interaction_id, rating=body.rating,
                       rater_id=rater, correction=body.correction, comment=body.comment,
                       replaced=row.replaced, created_at=row.created_at, updated_at=row.updated_at)

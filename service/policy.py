@@ -1,0 +1,198 @@
+"""Policies: what ops decide per alias (trigger, training, gate, approval, canary, watch, rollback).
+
+policies/default.yaml applies to every alias; policies/<alias>.yaml (or <tenant>--<alias>.yaml,
+which wins) is deep-merged over it. Files are validated at start; a bad file names itself, the
+field and why. Policies are re-read when their files change (checked on each lookup, cheap stat).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TriggerPolicy(_Strict):
+    """When a retrain starts: enough new ratings since the last run (or enough time)."""
+
+    min_new_ratings: int = Field(50, ge=1)
+    min_up: int = Field(0, ge=0)
+    min_down: int = Field(0, ge=0)
+    # Train after this long even below min_new_ratings, if at least min_ratings_for_interval came.
+    max_interval_minutes: float | None = Field(None, gt=0)
+    min_ratings_for_interval: int = Field(1, ge=1)
+
+
+class LoraPolicy(_Strict):
+    r: int = Field(8, ge=1, le=256)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+
+
+class TrainingPolicy(_Strict):
+    method: Literal["auto", "sft", "kto", "dpo"] = "auto"
+    start_from: Literal["serving", "base"] = "serving"
+    lora: LoraPolicy = Field(default_factory=LoraPolicy)
+    learning_rate: float = Field(2e-4, gt=0, le=1)
+    epochs: float = Field(1.0, gt=0, le=100)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    beta: float = Field(0.1, gt=0)
+    max_length: int = Field(256, ge=16)
+    quantization: Literal["none", "qlora"] = "none"
+    checkpoint_every_steps: int = Field(20, ge=1)
+    seed: int = 0
+
+
+class DatasetPolicy(_Strict):
+    heldout_fraction: float = Field(0.1, ge=0, lt=1)
+    replay_fraction: float = Field(0.2, ge=0, le=1)
+    max_rater_share: float = Field(0.5, gt=0, le=1)
+    max_chars: int = Field(8000, ge=1)
+    redactor: Literal["regex", "presidio", "none"] = "regex"
+    min_examples: int = Field(4, ge=1)
+
+
+class GoldenCase(_Strict):
+    prompt: str = Field(min_length=1)
+    must_contain: list[str] = Field(default_factory=list)
+    must_not_contain: list[str] = Field(default_factory=list)
+    regex: str | None = None
+    json_valid: bool = False
+    max_tokens: int = Field(32, ge=1)
+
+
+class GatePolicy(_Strict):
+    min_preference_accuracy: float = Field(0.5, ge=0, le=1)
+    max_nll_regression: float = Field(0.05, ge=0)
+    golden: list[GoldenCase] = Field(default_factory=list)
+    judge_url: str | None = None
+    judge_model: str | None = None
+
+
+class CanaryPolicy(_Strict):
+    share: float = Field(0.0, ge=0, le=1)
+
+
+class WatchPolicy(_Strict):
+    window_minutes: float = Field(60, gt=0)
+    min_samples: int = Field(30, ge=1)
+    max_drop: float = Field(0.1, ge=0, le=1)
+    alpha: float = Field(0.05, gt=0, lt=1)
+
+
+class RollbackPolicy(_Strict):
+    automatic: bool = True
+
+
+class Policy(_Strict):
+    """The whole policy of one alias."""
+
+    trigger: TriggerPolicy = Field(default_factory=TriggerPolicy)
+    training: TrainingPolicy = Field(default_factory=TrainingPolicy)
+    dataset: DatasetPolicy = Field(default_factory=DatasetPolicy)
+    gate: GatePolicy = Field(default_factory=GatePolicy)
+    approval: Literal["auto", "manual"] = "manual"
+    canary: CanaryPolicy = Field(default_factory=CanaryPolicy)
+    watch: WatchPolicy = Field(default_factory=WatchPolicy)
+    rollback: RollbackPolicy = Field(default_factory=RollbackPolicy)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Policy:
+        if self.training.lora.alpha < self.training.lora.r // 4:
+            raise ValueError("training.lora.alpha is far below r; the adapter would barely train")
+        return self
+
+
+class PolicyError(ValueError):
+    """A policy file is unreadable or invalid; the message names the file, the field and why."""
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise PolicyError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise PolicyError(f"{path}: the top level must be a mapping of policy sections")
+    return data
+
+
+def _validate(path: Path, data: dict) -> Policy:
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise PolicyError(f"{path}: field {field}: {first['msg']}") from exc
+
+
+class PolicyStore:
+    """Loads and validates every policy file; reloads when a file changes."""
+
+    def __init__(self, policy_dir: Path) -> None:
+        self.policy_dir = Path(policy_dir)
+        self._lock = threading.Lock()
+        self._stamp: tuple = ()
+        self._raw: dict[str, dict] = {}
+        self._default: Policy = Policy()
+        self.reload()
+
+    def _current_stamp(self) -> tuple:
+        if not self.policy_dir.is_dir():
+            return ()
+        return tuple(sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size)
+                            for p in self.policy_dir.glob("*.yaml")))
+
+    def reload(self) -> None:
+        """Read and validate all files; raises PolicyError on the first bad one (state unchanged)."""
+        stamp = self._current_stamp()
+        raw: dict[str, dict] = {}
+        for path in sorted(self.policy_dir.glob("*.yaml")) if self.policy_dir.is_dir() else []:
+            raw[path.stem] = _read_yaml(path)
+        default_raw = raw.get("default", {})
+        default = _validate(self.policy_dir / "default.yaml", default_raw)
+        for name, data in raw.items():
+            if name != "default":
+                _validate(self.policy_dir / f"{name}.yaml", _merge(default_raw, data))
+        with self._lock:
+            self._raw, self._default, self._stamp = raw, default, stamp
+
+    def _maybe_reload(self) -> None:
+        if self._current_stamp() != self._stamp:
+            try:
+                self.reload()
+            except PolicyError:
+                # A bad edit at run time keeps the last good policies; `flywheel policies check`
+                # and start-up report it.
+                import logging
+
+                logging.getLogger(__name__).exception("policy reload failed; keeping previous")
+                self._stamp = self._current_stamp()
+
+    def for_alias(self, alias: str, tenant_id: str | None = None) -> Policy:
+        """The merged policy of an alias (tenant-specific file first)."""
+        self._maybe_reload()
+        with self._lock:
+            raw = self._raw
+            default_raw = raw.get("default", {})
+            for name in ([f"{tenant_id}--{alias}"] if tenant_id else []) + [alias]:
+                if name in raw and name != "default":
+                    return Policy.model_validate(_merge(default_raw, raw[name]))
+            return self._default

@@ -1,0 +1,34 @@
+"""What a worker process holds: settings, a DB session factory, policies. Built once per process."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from functools import lru_cache
+
+from sqlalchemy.orm import sessionmaker
+
+from service.config import Settings, get_settings
+from service.db.session import make_sync_engine
+from service.embedded import resolve_database_url
+from service.policy import PolicyStore
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    sessions: sessionmaker
+    policies: PolicyStore
+    worker_id: str
+
+
+@lru_cache(maxsize=1)
+def context() -> WorkerContext:
+    """The process-wide context (lazily, so importing tasks never touches the DB)."""
+    settings = get_settings()
+    url = resolve_database_url(settings)
+    engine = make_sync_engine(url, connect_timeout_s=settings.db_connect_timeout_s)
+    return WorkerContext(settings=settings, sessions=sessionmaker(engine, expire_on_commit=False),
+                         policies=PolicyStore(settings.policy_dir),
+                         worker_id=f"{socket.gethostname()}:{os.getpid()}")

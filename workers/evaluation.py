@@ -1,0 +1,188 @@
+"""The eval gate step: verify the candidate, score it against the serving version on held-out
+data (transformers + PEFT), run the golden suite through vLLM, and decide."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from service import runs
+from service.db import repositories as repo
+from service.db.models import Adapter, AdapterVersion, EvalResult, RunState, TrainingRun, VersionStatus
+from service.db.session import session_scope
+from service.engine.artifact import ArtifactRejected, verify_artifact
+from service.policy import Policy
+from workers.context import WorkerContext
+from workers.gate import check_golden_output, decide
+
+log = logging.getLogger(__name__)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def completion_logprobs(model, tokenizer, items: list[tuple[str, str]]) -> list[tuple[float, int]]:
+    """Sum of log-probabilities of each completion given its prompt, and its token count."""
+    import torch
+
+    out = []
+    for prompt, completion in items:
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        if not c_ids:
+            out.append((0.0, 0))
+            continue
+        ids = torch.tensor([p_ids + c_ids])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1].float()
+        logp = torch.log_softmax(logits, dim=-1)
+        targets = ids[0, 1:]
+        start = len(p_ids) - 1
+        picked = logp[start:, :].gather(1, targets[start:].unsqueeze(1)).squeeze(1)
+        out.append((float(picked.sum()), len(c_ids)))
+    return out
+
+
+def offline_metrics(base_model: str, candidate_dir: str, reference_dir: str | None,
+                    heldout: list[dict]) -> dict[str, Any]:
+    """Preference accuracy, implied reward margin and NLL of good answers, candidate vs reference."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workers.dataset import render_completion
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    base = AutoModelForCausalLM.from_pretrained(base_model, torch_dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, candidate_dir, adapter_name="candidate")
+    if reference_dir:
+        model.load_adapter(reference_dir, adapter_name="reference")
+    model.eval()
+
+    def score(items: list[tuple[str, str]], which: str) -> list[tuple[float, int]]:
+        if which == "base":
+            with model.disable_adapter():
+                return completion_logprobs(model, tokenizer, items)
+        model.set_adapter(which)
+        return completion_logprobs(model, tokenizer, items)
+
+    ref_name = "reference" if reference_dir else "base"
+    rated = [h for h in heldout if h.get("response")]
+    rated_items = [(h["prompt"], render_completion(h["messages"], h["response"], tokenizer,
+                                                   prompt=h["prompt"])) for h in rated]
+    good = [(h["prompt"], render_completion(h["messages"], h["correction"] or h["response"],
+                                            tokenizer, prompt=h["prompt"]))
+            for h in heldout if h.get("correction") or h.get("rating") == "up"]
+    metrics: dict[str, Any] = {"reference": "the serving version" if reference_dir else "base"}
+    if rated_items:
+        cand, ref = score(rated_items, "candidate"), score(rated_items, ref_name)
+        signs = [1 if h["rating"] == "up" else -1 for h in rated]
+        deltas = [s * (c[0] - r[0]) for s, c, r in zip(signs, cand, ref, strict=True)]
+        metrics.update(preference_accuracy=sum(d > 0 for d in deltas) / len(deltas),
+                       reward_margin=sum(deltas) / len(deltas), n_preference=len(deltas))
+    if good:
+        def nll(scores):
+            tokens = sum(n for _, n in scores) or 1
+            return -sum(lp for lp, _ in scores) / tokens
+        metrics.update(nll_candidate=nll(score(good, "candidate")),
+                       nll_reference=nll(score(good, ref_name)),
+                       nll_base=nll(score(good, "base")), n_nll=len(good))
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in metrics.items()}
+
+
+async def _golden(urls: list[str], lora_name: str, artifact_path: str, cases) -> list[dict]:
+    """Generate each golden prompt with the candidate loaded under its own (never reused) name."""
+    from service.engine.vllm_admin import AlreadyLoaded, VllmAdmin
+
+    async with VllmAdmin(urls[0], timeout_s=120) as admin:
+        try:
+            await admin.load_lora(lora_name, artifact_path)
+        except AlreadyLoaded:
+            pass
+        results = []
+        for case in cases:
+            output = await admin.smoke(lora_name, prompt=case.prompt, max_tokens=case.max_tokens)
+            failures = check_golden_output(case, output)
+            results.append({"prompt": case.prompt, "output": output, "passed": not failures,
+                            "failures": failures})
+        return results
+
+
+def evaluate_step(ctx: WorkerContext, claim: runs.Claim) -> str:
+    """Gate the run's candidate; returns the run's next state."""
+    settings = ctx.settings
+    with session_scope(ctx.sessions) as s:
+        run = s.get(TrainingRun, claim.run_id)
+        candidate = s.get(AdapterVersion, run.candidate_version_id)
+        adapter = s.get(Adapter, run.adapter_id)
+        reference = s.get(AdapterVersion, adapter.serving_version_id) if adapter.serving_version_id else None
+        policy = Policy.model_validate(run.policy)
+        cand = (candidate.id, candidate.artifact_path, candidate.sha256, candidate.lora_name)
+        ref_dir = reference.artifact_path if reference else None
+        tenant_id = adapter.tenant_id
+    try:
+        verify_artifact(cand[1], expected_sha256=cand[2], engine_base_model=settings.base_model,
+                        max_lora_rank=settings.vllm_max_lora_rank)
+    except ArtifactRejected as exc:
+        return _reject(ctx, claim, cand[0], tenant_id, [f"artifact refused: {exc.reason}"], {}, None)
+
+    from workers.steps import run_dir
+
+    heldout = _read_jsonl(run_dir(ctx, claim.run_id) / "data" / "heldout_raw.jsonl")
+    metrics = offline_metrics(settings.base_model, cand[1], ref_dir, heldout)
+    golden = None
+    if policy.gate.golden:
+        if not settings.vllm_url_list:
+            return _reject(ctx, claim, cand[0], tenant_id,
+                           ["golden suite configured but no vLLM replica to run it on"], metrics, None)
+        golden = asyncio.run(_golden(settings.vllm_url_list, cand[3], cand[1], policy.gate.golden))
+    verdict = decide(policy.gate, metrics, golden)
+    with session_scope(ctx.sessions) as s:
+        _store_results(s, claim.run_id, cand[0], metrics, golden)
+    if not verdict.passed:
+        return _reject(ctx, claim, cand[0], tenant_id, verdict.reasons, metrics, golden, verdict.notes)
+    next_state = RunState.approved if policy.approval == "auto" else RunState.awaiting_approval
+    with session_scope(ctx.sessions) as s:
+        runs.transition(s, claim.run_id, claim.owner, next_state, verdict=verdict.as_dict(),
+                        metrics={**(s.get(TrainingRun, claim.run_id).metrics or {}),
+                                 "gate": metrics, "golden": golden})
+        repo.audit(s, tenant_id=tenant_id, actor="gate", action="run.gate_passed", target_type="run",
+                   target_id=str(claim.run_id), reason="; ".join(verdict.notes) or None,
+                   detail={"metrics": metrics, "approval": policy.approval})
+    return next_state.value
+
+
+def _store_results(s, run_id, version_id, metrics: dict, golden: list[dict] | None) -> None:
+    for name, value in metrics.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            subject = "reference" if name.endswith("_reference") else (
+                "base" if name.endswith("_base") else "candidate")
+            s.add(EvalResult(run_id=run_id, version_id=version_id, subject=subject, metric=name,
+                             value=float(value)))
+    for case in golden or []:
+        s.add(EvalResult(run_id=run_id, version_id=version_id, subject="candidate",
+                         metric="golden", value=1.0 if case["passed"] else 0.0,
+                         passed=case["passed"], detail=case))
+
+
+def _reject(ctx, claim, version_id, tenant_id, reasons, metrics, golden, notes=None) -> str:
+    with session_scope(ctx.sessions) as s:
+        version = s.get(AdapterVersion, version_id)
+        version.status = VersionStatus.failed.value
+        version.failure_reason = "; ".join(reasons)[:2000]
+        runs.transition(s, claim.run_id, claim.owner, RunState.rejected,
+                        verdict={"passed": False, "reasons": reasons, "notes": notes or []},
+                        metrics={**(s.get(TrainingRun, claim.run_id).metrics or {}),
+                                 "gate": metrics, "golden": golden})
+        repo.audit(s, tenant_id=tenant_id, actor="gate", action="run.rejected", target_type="run",
+                   target_id=str(claim.run_id), reason="; ".join(reasons)[:2000])
+    return RunState.rejected.value

@@ -1,0 +1,66 @@
+"""The gate's decision as a pure function: metrics in, a verdict with a reason per failure out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.policy import GatePolicy
+
+
+@dataclass
+class Verdict:
+    passed: bool
+    reasons: list[str] = field(default_factory=list)  # one sentence per failed criterion
+    notes: list[str] = field(default_factory=list)  # what was not measured, and why
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "reasons": self.reasons, "notes": self.notes}
+
+
+def decide(gate: GatePolicy, metrics: dict[str, Any], golden: list[dict] | None) -> Verdict:
+    """Apply the policy's thresholds. metrics: preference_accuracy, n_preference, nll_candidate,
+    nll_reference, n_nll, reference (what the candidate was compared with)."""
+    reasons: list[str] = []
+    notes: list[str] = []
+    ref = metrics.get("reference", "the serving version")
+    if metrics.get("n_preference", 0) > 0:
+        acc = metrics["preference_accuracy"]
+        if acc < gate.min_preference_accuracy:
+            reasons.append(
+                f"preference accuracy {acc:.2f} on {metrics['n_preference']} held-out ratings is "
+                f"below the policy minimum {gate.min_preference_accuracy:.2f} (vs {ref})")
+    else:
+        notes.append("no rated held-out interactions: preference accuracy not measured")
+    if metrics.get("n_nll", 0) > 0:
+        cand, refv = metrics["nll_candidate"], metrics["nll_reference"]
+        limit = refv * (1 + gate.max_nll_regression)
+        if cand > limit:
+            reasons.append(
+                f"held-out NLL on good answers rose from {refv:.3f} ({ref}) to {cand:.3f}, beyond "
+                f"the {gate.max_nll_regression:.0%} tolerance")
+    else:
+        notes.append("no good held-out answers: NLL not measured")
+    for case in golden or []:
+        if not case["passed"]:
+            reasons.append(f"golden case {case['prompt']!r} failed: {'; '.join(case['failures'])}")
+    if not gate.golden:
+        notes.append("no golden suite configured for this alias")
+    return Verdict(passed=not reasons, reasons=reasons, notes=notes)
+
+
+def check_golden_output(case, output: str) -> list[str]:
+    """The failures of one generated output against its golden case (empty when it passes)."""
+    import json
+    import re
+
+    failures = [f"missing {s!r}" for s in case.must_contain if s not in output]
+    failures += [f"contains forbidden {s!r}" for s in case.must_not_contain if s in output]
+    if case.regex and not re.search(case.regex, output):
+        failures.append(f"does not match /{case.regex}/")
+    if case.json_valid:
+        try:
+            json.loads(output)
+        except ValueError:
+            failures.append("is not valid JSON")
+    return failures

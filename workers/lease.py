@@ -1,0 +1,69 @@
+"""Keeps a run's lease alive from a background thread while a long step runs."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+
+from sqlalchemy.orm import sessionmaker
+
+from service import runs
+from service.db.session import session_scope
+
+log = logging.getLogger(__name__)
+
+
+class LeaseLost(RuntimeError):
+    """Another worker took the run over (our lease expired): stop working on it."""
+
+
+class LeaseKeeper:
+    """Renews the lease every lease_s/3 and carries the latest progress into the run row."""
+
+    def __init__(self, sessions: sessionmaker, run_id: uuid.UUID, owner: str, lease_s: float) -> None:
+        self.sessions, self.run_id, self.owner, self.lease_s = sessions, run_id, owner, lease_s
+        self.lost = False
+        self._progress: dict | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"lease-{run_id}", daemon=True)
+        self._last_write = 0.0
+        self._lock = threading.Lock()  # report() and the renewal thread both write
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._flush()
+
+    def report(self, progress: dict) -> None:
+        """Record progress; written at most once a second. Raises LeaseLost if the run was taken."""
+        if self.lost:
+            raise LeaseLost(f"run {self.run_id}: lease lost")
+        self._progress = progress
+        if time.monotonic() - self._last_write >= 1.0:
+            self._flush()
+
+    def _flush(self) -> None:
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        progress, self._progress = self._progress, None
+        try:
+            with session_scope(self.sessions) as s:
+                if not runs.renew(s, self.run_id, self.owner, self.lease_s, progress):
+                    self.lost = True
+            self._last_write = time.monotonic()
+        except Exception as exc:  # noqa: BLE001 - a DB blip must not kill training; retry next tick
+            log.warning("lease renewal for %s failed: %s", self.run_id, type(exc).__name__)
+            if progress is not None and self._progress is None:
+                self._progress = progress
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            self._flush()

@@ -1,0 +1,80 @@
+"""The run state machine: claim a run, perform the step its state calls for, move it on.
+
+Each step is idempotent: it re-reads the run, and a step that already produced its output
+(e.g. a candidate version) just records the transition.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from sqlalchemy import select
+
+from service import runs
+from service.db.models import Adapter, RunState, TrainingRun
+from service.db.session import session_scope
+from service.policy import Policy
+from service.wakeup import wake_run
+from workers.context import WorkerContext
+
+log = logging.getLogger(__name__)
+
+# States a worker acts on, and the step for each.
+WORK_STATES = (RunState.pending.value, RunState.training.value, RunState.evaluating.value,
+               RunState.approved.value, RunState.deploying.value)
+
+
+def advance(ctx: WorkerContext, run_id: uuid.UUID) -> str:
+    """Claim the run and run one step; re-enqueue when more work follows. Returns what happened."""
+    with session_scope(ctx.sessions) as s:
+        claim = runs.claim(s, run_id, ctx.worker_id, ctx.settings.run_lease_s, WORK_STATES)
+    if claim is None:
+        return "not claimable (done, or held by another worker)"
+    from workers import steps  # heavy imports (torch) only when there is work
+
+    try:
+        outcome = steps.run_step(ctx, claim)
+    except steps.StepFailed as exc:
+        _fail(ctx, claim, str(exc))
+        return f"failed: {exc}"
+    except Exception as exc:
+        log.exception("run %s: step %s crashed", run_id, claim.state)
+        _fail(ctx, claim, f"{claim.state} step crashed: {type(exc).__name__}: {exc}")
+        return f"failed: {type(exc).__name__}"
+    if outcome in WORK_STATES:
+        wake_run(_broker(ctx), run_id)
+    return outcome
+
+
+def _fail(ctx: WorkerContext, claim: runs.Claim, reason: str) -> None:
+    from service.db import repositories as repo
+
+    with session_scope(ctx.sessions) as s:
+        if runs.transition(s, claim.run_id, claim.owner, RunState.failed, failure_reason=reason[:2000]):
+            run = s.get(TrainingRun, claim.run_id)
+            repo.audit(s, tenant_id=run.tenant_id, actor="worker", action="run.failed",
+                       target_type="run", target_id=str(claim.run_id), reason=reason[:2000])
+
+
+def _broker(ctx: WorkerContext) -> str:
+    from service.embedded import resolve_broker_url
+
+    return resolve_broker_url(ctx.settings)
+
+
+def sweep(ctx: WorkerContext) -> dict:
+    """Create runs for aliases over their threshold and re-enqueue every unclaimed run."""
+    created = 0
+    with session_scope(ctx.sessions) as s:
+        adapters = list(s.execute(select(Adapter.id, Adapter.alias, Adapter.tenant_id)))
+    for adapter_id, alias, tenant_id in adapters:
+        policy: Policy = ctx.policies.for_alias(alias, tenant_id)
+        with session_scope(ctx.sessions) as s:
+            if runs.maybe_trigger(s, adapter_id, policy):
+                created += 1
+    with session_scope(ctx.sessions) as s:
+        pending = runs.claimable_runs(s, WORK_STATES)
+    broker = _broker(ctx)
+    enqueued = sum(wake_run(broker, run_id) for run_id in pending)
+    return {"created": created, "enqueued": enqueued}

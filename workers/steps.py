@@ -1,0 +1,161 @@
+"""One function per run state: train, evaluate, deploy. Called by pipeline.advance under a lease."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from pathlib import Path
+
+from sqlalchemy import text
+
+from service import runs
+from service.db import repositories as repo
+from service.db.models import Adapter, AdapterVersion, RunState, TrainingRun
+from service.db.session import session_scope
+from service.policy import Policy
+from workers.context import WorkerContext
+from workers.lease import LeaseKeeper
+
+log = logging.getLogger(__name__)
+
+REPLAY_POOL_LIMIT = 2000
+
+
+class StepFailed(RuntimeError):
+    """The step cannot succeed (bad data, gate error, ...): the run fails with this reason."""
+
+
+def run_step(ctx: WorkerContext, claim: runs.Claim) -> str:
+    """Dispatch on the claimed state; returns the state the run is in afterwards."""
+    if claim.state in (RunState.pending.value, RunState.training.value):
+        return train(ctx, claim)
+    if claim.state == RunState.evaluating.value:
+        from workers.evaluation import evaluate_step
+
+        return evaluate_step(ctx, claim)
+    if claim.state in (RunState.approved.value, RunState.deploying.value):
+        from workers.promotion import deploy_step
+
+        return deploy_step(ctx, claim)
+    raise StepFailed(f"no step for state {claim.state}")
+
+
+def run_dir(ctx: WorkerContext, run_id: uuid.UUID) -> Path:
+    return ctx.settings.resolved_artifact_dir / "runs" / str(run_id)
+
+
+_RATED = text("""
+SELECT i.id, i.messages, i.response_text, i.served_model, f.rating, f.correction, f.rater_id,
+       f.created_at
+FROM feedback f JOIN interactions i ON i.id = f.interaction_id
+WHERE f.adapter_id = :adapter_id AND f.seq > :lo AND f.seq <= :hi
+  AND (NOT :good_only OR f.rating = 'up' OR f.correction IS NOT NULL)
+ORDER BY f.seq DESC
+LIMIT :limit
+""")
+
+
+def load_rated(session, adapter_id: uuid.UUID, lo: int, hi: int, *, good_only: bool = False,
+               limit: int = 1_000_000) -> list:
+    """Rated interactions of an adapter with feedback seq in (lo, hi]."""
+    from workers.dataset import RatedInteraction
+
+    rows = session.execute(_RATED, {"adapter_id": adapter_id, "lo": lo, "hi": hi,
+                                    "good_only": good_only, "limit": limit})
+    return [RatedInteraction(interaction_id=str(r.id), messages=r.messages,
+                             response_text=r.response_text, rating=r.rating,
+                             correction=r.correction, rater_id=r.rater_id,
+                             created_at=r.created_at, version=r.served_model) for r in rows]
+
+
+def _training_config(policy: Policy, method: str, built):
+    from workers.training import TrainingConfig
+
+    t = policy.training
+    return TrainingConfig(
+        method=method, lora_r=t.lora.r, lora_alpha=t.lora.alpha, lora_dropout=t.lora.dropout,
+        target_modules=tuple(t.lora.target_modules), learning_rate=t.learning_rate,
+        epochs=t.epochs, max_steps=t.max_steps, per_device_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps, beta=t.beta,
+        desirable_weight=built.kto_desirable_weight,
+        undesirable_weight=built.kto_undesirable_weight, max_length=t.max_length,
+        checkpoint_every_steps=t.checkpoint_every_steps, quantization=t.quantization, seed=t.seed,
+    )
+
+
+def train(ctx: WorkerContext, claim: runs.Claim) -> str:
+    """Build the dataset from the run's feedback window and train a candidate version."""
+    from transformers import AutoTokenizer
+
+    from workers.dataset import DatasetPolicy, NotEnoughData, build_dataset, write_jsonl
+    from workers.redaction import get_redactor
+    from workers.training import train_adapter
+
+    base_model = ctx.settings.base_model
+    if not base_model:
+        raise StepFailed("FLYWHEEL_BASE_MODEL is not set: nothing to train on")
+    with session_scope(ctx.sessions) as s:
+        run = s.get(TrainingRun, claim.run_id)
+        if run.candidate_version_id is not None:  # trained before a crash; only the move is left
+            runs.transition(s, run.id, claim.owner, RunState.evaluating)
+            return RunState.evaluating.value
+        runs.transition(s, run.id, claim.owner, RunState.training, release=False)
+        adapter = s.get(Adapter, run.adapter_id)
+        policy = Policy.model_validate(run.policy)
+        new = load_rated(s, adapter.id, run.feedback_seq_from, run.feedback_seq_to)
+        replay_pool = load_rated(s, adapter.id, 0, run.feedback_seq_from, good_only=True,
+                                 limit=REPLAY_POOL_LIMIT)
+        parent = s.get(AdapterVersion, run.parent_version_id) if run.parent_version_id else None
+        parent_dir = Path(parent.artifact_path) if parent and policy.training.start_from == "serving" else None
+        parent_info = {"version_id": str(parent.id), "lora_name": parent.lora_name,
+                       "sha256": parent.sha256} if parent else None
+        tenant_id, alias, adapter_id = adapter.tenant_id, adapter.alias, adapter.id
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    d = policy.dataset
+    try:
+        built = build_dataset(new, replay_pool, tokenizer=tokenizer, redactor=get_redactor(d.redactor),
+                              policy=DatasetPolicy(
+                                  method=policy.training.method, heldout_fraction=d.heldout_fraction,
+                                  replay_fraction=d.replay_fraction, max_chars=d.max_chars,
+                                  max_rater_share=d.max_rater_share, min_examples=d.min_examples,
+                                  seed=policy.training.seed))
+    except NotEnoughData as exc:
+        raise StepFailed(f"not enough usable data: {exc}") from exc
+    base_dir = run_dir(ctx, claim.run_id)
+    write_jsonl(built, base_dir / "data")
+    with session_scope(ctx.sessions) as s:
+        s.execute(text("""UPDATE training_runs SET method = :m, method_reason = :r,
+                          dataset_stats = CAST(:stats AS jsonb) WHERE id = :id"""),
+                  {"m": built.method, "r": built.reason, "id": claim.run_id,
+                   "stats": runs._json({**built.stats, "snapshot_sha256": built.snapshot.sha256,
+                                        "heldout_ids": len(built.snapshot.heldout_ids)})})
+
+    lineage = {"run_id": str(claim.run_id), "parent": parent_info, "base_model": base_model,
+               "dataset": {"sha256": built.snapshot.sha256,
+                           "interaction_ids": built.snapshot.interaction_ids},
+               "method": built.method, "method_reason": built.reason,
+               "policy": policy.training.model_dump()}
+    with LeaseKeeper(ctx.sessions, claim.run_id, claim.owner, ctx.settings.run_lease_s) as lease:
+        result = train_adapter(
+            base_model_dir=base_model, data={"train": built.train[built.method],
+                                             "eval": built.heldout.get(built.method, [])},
+            config=_training_config(policy, built.method, built), out_dir=base_dir / "adapter",
+            work_dir=base_dir / "work", parent_adapter_dir=parent_dir, progress=lease.report,
+            lineage=lineage,
+        )
+    with session_scope(ctx.sessions) as s:
+        adapter = s.get(Adapter, adapter_id)
+        version = repo.create_version(
+            s, adapter, artifact_path=str(result.artifact_dir), sha256=result.sha256,
+            parent_version_id=parent.id if parent else None, run_id=claim.run_id,
+            lineage={**lineage, "training": result.metrics,
+                     "library_versions": result.library_versions})
+        runs.transition(s, claim.run_id, claim.owner, RunState.evaluating,
+                        candidate_version_id=version.id,
+                        metrics={"training": result.metrics})
+        repo.audit(s, tenant_id=tenant_id, actor="worker", action="run.trained", target_type="run",
+                   target_id=str(claim.run_id),
+                   detail={"version": version.lora_name, "method": built.method})
+    log.info("run %s trained %s (%s)", claim.run_id, alias, built.method)
+    return RunState.evaluating.value

@@ -1,0 +1,21 @@
+"""Thin Celery tasks: take an id, call one domain function. Safe to deliver twice."""
+
+from __future__ import annotations
+
+import uuid
+
+from workers import pipeline
+from workers.celery_app import app
+from workers.context import context
+
+
+@app.task(name="flywheel.advance_run")
+def advance_run(run_id: str) -> str:
+    """Claim the run and perform its next step (duplicate deliveries find nothing to claim)."""
+    return pipeline.advance(context(), uuid.UUID(run_id))
+
+
+@app.task(name="flywheel.sweep")
+def sweep() -> dict:
+    """Re-check triggers and re-enqueue unclaimed runs (covers lost wake-ups and Redis outages)."""
+    return pipeline.sweep(context())
