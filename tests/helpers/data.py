@@ -1,0 +1,28 @@
+"""Seeding rows straight into Postgres, for tests whose subject is what happens after a chat."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import select
+
+from service.db.models import Adapter, Interaction
+from service.db.session import session_scope
+
+
+def seed_interactions(db_sessions, tenant: str, alias: str, key_id: uuid.UUID | None,
+                      n: int, *, prompt: str = "question {i}", answer: str = "answer {i}"
+                      ) -> list[str]:
+    """n interactions of an alias (served by base), as the gateway would have stored them."""
+    ids = []
+    with session_scope(db_sessions) as s:
+        adapter = s.scalars(select(Adapter).where(Adapter.tenant_id == tenant,
+                                                  Adapter.alias == alias)).one()
+        for i in range(n):
+            iid = uuid.uuid4()
+            s.add(Interaction(id=iid, tenant_id=tenant, api_key_id=key_id, alias=alias,
+                              adapter_id=adapter.id, served_model="base",
+                              messages=[{"role": "user", "content": prompt.format(i=i)}],
+                              params={}, response_text=answer.format(i=i), stream=False))
+            ids.append(str(iid))
+    return ids
