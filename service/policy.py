@@ -8,6 +8,7 @@ field and why. Policies are re-read when their files change (checked on each loo
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,8 +56,10 @@ class TrainingPolicy(_Strict):
 
 class DatasetPolicy(_Strict):
     heldout_fraction: float = Field(0.1, ge=0, lt=1)
-    replay_fraction: float = Field(0.2, ge=0, le=1)
-    max_rater_share: float = Field(0.5, gt=0, le=1)
+    replay_fraction: float = Field(0.2, ge=0, lt=1)
+    # Poisoning guard: no rater supplies more than this share of a training set. Applied when
+    # the feedback names at least two raters (one anonymous product key is one rater).
+    max_rater_share: float | None = Field(0.5, gt=0, le=1)
     max_chars: int = Field(8000, ge=1)
     redactor: Literal["regex", "presidio", "none"] = "regex"
     min_examples: int = Field(4, ge=1)
@@ -152,6 +155,8 @@ class PolicyStore:
         self._stamp: tuple = ()
         self._raw: dict[str, dict] = {}
         self._default: Policy = Policy()
+        self._checked_at = 0.0
+        self._cache: dict[tuple[str, str | None], Policy] = {}
         self.reload()
 
     def _current_stamp(self) -> tuple:
@@ -173,8 +178,14 @@ class PolicyStore:
                 _validate(self.policy_dir / f"{name}.yaml", _merge(default_raw, data))
         with self._lock:
             self._raw, self._default, self._stamp = raw, default, stamp
+            self._cache = {}
 
     def _maybe_reload(self) -> None:
+        # A stat of the directory at most once a second: lookups sit on the feedback hot path.
+        now = time.monotonic()
+        if now - self._checked_at < 1.0:
+            return
+        self._checked_at = now
         if self._current_stamp() != self._stamp:
             try:
                 self.reload()
@@ -189,6 +200,14 @@ class PolicyStore:
     def for_alias(self, alias: str, tenant_id: str | None = None) -> Policy:
         """The merged policy of an alias (tenant-specific file first)."""
         self._maybe_reload()
+        cached = self._cache.get((alias, tenant_id))
+        if cached is not None:
+            return cached
+        policy = self._resolve(alias, tenant_id)
+        self._cache[(alias, tenant_id)] = policy
+        return policy
+
+    def _resolve(self, alias: str, tenant_id: str | None) -> Policy:
         with self._lock:
             raw = self._raw
             default_raw = raw.get("default", {})

@@ -113,14 +113,20 @@ def train(ctx: WorkerContext, claim: runs.Claim) -> str:
 
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     d = policy.dataset
+    raters = {item.rater_id for item in new}
+    rater_cap = d.max_rater_share if len(raters) >= 2 else None
     try:
         built = build_dataset(new, replay_pool, tokenizer=tokenizer, redactor=get_redactor(d.redactor),
                               policy=DatasetPolicy(
                                   method=policy.training.method, heldout_fraction=d.heldout_fraction,
                                   replay_fraction=d.replay_fraction, max_chars=d.max_chars,
-                                  max_rater_share=d.max_rater_share, min_examples=d.min_examples,
+                                  max_rater_share=rater_cap, min_examples=d.min_examples,
+                                  max_tokens=policy.training.max_length,
                                   seed=policy.training.seed))
     except NotEnoughData as exc:
+        with session_scope(ctx.sessions) as s:
+            s.execute(text("UPDATE training_runs SET dataset_stats = CAST(:st AS jsonb) WHERE id = :id"),
+                      {"st": runs._json(getattr(exc, "stats", None) or {}), "id": claim.run_id})
         raise StepFailed(f"not enough usable data: {exc}") from exc
     base_dir = run_dir(ctx, claim.run_id)
     write_jsonl(built, base_dir / "data")
@@ -129,7 +135,9 @@ def train(ctx: WorkerContext, claim: runs.Claim) -> str:
                           dataset_stats = CAST(:stats AS jsonb) WHERE id = :id"""),
                   {"m": built.method, "r": built.reason, "id": claim.run_id,
                    "stats": runs._json({**built.stats, "snapshot_sha256": built.snapshot.sha256,
-                                        "heldout_ids": len(built.snapshot.heldout_ids)})})
+                                        "heldout_ids": len(built.snapshot.heldout_ids),
+                                        "raters": len(raters), "rater_cap": rater_cap,
+                                        "warnings": list(built.warnings)})})
 
     lineage = {"run_id": str(claim.run_id), "parent": parent_info, "base_model": base_model,
                "dataset": {"sha256": built.snapshot.sha256,

@@ -9,8 +9,8 @@ import random
 import subprocess
 import sys
 import uuid
-from datetime import datetime, timedelta, timezone
-from functools import lru_cache
+from datetime import UTC, datetime, timedelta
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -63,7 +63,8 @@ TEMPLATES: dict[str, tuple[str, str, str | None]] = {
     ),
     # The shape service/tiny_model.py serves: bos, role tokens, content, eos, newline.
     "tiny": (
-        "{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + eos_token + '\\n' }}"
+        "{{ bos_token }}{% for m in messages %}"
+        "{{ '<|' + m['role'] + '|>\\n' + m['content'] + eos_token + '\\n' }}"
         "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}",
         "</s>",
         "<s>",
@@ -93,7 +94,7 @@ TEMPLATES: dict[str, tuple[str, str, str | None]] = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def make_tokenizer(kind: str = "chatml", auto_bos: bool = False) -> PreTrainedTokenizerFast:
     """A PreTrainedTokenizerFast over a freshly trained WordLevel model with the named chat template.
 
@@ -108,14 +109,19 @@ def make_tokenizer(kind: str = "chatml", auto_bos: bool = False) -> PreTrainedTo
             single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
         )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[UNK]", eos_token=eos, bos_token=bos, chat_template=template
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[UNK]",
+        eos_token=eos,
+        bos_token=bos,
+        chat_template=template,
     )
 
 
 # ---------------------------------------------------------------------------------------------
 # Fixtures for interactions
 
-T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def uid(i: int | str) -> str:
@@ -141,7 +147,8 @@ def ri(
         rating=rating,
         correction=correction,
         rater_id=rater,
-        created_at=T0 + timedelta(minutes=minutes if minutes is not None else (i if isinstance(i, int) else 0)),
+        created_at=T0
+        + timedelta(minutes=minutes if minutes is not None else (i if isinstance(i, int) else 0)),
         version="support-v1",
     )
 
@@ -154,7 +161,11 @@ def policy(**kw) -> DatasetPolicy:
 
 def build(new, pool=(), *, kind: str = "chatml", redactor=None, **kw):
     return build_dataset(
-        list(new), list(pool), tokenizer=make_tokenizer(kind), policy=policy(**kw), redactor=redactor or RegexRedactor()
+        list(new),
+        list(pool),
+        tokenizer=make_tokenizer(kind),
+        policy=policy(**kw),
+        redactor=redactor or RegexRedactor(),
     )
 
 
@@ -180,11 +191,14 @@ def test_render_prompt_is_exactly_the_chat_template() -> None:
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
     prompt = render_prompt(msgs, tok)
     assert prompt == tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    assert prompt == "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        prompt == "<|im_start|>system\nbe brief<|im_end|>\n"
+        "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def _random_conversation(rng: random.Random) -> tuple[list[dict[str, str]], str]:
-    words = " ".join(CORPUS).split() + ["ünïcode", "😀", "[EMAIL]", "x{y}z", "new\nline"]
+    words = [*" ".join(CORPUS).split(), "ünïcode", "😀", "[EMAIL]", "x{y}z", "new\nline"]
 
     def text() -> str:
         pad = rng.choice(["", " ", "\n", "  \n"])
@@ -222,7 +236,8 @@ def test_prompt_plus_completion_is_the_full_template_rendering(kind: str, seed: 
 
 
 @pytest.mark.parametrize(
-    ("kind", "auto_bos"), [("chatml", False), ("tiny", False), ("tiny", True), ("llama", False), ("llama", True)]
+    ("kind", "auto_bos"),
+    [("chatml", False), ("tiny", False), ("tiny", True), ("llama", False), ("llama", True)],
 )
 @pytest.mark.parametrize("seed", range(10))
 def test_trainer_ids_equal_engine_ids(kind: str, auto_bos: bool, seed: int) -> None:
@@ -246,7 +261,9 @@ def test_built_prompts_leave_the_bos_to_the_trainer_tokenizer() -> None:
     assert auto_special_prefix(tok) == "<s>"
     assert auto_special_prefix(make_tokenizer("tiny")) == ""
     items = [ri(i, user="hello world", response=f"the answer {i}") for i in range(30)]
-    built = build_dataset(items, [], tokenizer=tok, policy=policy(heldout_fraction=0.5), redactor=RegexRedactor())
+    built = build_dataset(
+        items, [], tokenizer=tok, policy=policy(heldout_fraction=0.5), redactor=RegexRedactor()
+    )
     assert built.train["sft"] and built.heldout_raw
     assert all(not e["prompt"].startswith("<s>") for e in built.train["sft"] + built.heldout["sft"])
     assert all(e["prompt"].startswith("<|user|>") for e in built.train["sft"])
@@ -303,7 +320,9 @@ def test_examples_per_rating_kind() -> None:
         {"prompt": p(up), "completion": c(up, "good one")},
         {"prompt": p(corr), "completion": c(corr, "right one")},
     ]
-    assert built.train["dpo"] == [{"prompt": p(corr), "chosen": c(corr, "right one"), "rejected": c(corr, "wrong one")}]
+    assert built.train["dpo"] == [
+        {"prompt": p(corr), "chosen": c(corr, "right one"), "rejected": c(corr, "wrong one")}
+    ]
     assert built.train["kto"] == [
         {"prompt": p(up), "completion": c(up, "good one"), "label": True},
         {"prompt": p(down), "completion": c(down, "bad one"), "label": False},
@@ -319,18 +338,24 @@ def test_openai_content_parts_and_developer_role_are_normalized() -> None:
         ri(1),
         messages=[
             {"role": "developer", "content": "be brief"},
-            {"role": "user", "content": [{"type": "text", "text": "hello"}, {"type": "text", "text": "world"}]},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "hello"}, {"type": "text", "text": "world"}],
+            },
         ],
     )
     built = build([item])
     assert built.train["sft"][0]["prompt"] == (
-        "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhello\nworld<|im_end|>\n<|im_start|>assistant\n"
+        "<|im_start|>system\nbe brief<|im_end|>\n"
+        "<|im_start|>user\nhello\nworld<|im_end|>\n<|im_start|>assistant\n"
     )
 
 
 def test_invalid_items_are_dropped_with_reason() -> None:
     tool = dataclasses.replace(ri(1), messages=[{"role": "tool", "content": "x"}])
-    image = dataclasses.replace(ri(2), messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}])
+    image = dataclasses.replace(
+        ri(2), messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]
+    )
     bad_rating = dataclasses.replace(ri(3), rating="meh")
     built = build([tool, image, bad_rating, ri(4)])
     assert built.stats["dropped_invalid"] == 3
@@ -378,7 +403,9 @@ def test_no_pii_in_written_files(tmp_path: Path) -> None:
     assert built.heldout_raw and built.train["sft"] and built.stats["replay"] > 0
     paths = write_jsonl(built, tmp_path)
     assert set(paths) == {
-        "sft_train", "sft_heldout", "dpo_train", "dpo_heldout", "kto_train", "kto_heldout", "heldout_raw", "manifest"
+        *(f"{fmt}_{split}" for fmt in ("sft", "dpo", "kto") for split in ("train", "heldout")),
+        "heldout_raw",
+        "manifest",
     }  # fmt: skip
     blob = "\n".join(p.read_text(encoding="utf-8") for p in paths.values())
     for secret in PII:
@@ -393,7 +420,11 @@ def test_no_pii_in_written_files(tmp_path: Path) -> None:
 def test_written_files_are_trl_shaped_jsonl(tmp_path: Path) -> None:
     built = build(mixed(40), heldout_fraction=0.25)
     paths = write_jsonl(built, tmp_path)
-    expected = {"sft": {"prompt", "completion"}, "dpo": {"prompt", "chosen", "rejected"}, "kto": {"prompt", "completion", "label"}}
+    expected = {
+        "sft": {"prompt", "completion"},
+        "dpo": {"prompt", "chosen", "rejected"},
+        "kto": {"prompt", "completion", "label"},
+    }
     for fmt, keys in expected.items():
         for split in ("train", "heldout"):
             rows = [json.loads(line) for line in paths[f"{fmt}_{split}"].read_text().splitlines()]
@@ -418,7 +449,7 @@ def test_duplicates_are_dropped_keeping_the_earliest() -> None:
     other_rating = ri(4, user="hello world", response="the answer", rating="down")
     corr_a = ri(5, user="order", response="wrong", rating="down", correction="right")
     corr_b = ri(6, user="order", response="wrong", rating="down", correction="right ")
-    same_id_again = dataclasses.replace(ri(7), interaction_id=uid(7).upper())
+    same_id_again = dataclasses.replace(ri(7), interaction_id=uid(7).upper())  # same rater ("") too
     items = [first, same_normalized, same_earlier, other_rating, corr_a, corr_b, ri(7), same_id_again]
     for order in (items, list(reversed(items))):
         built = build(order)
@@ -430,6 +461,20 @@ def test_duplicates_are_dropped_keeping_the_earliest() -> None:
         assert {uid(3), uid(4), uid(5), uid(7)} <= kept and not {uid(1), uid(2), uid(6)} & kept
 
 
+def test_several_raters_of_one_interaction() -> None:
+    base = ri(1, user="hello world", response="the answer")
+    agree = [dataclasses.replace(base, rater_id=r) for r in ("a", "b")]
+    disagree = dataclasses.replace(base, rater_id="c", rating="down")
+    fixer = dataclasses.replace(base, rater_id="d", rating="down", correction="a better answer")
+    items = [*agree, disagree, fixer]
+    built = build(items)
+    assert built.stats["dropped_duplicates"] == 1  # "b" says exactly what "a" said
+    assert [e["label"] for e in built.train["kto"]] == [True, False, False, True]
+    assert len(built.train["dpo"]) == 1 and built.snapshot.interaction_ids == [uid(1)]
+    for order in (list(reversed(items)), random.Random(3).sample(items, len(items))):
+        assert build(order).snapshot == built.snapshot
+
+
 def test_empty_prompt_or_target_is_dropped() -> None:
     blank_prompt = ri(1, user="  \n ")
     no_messages = dataclasses.replace(ri(2), messages=[])
@@ -437,7 +482,16 @@ def test_empty_prompt_or_target_is_dropped() -> None:
     blank_response_corrected = ri(4, response=" ", rating="down", correction="the real answer")
     blank_correction = ri(5, response="fine", rating="up", correction="   ")
     noop_correction = ri(6, response="same text", rating="up", correction=" same  text ")
-    built = build([blank_prompt, no_messages, blank_response, blank_response_corrected, blank_correction, noop_correction])
+    built = build(
+        [
+            blank_prompt,
+            no_messages,
+            blank_response,
+            blank_response_corrected,
+            blank_correction,
+            noop_correction,
+        ]
+    )
     assert built.stats["dropped_empty"] == 3
     assert {d["interaction_id"] for d in built.drops} == {uid(1), uid(2), uid(3)}
     assert [e["completion"] for e in built.train["sft"]] == [
@@ -474,7 +528,9 @@ def test_oversized_dropped_by_tokens() -> None:
 
 
 def test_rater_cap_keeps_the_largest_compliant_set() -> None:
-    items = [ri(i, rater="A") for i in range(10)] + [ri(i, rater=r) for i, r in zip(range(10, 14), "BBCC")]
+    items = [ri(i, rater="A") for i in range(10)] + [
+        ri(i, rater=r) for i, r in zip(range(10, 14), "BBCC", strict=True)
+    ]
     kept, dropped = cap_rater_share(items, 0.5)
     kept_a = [k for k in kept if k.rater_id == "A"]
     assert len(kept_a) == 4 and len(kept) == 8 and len(dropped) == 6
@@ -533,12 +589,14 @@ def test_split_is_deterministic_monotone_and_salted() -> None:
     first = [is_heldout(i, 0.1) for i in IDS]
     assert first == [is_heldout(i, 0.1) for i in IDS]
     wider = [is_heldout(i, 0.2) for i in IDS]
-    assert all(w for f, w in zip(first, wider) if f)  # raising the fraction only adds to held-out
+    assert all(
+        w for f, w in zip(first, wider, strict=True) if f
+    )  # raising the fraction only adds to held-out
     salted = [is_heldout(i, 0.1, salt="v2") for i in IDS]
     assert salted != first
     assert not any(is_heldout(i, 0.0) for i in IDS[:100]) and all(is_heldout(i, 1.0) for i in IDS[:100])
     u = uuid.UUID(IDS[3])
-    assert is_heldout(str(u).upper(), 0.5) == is_heldout(str(u), 0.5) == is_heldout(u, 0.5)  # type: ignore[arg-type]
+    assert is_heldout(str(u).upper(), 0.5) == is_heldout(str(u), 0.5) == is_heldout(u, 0.5)
 
 
 def test_split_is_the_same_in_another_process() -> None:
@@ -548,9 +606,14 @@ def test_split_is_the_same_in_another_process() -> None:
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run(
-        [sys.executable, "-c", code], input=json.dumps(IDS[:500]), capture_output=True, text=True, check=True, env=env,
+        [sys.executable, "-c", code],
+        input=json.dumps(IDS[:500]),
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
         cwd=Path(__file__).resolve().parents[2],
-    )  # fmt: skip
+    )
     assert json.loads(out.stdout) == [is_heldout(i, 0.3, salt="s") for i in IDS[:500]]
 
 
@@ -577,7 +640,20 @@ def test_build_splits_by_id() -> None:
 
 @pytest.mark.parametrize(
     ("n_good", "n_bad"),
-    [(1, 1), (4, 3), (10, 9), (7, 6), (100, 10), (10, 100), (1, 1000), (1000, 1), (3, 4), (5, 50), (50, 37), (13, 14)],
+    [
+        (1, 1),
+        (4, 3),
+        (10, 9),
+        (7, 6),
+        (100, 10),
+        (10, 100),
+        (1, 1000),
+        (1000, 1),
+        (3, 4),
+        (5, 50),
+        (50, 37),
+        (13, 14),
+    ],
 )
 def test_kto_weighted_ratio_in_trl_band(n_good: int, n_bad: int) -> None:
     w_good, w_bad = kto_weights(n_good, n_bad)
@@ -654,7 +730,7 @@ def test_build_reports_why_data_is_not_enough() -> None:
 
 def test_build_auto_picks_dpo_when_corrections_dominate() -> None:
     items = [ri(i, response=f"wrong {i}", rating="down", correction=f"right {i}") for i in range(10)]
-    built = build(items + [ri(100)])
+    built = build([*items, ri(100)])
     assert built.method == "dpo" and built.stats["dpo_train"] == 10
     assert "10 correction pairs" in built.reason
 
@@ -679,7 +755,10 @@ def test_replay_is_never_held_out_and_mixes_into_sft_kto_only() -> None:
     new, pool = mixed(80), mixed(400, start=5000)
     pool_ids = {x.interaction_id for x in pool}
     # Some pool items duplicate a new item's content or id: never replayed.
-    pool += [dataclasses.replace(new[2], interaction_id=uid("dup-content")), dataclasses.replace(pool[2], interaction_id=new[3].interaction_id)]
+    pool += [
+        dataclasses.replace(new[2], interaction_id=uid("dup-content")),
+        dataclasses.replace(pool[2], interaction_id=new[3].interaction_id),
+    ]
     built = build(new, pool, heldout_fraction=0.3, replay_fraction=0.2, method="kto")
     replay = set(built.snapshot.replay_ids)
     n_train = built.stats["train_items"]
@@ -714,14 +793,22 @@ def snapshot_fixture_sha() -> str:
 def test_snapshot_is_stable_across_runs_orders_and_processes() -> None:
     new, pool = mixed(60), mixed(100, start=2000)
     a = build(new, pool, heldout_fraction=0.2, replay_fraction=0.2)
-    b = build(list(reversed(new)), random.Random(5).sample(pool, len(pool)), heldout_fraction=0.2, replay_fraction=0.2)
+    b = build(
+        list(reversed(new)),
+        random.Random(5).sample(pool, len(pool)),
+        heldout_fraction=0.2,
+        replay_fraction=0.2,
+    )
     assert a.snapshot == b.snapshot and a.train == b.train and a.heldout == b.heldout
     assert a.snapshot.interaction_ids == sorted(a.snapshot.interaction_ids)
     assert len(a.snapshot.sha256) == 64
-    code = "import sys; sys.path.insert(0, 'tests/unit'); import test_dataset as t; print(t.snapshot_fixture_sha())"
+    code = "import sys; sys.path.insert(0, 'tests/unit'); import test_dataset as t; "
+    code += "print(t.snapshot_fixture_sha())"
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONHASHSEED": "999"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root, env=env
+    )
     assert out.stdout.strip() == snapshot_fixture_sha()
 
 
@@ -753,7 +840,12 @@ def test_policy_validation() -> None:
     assert DatasetPolicy.from_dict({"method": "kto", "heldout_fraction": 0.2}).method == "kto"
     with pytest.raises(ValueError, match="unknown dataset policy keys: heldout"):
         DatasetPolicy.from_dict({"heldout": 0.2})
-    for bad in ({"method": "ppo"}, {"heldout_fraction": 1.0}, {"replay_fraction": -0.1}, {"max_rater_share": 0.0}):
+    for bad in (
+        {"method": "ppo"},
+        {"heldout_fraction": 1.0},
+        {"replay_fraction": -0.1},
+        {"max_rater_share": 0.0},
+    ):
         with pytest.raises(ValueError):
             DatasetPolicy(**bad)
 

@@ -56,7 +56,12 @@ POSITIVES = [
     ("bearer", "Authorization: Bearer abc123.def456-ghi", "abc123.def456-ghi", "Bearer [SECRET]"),
     ("basic-auth", "Authorization: Basic dXNlcjpwYXNzd29yZA==", "dXNlcjpwYXNzd29yZA==", "[SECRET]"),
     ("jwt", f"token {JWT}", "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9", "[SECRET]"),
-    ("hex-secret", "secret " + "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08", "9f86d0818", "[SECRET]"),
+    (
+        "hex-secret",
+        "secret " + "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+        "9f86d0818",
+        "[SECRET]",
+    ),
     ("aws-secret-base64", "aws wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "wJalrXUtnFEMI", "[SECRET]"),
     ("password-assignment", "password=hunter2!x", "hunter2!x", "password=[SECRET]"),
     ("api-key-quoted", 'config api_key: "q8w7e6r5t4"', "q8w7e6r5t4", 'api_key: "[SECRET]"'),
@@ -154,7 +159,9 @@ def _random_pii(rng: random.Random) -> list[str]:
     email = f"{local}.{rng.randint(0, 99)}@{rng.choice(['example.com', 'mail.co.uk', 'corp.io'])}"
     area, mid, last = rng.randint(200, 999), rng.randint(200, 999), rng.randint(0, 9999)
     us = rng.choice([f"({area}) {mid}-{last:04d}", f"{area}-{mid}-{last:04d}", f"{area}.{mid}.{last:04d}"])
-    intl = f"+{rng.choice(['44', '49', '33', '61'])} {rng.randint(10, 99)} {rng.randint(1000, 9999)} {last:04d}"
+    intl = (
+        f"+{rng.choice(['44', '49', '33', '61'])} {rng.randint(10, 99)} {rng.randint(1000, 9999)} {last:04d}"
+    )
     alphabet = string.ascii_letters + string.digits
     key = rng.choice(["sk-", "fw_", "ghp_", "hf_"]) + "".join(rng.choice(alphabet) for _ in range(36))
     aws = "AKIA" + "".join(rng.choice(string.ascii_uppercase + string.digits) for _ in range(16))

@@ -1,0 +1,1 @@
+"""Celery workers: dataset, training, evaluation and promotion steps."""
