@@ -208,6 +208,144 @@ def engine(
         vllm.stop()
 
 
+def _engine_ops():
+    """(sessions, replica clients, SwapConfig) for the configured deployment."""
+    from service.engine.swap import SwapConfig
+    from service.engine.vllm_admin import VllmAdmin
+
+    settings = get_settings()
+    url, sessions = _sync_sessions()
+    _require_migrated(url)
+    if not settings.vllm_url_list:
+        err.print("[red]error:[/red] set FLYWHEEL_VLLM_URLS to the vLLM replicas")
+        raise typer.Exit(2)
+    try:
+        config = SwapConfig.from_settings(settings)
+    except ValueError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    return sessions, [VllmAdmin(u) for u in settings.vllm_url_list], config
+
+
+def _adapter_id(sessions, tenant: str, alias: str):
+    from sqlalchemy import select
+
+    from service.db.models import Adapter
+    from service.db.session import session_scope
+
+    with session_scope(sessions) as session:
+        adapter_id = session.scalar(select(Adapter.id).where(Adapter.tenant_id == tenant,
+                                                             Adapter.alias == alias))
+    if adapter_id is None:
+        err.print(f"[red]error:[/red] no alias {alias!r} for tenant {tenant!r}")
+        raise typer.Exit(2)
+    return adapter_id
+
+
+def _run_engine_op(op) -> None:
+    """Run an async engine operation, print its result, exit 1 if it failed."""
+    import asyncio
+    import json
+
+    from service.engine.swap import SwapError
+
+    async def go():
+        sessions, admins, config = _engine_ops()
+        try:
+            return await op(sessions, admins, config)
+        finally:
+            for a in admins:
+                await a.aclose()
+
+    try:
+        result = asyncio.run(go())
+    except SwapError as exc:
+        err.print(f"[red]refused:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    print(json.dumps(result.as_dict(), indent=2, default=str))
+    if not result.ok:
+        err.print(f"[red]failed[/red] in {result.phase}: {result.code}: {result.reason}")
+        raise typer.Exit(1)
+
+
+@adapters_app.command("swap")
+def adapters_swap(
+    version: Annotated[str, typer.Argument(help="Adapter version id to make live.")],
+    reason: Annotated[str | None, typer.Option(help="Recorded in the audit log.")] = None,
+) -> None:
+    """Verify, load and smoke a version on every replica, then flip its alias to it."""
+    import uuid
+
+    from service.engine.swap import swap
+
+    _run_engine_op(lambda s, a, c: swap(s, a, uuid.UUID(version), c, actor="cli", reason=reason))
+
+
+@adapters_app.command("rollback")
+def adapters_rollback(
+    alias: Annotated[str, typer.Argument(help="The alias to roll back.")],
+    tenant: Annotated[str, typer.Option(help="Owning tenant.")],
+    reason: Annotated[str | None, typer.Option(help="Recorded in the audit log.")] = None,
+) -> None:
+    """Serve the alias's previous version again (instant while it is warm)."""
+    from service.engine.swap import rollback
+
+    adapter_id = _adapter_id(_sync_sessions()[1], tenant, alias)
+    _run_engine_op(lambda s, a, c: rollback(s, a, adapter_id, c, actor="cli", reason=reason))
+
+
+@adapters_app.command("canary")
+def adapters_canary(
+    alias: Annotated[str, typer.Argument(help="The alias.")],
+    tenant: Annotated[str, typer.Option(help="Owning tenant.")],
+    version: Annotated[str | None, typer.Option(help="Version id; omit to clear.")] = None,
+    share: Annotated[float, typer.Option(min=0.0, max=0.99, help="Share of traffic.")] = 0.1,
+    reason: Annotated[str | None, typer.Option(help="Recorded in the audit log.")] = None,
+) -> None:
+    """Send a share of the alias's traffic (sticky per `user`) to a version, or clear the canary."""
+    import uuid
+
+    from service.engine.swap import set_canary
+
+    adapter_id = _adapter_id(_sync_sessions()[1], tenant, alias)
+    version_id = uuid.UUID(version) if version else None
+    _run_engine_op(lambda s, a, c: set_canary(s, a, adapter_id, version_id,
+                                              share if version else 0.0, c, actor="cli",
+                                              reason=reason))
+
+
+@app.command()
+def reconcile() -> None:
+    """Converge every replica to the desired state in the database once, and report."""
+    import asyncio
+
+    from service.engine.reconcile import reconcile_once
+
+    settings = get_settings()
+
+    async def go():
+        sessions, admins, _ = _engine_ops()
+        try:
+            return await reconcile_once(sessions, admins, warm_grace_s=settings.warm_grace_s,
+                                        drain_s=settings.drain_s)
+        finally:
+            for a in admins:
+                await a.aclose()
+
+    report = asyncio.run(go())
+    table = Table("replica", "healthy", "loaded", "loaded now", "unloaded now", "error")
+    for r in report.replicas:
+        table.add_row(r.url, str(r.healthy), str(len(r.loaded or ())), ", ".join(r.loaded_now),
+                      ", ".join(r.unloaded_now), r.error or "")
+    console.print(table)
+    for e in report.errors:
+        err.print(f"[yellow]warning:[/yellow] {e}")
+    if report.retired:
+        console.print(f"retired: {', '.join(report.retired)}")
+    if not report.converged:
+        raise typer.Exit(1)
+
+
 def main() -> None:  # pragma: no cover - console entry
     app(prog_name="flywheel")
 

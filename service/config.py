@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -40,6 +41,9 @@ class Settings(BaseSettings):
     # How long a verified API key is trusted without re-reading the DB (revocation bound).
     auth_cache_ttl_s: float = 5.0
 
+    # Feedback marks its adapter; the trigger runs for marked adapters this often.
+    trigger_debounce_s: float = 0.25
+
     # Engine (managed vLLM for local runs and tests)
     vllm_port: int = 8100
     vllm_max_loras: int = 4
@@ -47,6 +51,21 @@ class Settings(BaseSettings):
     vllm_max_lora_rank: int = 16
     vllm_max_model_len: int = 256
     vllm_kv_cache_gb: int = 1
+
+    # Engine control (service/engine: swap, rollback, reconcile; sizing rules in sizing.py)
+    # How long the previous version stays loaded after a flip, so rollback needs no load.
+    warm_grace_s: float = 600.0
+    # The least time a version stays loaded after it stops being served: it must cover stale
+    # route caches (routing_cache_ttl_s) and requests still running on that version.
+    drain_s: float = 30.0
+    # How often each API process re-reads every replica's GET /v1/models for routing.
+    replica_observe_interval_s: float = 1.0
+    # How often each API process converges the replicas to the DB's desired state (0: never).
+    reconcile_interval_s: float = 5.0
+    # How long a swap waits for another swap (or the reconciler) holding the same alias.
+    swap_lock_wait_s: float = 10.0
+    # At API start, when FLYWHEEL_VLLM_MAX_LORAS / _MAX_CPU_LORAS are too small for the aliases.
+    engine_sizing_check: Literal["error", "warn", "off"] = "error"
 
     # Workers
     # Must exceed the longest training: Redis redelivers unacked messages after it (celery #5935).

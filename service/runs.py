@@ -26,7 +26,10 @@ _ACTIVE = ", ".join(f"'{s.value}'" for s in ACTIVE_RUN_STATES)
 # makes a racing second insert a no-op.
 _TRIGGER = text(f"""
 WITH a AS (
-    SELECT id, tenant_id, feedback_watermark, serving_version_id FROM adapters WHERE id = :adapter_id
+    -- While a run is active nothing can be created: skip the count (it grows with the backlog).
+    SELECT id, tenant_id, feedback_watermark, serving_version_id FROM adapters
+    WHERE id = :adapter_id AND NOT EXISTS (
+        SELECT 1 FROM training_runs r WHERE r.adapter_id = :adapter_id AND r.state IN ({_ACTIVE}))
 ), stats AS (
     SELECT count(*) AS n,
            count(*) FILTER (WHERE f.rating = 'up') AS ups,

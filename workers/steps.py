@@ -83,6 +83,18 @@ def _training_config(policy: Policy, method: str, built):
     )
 
 
+def _recorded_artifact(out_dir: Path) -> tuple[Path, str, dict, dict]:
+    import json
+
+    from service.engine.artifact import artifact_sha256
+
+    lineage_file = out_dir / "lineage.json"
+    lineage = json.loads(lineage_file.read_text()) if lineage_file.exists() else {}
+    training = lineage.get("training", {})
+    return (out_dir, artifact_sha256(out_dir), training.get("metrics", {}),
+            training.get("library_versions", {}))
+
+
 def train(ctx: WorkerContext, claim: runs.Claim) -> str:
     """Build the dataset from the run's feedback window and train a candidate version."""
     from transformers import AutoTokenizer
@@ -144,24 +156,29 @@ def train(ctx: WorkerContext, claim: runs.Claim) -> str:
                            "interaction_ids": built.snapshot.interaction_ids},
                "method": built.method, "method_reason": built.reason,
                "policy": policy.training.model_dump()}
-    with LeaseKeeper(ctx.sessions, claim.run_id, claim.owner, ctx.settings.run_lease_s) as lease:
-        result = train_adapter(
-            base_model_dir=base_model, data={"train": built.train[built.method],
-                                             "eval": built.heldout.get(built.method, [])},
-            config=_training_config(policy, built.method, built), out_dir=base_dir / "adapter",
-            work_dir=base_dir / "work", parent_adapter_dir=parent_dir, progress=lease.report,
-            lineage=lineage,
-        )
+    out_dir = base_dir / "adapter"
+    if (out_dir / "adapter_model.safetensors").exists():
+        # A previous attempt finished training but died before recording it: artifacts are
+        # written atomically, so this one is complete.
+        trained = _recorded_artifact(out_dir)
+    else:
+        with LeaseKeeper(ctx.sessions, claim.run_id, claim.owner, ctx.settings.run_lease_s) as lease:
+            result = train_adapter(
+                base_model_dir=base_model, data={"train": built.train[built.method],
+                                                 "eval": built.heldout.get(built.method, [])},
+                config=_training_config(policy, built.method, built), out_dir=out_dir,
+                work_dir=base_dir / "work", parent_adapter_dir=parent_dir, progress=lease.report,
+                lineage=lineage,
+            )
+        trained = (result.artifact_dir, result.sha256, result.metrics, result.library_versions)
     with session_scope(ctx.sessions) as s:
         adapter = s.get(Adapter, adapter_id)
         version = repo.create_version(
-            s, adapter, artifact_path=str(result.artifact_dir), sha256=result.sha256,
+            s, adapter, artifact_path=str(trained[0]), sha256=trained[1],
             parent_version_id=parent.id if parent else None, run_id=claim.run_id,
-            lineage={**lineage, "training": result.metrics,
-                     "library_versions": result.library_versions})
+            lineage={**lineage, "training": trained[2], "library_versions": trained[3]})
         runs.transition(s, claim.run_id, claim.owner, RunState.evaluating,
-                        candidate_version_id=version.id,
-                        metrics={"training": result.metrics})
+                        candidate_version_id=version.id, metrics={"training": trained[2]})
         repo.audit(s, tenant_id=tenant_id, actor="worker", action="run.trained", target_type="run",
                    target_id=str(claim.run_id),
                    detail={"version": version.lora_name, "method": built.method})

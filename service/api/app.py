@@ -14,12 +14,13 @@ from service import __version__
 from service.api import errors
 from service.api.limits import BodyLimitMiddleware
 from service.api.observe import RequestMetricsMiddleware
-from service.api.routes import audit, feedback, gateway, health
+from service.api.routes import audit, feedback, gateway, health, runs
 from service.api.state import AppState, TTLCache
 from service.config import Settings, get_settings
-from service.db import migrate
+from service.db import hotpath, migrate
 from service.db.session import make_async_engine, make_async_sessionmaker, make_sync_engine
 from service.embedded import resolve_service_urls
+from service.engine import reconcile
 from service.engine.replicas import ReplicaPool
 from service.policy import PolicyStore
 
@@ -45,8 +46,11 @@ def build_state(settings: Settings) -> AppState:
                        connect_timeout_s=settings.upstream_connect_timeout_s,
                        read_timeout_s=settings.upstream_timeout_s)
     redis = Redis.from_url(broker_url, socket_connect_timeout=2, socket_timeout=2)
+    fast_pool = hotpath.make_pool(db_url, size=settings.db_pool_size,
+                                  timeout_s=settings.db_connect_timeout_s)
     return AppState(settings=settings, db_url=db_url, broker_url=broker_url, engine=engine,
-                    sessions=make_async_sessionmaker(engine), pool=pool, redis=redis,
+                    sessions=make_async_sessionmaker(engine), fast_pool=fast_pool, pool=pool,
+                    redis=redis,
                     auth_cache=TTLCache(settings.auth_cache_ttl_s),
                     route_cache=TTLCache(settings.routing_cache_ttl_s),
                     policies=PolicyStore(settings.policy_dir))
@@ -59,12 +63,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state = await asyncio.to_thread(build_state, settings)
+        # Not waiting for connections: the API must start (and answer 503) while Postgres is down.
+        await state.fast_pool.open(wait=False)
         app.state.fw = state
+        trigger_task = asyncio.create_task(state.trigger_loop(), name="trigger-loop")
+        # Keeps state.pool following the replicas and converges them to the DB's desired state.
+        watcher = reconcile.watcher_from_settings(settings, state.db_url, state.pool)
         log.info("flywheel API ready: db=%s replicas=%s", make_url(state.db_url).render_as_string(
             hide_password=True), settings.vllm_url_list)
         try:
+            await watcher.start(settings)  # EngineTooSmall here stops the API with the reason
             yield
         finally:
+            trigger_task.cancel()
+            await asyncio.gather(trigger_task, return_exceptions=True)
+            await watcher.aclose()
             await state.aclose()
 
     app = FastAPI(title="Flywheel", version=__version__, lifespan=lifespan,
@@ -72,6 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app, settings.retry_after_s)
     app.include_router(gateway.router)
     app.include_router(feedback.router)
+    app.include_router(runs.router)
     app.include_router(audit.router)
     app.include_router(health.router)
 

@@ -7,6 +7,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from psycopg import OperationalError as PgOperationalError
+from psycopg_pool import PoolTimeout as PgPoolTimeout
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -68,7 +70,7 @@ def install(app: FastAPI, retry_after_s: int) -> None:
         return error_response(503, "database unavailable; retry shortly", code="database_unavailable",
                               headers={"Retry-After": str(retry_after_s)})
 
-    for exc_type in (OperationalError, PoolTimeout):
+    for exc_type in (OperationalError, PoolTimeout, PgOperationalError, PgPoolTimeout):
         app.add_exception_handler(exc_type, _db_down)
 
     @app.exception_handler(DBAPIError)

@@ -9,10 +9,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from service.config import Settings
+from service.db import hotpath
 from service.db import repositories as repo
 from service.engine.replicas import ReplicaPool
 from service.metrics import INTERACTIONS, STORAGE_FAILURES
@@ -53,12 +55,15 @@ class AppState:
     broker_url: str
     engine: AsyncEngine
     sessions: async_sessionmaker
+    fast_pool: AsyncConnectionPool
     pool: ReplicaPool
     redis: Redis
     auth_cache: TTLCache
     route_cache: TTLCache
     policies: PolicyStore
     background: set[asyncio.Task] = field(default_factory=set)
+    # Adapters with new feedback since the last trigger check: id -> (alias, tenant).
+    dirty: dict[uuid.UUID, tuple[str, str]] = field(default_factory=dict)
 
     async def principal(self, key_hash: str) -> repo.Principal | None:
         found, principal = self.auth_cache.get(key_hash)
@@ -84,8 +89,7 @@ class AppState:
     async def store_interaction(self, values: dict[str, Any]) -> bool:
         """Store one interaction; a failure is counted and logged, never raised to the client."""
         try:
-            async with self.sessions() as session, session.begin():
-                await repo.insert_interaction(session, values)
+            await hotpath.insert_interaction(self.fast_pool, values)
         except Exception as exc:  # noqa: BLE001 - the client already has its answer
             STORAGE_FAILURES.labels("interaction").inc()
             # No message contents in logs: they may hold PII.
@@ -94,22 +98,39 @@ class AppState:
         INTERACTIONS.labels(values.get("alias", "")).inc()
         return True
 
-    async def check_trigger(self, adapter_id: uuid.UUID, alias: str, tenant_id: str) -> None:
-        """Create a run if the alias's new feedback crosses its policy, and wake a worker.
+    def feedback_arrived(self, adapter_id: uuid.UUID, alias: str, tenant_id: str) -> None:
+        """Note new feedback; the trigger loop checks the adapter within trigger_debounce_s."""
+        self.dirty[adapter_id] = (alias, tenant_id)
 
-        The feedback is already committed: a failure here only delays training (the sweeper
-        re-checks every alias), so it is logged, not returned to the client.
+    async def check_triggers(self) -> int:
+        """Run the trigger for every adapter with new feedback; wake a worker per run created.
+
+        Exactly-once comes from the database (one active run per adapter), not from here; a
+        crash between feedback and check is caught by the workers' sweeper.
         """
-        try:
-            policy = self.policies.for_alias(alias, tenant_id)
-            async with self.sessions() as session, session.begin():
-                run_id = await maybe_trigger_async(session, adapter_id, policy)
-        except Exception as exc:  # noqa: BLE001
-            log.warning("trigger check for %s failed: %s", alias, type(exc).__name__)
-            return
-        if run_id is not None:
-            log.info("feedback crossed the threshold of %s: run %s created", alias, run_id)
-            await asyncio.to_thread(wake_run, self.broker_url, run_id)
+        batch, self.dirty = self.dirty, {}
+        created = 0
+        for adapter_id, (alias, tenant_id) in batch.items():
+            try:
+                policy = self.policies.for_alias(alias, tenant_id)
+                async with self.sessions() as session, session.begin():
+                    run_id = await maybe_trigger_async(session, adapter_id, policy)
+            except Exception as exc:  # noqa: BLE001 - retried on the next feedback or sweep
+                log.warning("trigger check for %s failed: %s", alias, type(exc).__name__)
+                self.dirty.setdefault(adapter_id, (alias, tenant_id))
+                continue
+            if run_id is not None:
+                created += 1
+                log.info("feedback crossed the threshold of %s: run %s created", alias, run_id)
+                await asyncio.to_thread(wake_run, self.broker_url, run_id)
+        return created
+
+    async def trigger_loop(self) -> None:
+        """Background task: check dirty adapters every trigger_debounce_s."""
+        while True:
+            await asyncio.sleep(self.settings.trigger_debounce_s)
+            if self.dirty:
+                await self.check_triggers()
 
     def spawn(self, coro) -> None:
         """Run coro in the background, keeping a reference until it finishes."""
@@ -118,8 +139,11 @@ class AppState:
         task.add_done_callback(self.background.discard)
 
     async def aclose(self) -> None:
+        if self.dirty:
+            await self.check_triggers()
         if self.background:
             await asyncio.wait(self.background, timeout=10)
+        await self.fast_pool.close()
         await self.pool.aclose()
         await self.redis.aclose()
         await self.engine.dispose()

@@ -8,7 +8,6 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select, text
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
@@ -143,40 +142,6 @@ async def list_routes(session: AsyncSession, tenant_id: str) -> list[tuple[str, 
         .order_by(Adapter.alias)
     )
     return [(r.alias, r.created_at) for r in rows]
-
-
-async def insert_interaction(session: AsyncSession, values: dict[str, Any]) -> None:
-    await session.execute(pg_insert(Interaction).values(**values))
-
-
-# One round trip: the interaction must exist and be visible to the caller, else nothing is written.
-_UPSERT_FEEDBACK = text("""
-INSERT INTO feedback (id, interaction_id, tenant_id, adapter_id, version_id, rater_id, rating,
-                      correction, comment, api_key_id, created_at, updated_at)
-SELECT :id, i.id, i.tenant_id, i.adapter_id, i.version_id, :rater_id, :rating,
-       :correction, :comment, :api_key_id, now(), now()
-FROM interactions i
-WHERE i.id = :interaction_id AND i.tenant_id = :tenant_id
-  AND (CAST(:owner_key AS uuid) IS NULL OR i.api_key_id = CAST(:owner_key AS uuid))
-ON CONFLICT (interaction_id, rater_id) DO UPDATE
-SET rating = EXCLUDED.rating, correction = EXCLUDED.correction, comment = EXCLUDED.comment,
-    api_key_id = EXCLUDED.api_key_id, updated_at = now(), seq = nextval('feedback_seq_seq')
-RETURNING id, seq, adapter_id, (xmax <> 0) AS replaced, created_at, updated_at,
-          (SELECT alias FROM interactions WHERE id = :interaction_id) AS alias
-""")
-
-
-async def upsert_feedback(session: AsyncSession, *, interaction_id: uuid.UUID, tenant_id: str,
-                          owner_key: uuid.UUID | None, rater_id: str, rating: str,
-                          correction: str | None, comment: str | None,
-                          api_key_id: uuid.UUID) -> Any | None:
-    """Insert or replace the (interaction, rater) rating; None when the interaction is not visible."""
-    result = await session.execute(_UPSERT_FEEDBACK, {
-        "id": uuid.uuid4(), "interaction_id": interaction_id, "tenant_id": tenant_id,
-        "owner_key": owner_key, "rater_id": rater_id, "rating": rating,
-        "correction": correction, "comment": comment, "api_key_id": api_key_id,
-    })
-    return result.first()
 
 
 async def get_interaction(session: AsyncSession, interaction_id: uuid.UUID, tenant_id: str,

@@ -23,8 +23,11 @@ class Replica:
     down_until: float = 0.0
     last_error: str | None = field(default=None)
 
+    def is_up(self) -> bool:
+        return self.healthy and time.monotonic() >= self.down_until
+
     def can_serve(self, model: str, base_name: str) -> bool:
-        if not self.healthy or time.monotonic() < self.down_until:
+        if not self.is_up():
             return False
         return model == base_name or self.loaded is None or model in self.loaded
 
@@ -46,8 +49,15 @@ class ReplicaPool:
         self._rr = itertools.count()
 
     def candidates(self, model: str) -> list[Replica]:
-        """Replicas able to serve model, rotated so load spreads."""
+        """Replicas able to serve model, rotated so load spreads.
+
+        When no replica is known to hold the model, every healthy one is tried: a swap loads a
+        version everywhere before the alias flips to it, so the observer can only be behind (a
+        404 from vLLM moves the request on to the next replica).
+        """
         able = [r for r in self.replicas if r.can_serve(model, self.base_name)]
+        if not able:
+            able = [r for r in self.replicas if r.is_up()]
         if not able:
             return []
         start = next(self._rr) % len(able)

@@ -44,6 +44,7 @@ class ApiProcess:
     log: Path
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
+    workers: int = 1
 
     @property
     def url(self) -> str:
@@ -51,7 +52,8 @@ class ApiProcess:
 
     def start(self, timeout: float = 60.0) -> "ApiProcess":
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "api", "--port", str(self.port)],
+            [sys.executable, "-m", "service.cli", "api", "--port", str(self.port),
+             "--workers", str(self.workers)],
             cwd=REPO, env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
             start_new_session=True,
         )
@@ -73,3 +75,41 @@ def flywheel_env(**settings: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
     env.update({f"FLYWHEEL_{k.upper()}": str(v) for k, v in settings.items()})
     return env
+
+
+@dataclass
+class WorkerProcess:
+    """A real Celery worker (prefork, concurrency 1) on the training queue."""
+
+    env: dict[str, str]
+    log: Path
+    name: str = "w1"
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> "WorkerProcess":
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q",
+             "training,default", "--concurrency", "1", "--prefetch-multiplier", "1",
+             "--loglevel", "INFO", "-n", f"{self.name}-{os.getpid()}@%h"],
+            cwd=REPO, env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return self
+
+    def child_pids(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
+        return [int(p) for p in out.stdout.split()]
+
+    def kill9(self) -> None:
+        """SIGKILL the worker and its pool children at once, as a crash would."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()

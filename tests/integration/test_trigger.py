@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -58,6 +59,8 @@ def test_concurrent_feedback_from_two_processes_creates_exactly_one_run(
         statuses = list(pool.map(post, range(50)))
     assert statuses == [201] * 50
 
+    # The API checks the trigger within its debounce (0.25 s); wait well past it.
+    time.sleep(1.5)
     with db_sessions() as s:
         adapter = s.scalars(select(Adapter).where(Adapter.tenant_id == tenant, Adapter.alias == alias)).one()
         created = list(s.scalars(select(TrainingRun).where(TrainingRun.adapter_id == adapter.id)))
@@ -78,6 +81,7 @@ def test_below_threshold_creates_nothing(two_apis, db_sessions, make_key, make_a
     for i, iid in enumerate(ids):
         assert httpx.post(f"{two_apis[i % 2].url}/v1/feedback", headers=bearer(key),
                           json={"interaction_id": iid, "rating": "up"}).status_code == 201
+    time.sleep(1.0)
     with db_sessions() as s:
         adapter = s.scalars(select(Adapter).where(Adapter.tenant_id == tenant)).one()
         assert s.scalars(select(TrainingRun).where(TrainingRun.adapter_id == adapter.id)).first() is None

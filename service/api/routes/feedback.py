@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from service.api.deps import Caller, State, owner_filter
 from service.api.errors import ApiError
 from service.api.schemas import FeedbackOut, FeedbackRequest, InteractionOut
+from service.db import hotpath
 from service.db import repositories as repo
 from service.metrics import FEEDBACK
 
@@ -21,19 +22,19 @@ router = APIRouter(tags=["feedback"])
 async def post_feedback(body: FeedbackRequest, caller: Caller, state: State):
     """Rate an interaction; posting again for the same (interaction, rater) replaces the rating."""
     # Without a rater_id, each key rates as one anonymous rater.
+    # Without a rater_id, each key rates as one anonymous rater.
     rater = body.rater_id or f"key:{caller.key_id}"
-    async with state.sessions() as session, session.begin():
-        row = await repo.upsert_feedback(
-            session, interaction_id=body.interaction_id, tenant_id=caller.tenant_id,
-            owner_key=owner_filter(caller), rater_id=rater, rating=body.rating,
-            correction=body.correction, comment=body.comment, api_key_id=caller.key_id,
-        )
+    row = await hotpath.upsert_feedback(
+        state.fast_pool, interaction_id=body.interaction_id, tenant_id=caller.tenant_id,
+        owner_key=owner_filter(caller), rater_id=rater, rating=body.rating,
+        correction=body.correction, comment=body.comment, api_key_id=caller.key_id,
+    )
     if row is None:
         raise ApiError(404, f"interaction {body.interaction_id} not found", param="interaction_id",
                        code="interaction_not_found")
     FEEDBACK.labels(row.alias or "", body.rating).inc()
     if row.adapter_id is not None:
-        await state.check_trigger(row.adapter_id, row.alias, caller.tenant_id)
+        state.feedback_arrived(row.adapter_id, row.alias, caller.tenant_id)
     out = FeedbackOut(id=row.id, interaction_id=body.interaction_id, rating=body.rating,
                       rater_id=rater, correction=body.correction, comment=body.comment,
                       replaced=row.replaced, created_at=row.created_at, updated_at=row.updated_at)

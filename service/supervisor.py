@@ -1,0 +1,144 @@
+"""`flywheel up`: the whole stack in the foreground, stopped cleanly on Ctrl-C.
+
+Services that are not configured are started here (embedded Postgres and Redis, a managed
+vLLM), then the API, a Celery worker on the training queue and celery beat run as child
+processes that are handed the resolved URLs, so none of them starts servers of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from service.config import Settings
+from service.db import migrate
+from service.embedded import ensure_postgres, ensure_redis, stop_postgres, stop_redis
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    log_path: Path
+    proc: subprocess.Popen | None = None
+
+    def start(self, env: dict[str, str]) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(self.argv, env=env, stdout=self.log_path.open("ab"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 20) -> None:
+        if not self.alive():
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@dataclass
+class Stack:
+    """Everything `flywheel up` runs; start() returns once the API answers."""
+
+    settings: Settings
+    api_port: int
+    log_dir: Path
+    children: list[Child] = field(default_factory=list)
+    started_embedded: bool = False
+    vllm: object | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def start(self, *, on_step=lambda msg: None) -> Stack:
+        s = self.settings
+        db_url, broker_url = s.database_url, s.broker_url
+        if not db_url or not broker_url:
+            on_step("starting embedded Postgres and Redis")
+            self.started_embedded = True
+            db_url = db_url or ensure_postgres(s.embedded_dir)
+            broker_url = broker_url or ensure_redis(s.embedded_dir).url
+        on_step("migrating the database")
+        migrate.upgrade(db_url)
+        vllm_urls = s.vllm_urls
+        if not vllm_urls:
+            if not s.base_model:
+                raise RuntimeError("set FLYWHEEL_VLLM_URLS, or FLYWHEEL_BASE_MODEL for a managed vLLM")
+            from service.engine.managed import ManagedVllm
+
+            on_step("starting a managed vLLM (20-40 s on CPU)")
+            self.vllm = ManagedVllm(
+                s.base_model, s.vllm_port, served_model_name=s.base_model_name,
+                max_loras=s.vllm_max_loras, max_cpu_loras=s.vllm_max_cpu_loras,
+                max_lora_rank=s.vllm_max_lora_rank, max_model_len=s.vllm_max_model_len,
+                kv_cache_gb=s.vllm_kv_cache_gb, log_path=self.log_dir / "vllm.log")
+            self.vllm.start()
+            self.vllm.wait_healthy(timeout=300)
+            vllm_urls = self.vllm.url
+        self.env = {k: v for k, v in os.environ.items()}
+        self.env.update({"FLYWHEEL_DATABASE_URL": db_url, "FLYWHEEL_BROKER_URL": broker_url,
+                         "FLYWHEEL_VLLM_URLS": vllm_urls,
+                         "FLYWHEEL_DATA_DIR": str(s.data_dir.resolve()),
+                         "FLYWHEEL_POLICY_DIR": str(Path(s.policy_dir).resolve())})
+        py = sys.executable
+        self.children = [
+            Child("api", [py, "-m", "service.cli", "api", "--port", str(self.api_port)],
+                  self.log_dir / "api.log"),
+            Child("worker", [py, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q",
+                             "training,default", "--concurrency", "1", "--prefetch-multiplier", "1",
+                             "--loglevel", "INFO", "-n", f"flywheel-{os.getpid()}@%h"],
+                  self.log_dir / "worker.log"),
+            Child("beat", [py, "-m", "celery", "-A", "workers.celery_app", "beat", "--loglevel",
+                           "INFO", "--schedule", str(self.log_dir / "celerybeat-schedule")],
+                  self.log_dir / "beat.log"),
+        ]
+        for child in self.children:
+            on_step(f"starting {child.name}")
+            child.start(self.env)
+        self._wait_api()
+        return self
+
+    def _wait_api(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        api = self.children[0]
+        while time.monotonic() < deadline:
+            if not api.alive():
+                raise RuntimeError(f"the API exited; see {api.log_path}:\n"
+                                   f"{api.log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{self.api_url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"the API did not answer within {timeout}s; see {api.log_path}")
+
+    def dead_children(self) -> list[str]:
+        return [c.name for c in self.children if not c.alive()]
+
+    def stop(self) -> None:
+        """Stop children in reverse order, then what this stack started."""
+        for child in reversed(self.children):
+            child.stop()
+        if self.vllm is not None:
+            self.vllm.stop()
+        if self.started_embedded:
+            stop_redis(self.settings.embedded_dir)
+            stop_postgres(self.settings.embedded_dir)

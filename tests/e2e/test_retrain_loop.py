@@ -1,0 +1,100 @@
+"""Feedback through the API → exactly one run → real Celery worker trains → eval gate → approval."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from service.db.models import AdapterVersion, AuditEvent, EvalResult
+from service.engine.artifact import verify_artifact
+from tests.conftest import bearer
+from tests.helpers.runs import wait_first_run, wait_run
+from tests.helpers.stack import ApiProcess, WorkerProcess, flywheel_env
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+POLICY = """
+trigger: {min_new_ratings: 16}
+training: {method: auto, max_steps: 6, batch_size: 4, learning_rate: 5.0e-3, checkpoint_every_steps: 2}
+dataset: {heldout_fraction: 0.25, min_examples: 2}
+gate: {min_preference_accuracy: 0.0, max_nll_regression: 10.0}
+approval: manual
+"""
+
+PROMPTS = ["Where is my order {i}?", "How do I reset my password ({i})?", "Can I get a refund for item {i}?",
+           "My parcel {i} is late, what now?"]
+
+
+@pytest.fixture(scope="module")
+def loop_stack(api_settings, stack_root, tmp_path_factory):
+    policies = tmp_path_factory.mktemp("loop-policies")
+    (policies / "default.yaml").write_text(POLICY)
+    env = flywheel_env(**{**api_settings, "policy_dir": str(policies),
+                          "artifact_dir": str(stack_root / "loop-artifacts"), "run_lease_s": "20",
+                          "sweep_interval_s": "2"})
+    api = ApiProcess(env=env, log=stack_root / "api-loop.log").start()
+    worker = WorkerProcess(env=env, log=stack_root / "worker-loop.log").start()
+    yield api, worker, env
+    worker.stop()
+    api.stop()
+
+
+def test_feedback_to_gated_candidate_through_the_real_worker(loop_stack, make_key, make_alias, tenant,
+                                                             db_sessions, api_settings):
+    api, worker, _ = loop_stack
+    key, ops = make_key(tenant, "product"), make_key(tenant, "ops")
+    alias = make_alias(tenant)
+    with httpx.Client(base_url=api.url, timeout=60) as c:
+        ids = []
+        for i in range(16):
+            r = c.post("/v1/chat/completions", headers=bearer(key), json={
+                "model": alias, "max_tokens": 6, "temperature": 0,
+                "messages": [{"role": "user", "content": PROMPTS[i % 4].format(i=i)}]})
+            assert r.status_code == 200, r.text
+            ids.append(r.headers["x-interaction-id"])
+        for i, iid in enumerate(ids):
+            body = {"interaction_id": iid, "rating": "up" if i % 2 else "down", "rater_id": f"u{i % 5}"}
+            if i % 4 == 0:
+                body["correction"] = "Thanks for asking: your order ships tomorrow, user@example.com."
+            assert c.post("/v1/feedback", headers=bearer(key), json=body).status_code == 201
+
+        run = wait_first_run(db_sessions, tenant, alias)
+        run = wait_run(db_sessions, run.id, {"awaiting_approval", "rejected"}, timeout=400,
+                       log=worker.log)
+        assert run.state == "awaiting_approval", run.verdict
+        assert run.method in ("sft", "kto", "dpo") and run.method_reason
+        assert run.dataset_stats["train_items"] > 0
+        assert run.progress["step"] == run.progress["total_steps"] == 6
+        assert run.verdict["passed"] is True
+
+        with db_sessions() as s:
+            version = s.get(AdapterVersion, run.candidate_version_id)
+            results = list(s.scalars(select(EvalResult).where(EvalResult.run_id == run.id)))
+        assert version.lora_name == f"{tenant}--{alias}--v1" and version.status == "candidate"
+        verify_artifact(version.artifact_path, expected_sha256=version.sha256,
+                        engine_base_model=api_settings["base_model"], max_lora_rank=16)
+        assert {"preference_accuracy", "nll_candidate", "nll_reference"} <= {r.metric for r in results}
+
+        # No PII from the feedback reaches the training files.
+        data_dir = version.artifact_path.rsplit("/", 1)[0] + "/data"
+        import pathlib
+
+        text = "".join(p.read_text() for p in pathlib.Path(data_dir).glob("*.jsonl"))
+        assert "user@example.com" not in text and "[EMAIL]" in text
+
+        # Product keys cannot decide; ops can see the run and its gate metrics.
+        assert c.post(f"/v1/runs/{run.id}/approve", headers=bearer(key)).status_code == 403
+        detail = c.get(f"/v1/runs/{run.id}", headers=bearer(ops)).json()
+        assert detail["state"] == "awaiting_approval" and detail["candidate_version"] == version.lora_name
+        assert detail["lineage"]["dataset"]["sha256"]
+        r = c.post(f"/v1/runs/{run.id}/reject", headers=bearer(ops), json={"reason": "demo says no"})
+        assert r.status_code == 200 and r.json()["state"] == "rejected"
+        assert c.post(f"/v1/runs/{run.id}/approve", headers=bearer(ops)).status_code == 409
+    with db_sessions() as s:
+        actions = [a.action for a in s.scalars(select(AuditEvent).where(AuditEvent.tenant_id == tenant)
+                                                .order_by(AuditEvent.id))]
+    assert actions[-3:] == ["run.trained", "run.gate_passed", "run.rejected"]

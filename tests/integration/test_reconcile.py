@@ -1,0 +1,195 @@
+"""The reconciler and the gateway's replica observer against two real vLLM (CPU) replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import httpx
+import pytest
+from sqlalchemy import select, update
+
+pytest.register_assert_rewrite("tests.helpers.replicas")
+
+from service.db.models import Adapter, AdapterVersion, AuditEvent, EngineReplica
+from service.db.session import session_scope
+from service.embedded import free_port
+from service.engine import swap as sw
+from service.engine.reconcile import apply_to_pool, observe, reconcile_once
+from service.engine.replicas import ReplicaPool
+from service.engine.vllm_admin import VllmAdmin
+from tests.conftest import bearer
+from tests.helpers.replicas import api_env, served_models
+from tests.helpers.stack import ApiProcess
+
+pytest_plugins = ["tests.helpers.replicas"]
+pytestmark = pytest.mark.vllm
+
+GRACE = {"warm_grace_s": 600.0, "drain_s": 3.0}
+
+
+@pytest.fixture()
+async def admins(swap_replicas):
+    clients = swap_replicas.admins()
+    yield clients
+    for c in clients:
+        await c.aclose()
+
+
+async def _wait_for(admin: VllmAdmin, names: set[str], timeout: float = 30.0) -> float:
+    t0 = time.monotonic()
+    while True:
+        try:
+            if names <= await admin.loaded_loras():
+                return time.monotonic() - t0
+        except Exception:  # noqa: BLE001 - not answering yet
+            pass
+        assert time.monotonic() - t0 < timeout, f"{names} not restored on {admin.base_url}"
+        await asyncio.sleep(0.2)
+
+
+async def _chat(api_url: str, key: str, alias: str) -> str:
+    async with httpx.AsyncClient(base_url=api_url, timeout=60) as c:
+        r = await c.post("/v1/chat/completions", headers=bearer(key), json={
+            "model": alias, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200, r.text
+    return r.headers["x-interaction-id"]
+
+
+async def test_replica_restarted_at_rest_gets_its_adapters_back(
+        swap_api, swap_replicas, admins, versions, swap_cfg, db_sessions, make_key):
+    key = make_key(versions.tenant)
+    alias, _ = versions.alias()
+    v1, name1 = versions.new(alias)
+    v2, name2 = versions.new(alias)
+    for v in (v1, v2):
+        assert (await sw.swap(db_sessions, admins, v, swap_cfg)).ok
+    down_url, up_url = swap_replicas.urls
+
+    await asyncio.to_thread(swap_replicas.stop_one, 0)
+    await asyncio.sleep(0.5)  # the gateway's observer polls every 0.2 s
+    ids = [await _chat(swap_api.url, key, alias) for _ in range(6)]
+    assert {r for _, r in served_models(db_sessions, ids).values()} == {up_url}
+
+    await asyncio.to_thread(swap_replicas.start_one, 0)
+    # No operator action: the API's own reconciler (every 1 s) reloads live and warm versions.
+    took = await _wait_for(admins[0], {name1, name2})
+    print(f"\nadapters back on the restarted replica {took:.1f}s after it was healthy")
+    with session_scope(db_sessions) as s:
+        row = s.get(EngineReplica, down_url)
+        assert row.healthy and {name1, name2} <= set(row.loaded)
+    await asyncio.sleep(0.5)
+    ids = [await _chat(swap_api.url, key, alias) for _ in range(6)]
+    assert {r for _, r in served_models(db_sessions, ids).values()} == {down_url, up_url}
+
+
+async def test_reconcile_loads_missing_unloads_refused_and_leaves_foreign_names(
+        admins, versions, swap_cfg, db_sessions, lora_template):
+    alias, _ = versions.alias()
+    live, live_name = versions.new(alias)
+    dead, dead_name = versions.new(alias)
+    assert (await sw.swap(db_sessions, admins, live, swap_cfg)).ok
+    with session_scope(db_sessions) as s:
+        s.execute(update(AdapterVersion).where(AdapterVersion.id == dead)
+                  .values(status="failed", failure_reason="test"))
+    foreign = f"scratch-{uuid.uuid4().hex[:6]}"
+    a, b = admins
+    await b.unload_lora(live_name)                       # lost (say, evicted by hand)
+    await a.load_lora(dead_name, str(lora_template))     # a failed version someone loaded
+    await a.load_lora(foreign, str(lora_template))       # not ours: must be left alone
+    try:
+        report = await reconcile_once(db_sessions, admins, **GRACE)
+        assert report.errors == []
+        held_a, held_b = await a.loaded_loras(), await b.loaded_loras()
+        assert live_name in held_a and live_name in held_b
+        assert dead_name not in held_a and foreign in held_a
+        with session_scope(db_sessions) as s:
+            rows = {r.url: r for r in s.scalars(select(EngineReplica).where(
+                EngineReplica.url.in_([a.base_url, b.base_url])))}
+        assert all(r.healthy and live_name in r.loaded for r in rows.values())
+    finally:
+        await a.unload_lora(foreign)
+
+
+async def test_reconcile_leaves_an_alias_alone_while_an_operation_holds_it(
+        admins, versions, swap_cfg, db_sessions):
+    alias, adapter_id = versions.alias()
+    v, name = versions.new(alias)
+    assert (await sw.swap(db_sessions, admins, v, swap_cfg)).ok
+    async with sw.alias_locked(db_sessions, adapter_id, alias, wait_s=5):
+        await admins[1].unload_lora(name)
+        report = await reconcile_once(db_sessions, admins, **GRACE)
+        assert adapter_id in report.busy
+        assert name not in await admins[1].loaded_loras()
+    report = await reconcile_once(db_sessions, admins, **GRACE)
+    assert name in await admins[1].loaded_loras()
+
+
+async def test_warm_versions_retire_after_their_grace_and_drain(admins, versions, swap_cfg,
+                                                                db_sessions):
+    alias, adapter_id = versions.alias()
+    names = []
+    for _ in range(3):
+        v, name = versions.new(alias)
+        names.append(name)
+        assert (await sw.swap(db_sessions, admins, v, swap_cfg)).ok
+    oldest, previous, live = names
+    # Swapped back to back: the oldest is still inside drain_s, so it stays loaded for now.
+    await reconcile_once(db_sessions, admins, warm_grace_s=600, drain_s=60)
+    assert all({oldest, previous, live} <= held for held in
+               [await a.loaded_loras() for a in admins])
+    await reconcile_once(db_sessions, admins, warm_grace_s=600, drain_s=0)
+    with session_scope(db_sessions) as s:
+        statuses = dict(s.execute(select(AdapterVersion.lora_name, AdapterVersion.status)
+                                  .where(AdapterVersion.adapter_id == adapter_id)).all())
+    assert statuses == {oldest: "retired", previous: "warm", live: "live"}
+    held = [await a.loaded_loras() for a in admins]
+    assert all(oldest not in h and {previous, live} <= h for h in held)
+    with session_scope(db_sessions) as s:
+        actions = s.scalars(select(AuditEvent.action).where(
+            AuditEvent.tenant_id == versions.tenant, AuditEvent.action == "adapter.retire")).all()
+    assert actions == ["adapter.retire"]
+
+
+async def test_observer_takes_a_down_replica_out_of_routing(swap_replicas, admins, versions,
+                                                            swap_cfg, db_sessions):
+    alias, adapter_id = versions.alias()
+    v, name = versions.new(alias)
+    assert (await sw.swap(db_sessions, admins, v, swap_cfg)).ok
+    dead = f"http://127.0.0.1:{free_port()}"
+    pool = ReplicaPool([*swap_replicas.urls, dead], base_name="base", connect_timeout_s=1,
+                       read_timeout_s=5)
+    # Held so the API's reconciler cannot put the version back before we look.
+    async with sw.alias_locked(db_sessions, adapter_id, alias, wait_s=5), \
+            VllmAdmin(dead, timeout_s=2) as dead_admin:
+        await admins[1].unload_lora(name)  # replica 1 lacks the version for a moment
+        states = await observe([*admins, dead_admin])
+        try:
+            apply_to_pool(pool, states)
+            assert [s.healthy for s in states] == [True, True, False]
+            assert [r.url for r in pool.candidates(name)] == [swap_replicas.urls[0]]
+            assert sorted(r.url for r in pool.candidates("base")) == sorted(swap_replicas.urls)
+            # Known nowhere yet (a load the observer has not seen): every healthy replica is tried.
+            assert len(pool.candidates("loaded-a-moment-ago")) == 2
+        finally:
+            await pool.aclose()
+    await reconcile_once(db_sessions, admins, **GRACE)
+
+
+def test_api_refuses_to_start_when_the_engine_is_too_small(swap_replicas, db_url, broker_url,
+                                                           tiny_model, stack_root, versions,
+                                                           db_sessions):
+    alias, adapter_id = versions.alias()
+    v, _ = versions.new(alias)
+    with session_scope(db_sessions) as s:  # an alias that serves an adapter
+        s.execute(update(AdapterVersion).where(AdapterVersion.id == v).values(status="live"))
+        s.execute(update(Adapter).where(Adapter.id == adapter_id).values(serving_version_id=v))
+    env = api_env(db_url, broker_url, swap_replicas.urls, tiny_model, stack_root / "small-data",
+                  vllm_max_loras="1", vllm_max_cpu_loras="2")
+    proc = ApiProcess(env=env, log=stack_root / "api-too-small.log")
+    with pytest.raises(RuntimeError, match="exited") as info:
+        proc.start(timeout=60)
+    proc.stop()
+    assert "engine is too small" in str(info.value)
+    assert "--max-cpu-loras" in str(info.value)

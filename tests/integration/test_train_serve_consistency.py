@@ -1,0 +1,134 @@
+"""Train/serve consistency: what train_adapter trained is what vLLM serves.
+
+An SFT adapter is trained until its greedy answers clearly differ from the base model's, loaded
+into a real vLLM at runtime, and vLLM's greedy completions (chat endpoint and plain completions on
+the rendered prompt) must equal PEFT + transformers `generate(do_sample=False)` token for token.
+Any drift in chat template rendering, bos handling, LoRA scaling or target modules shows up here.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.engine.managed import ManagedVllm
+from workers.training import TrainingConfig, train_adapter
+
+pytestmark = pytest.mark.vllm
+
+MAX_TOKENS = 16
+QA = [
+    ("What colour is the car?", "The car is red."),
+    ("What colour is the sky?", "The sky is blue."),
+    ("What is 2 plus 2?", "2 plus 2 is 4."),
+    ("Where is Paris?", "Paris is in France."),
+    ("Hello, I am Bob.", "Hello Bob! How can I help you today?"),
+    ("What is the weather in Oslo?", "It is snowy in Oslo today."),
+    ("My order is late.", "I am sorry that your order is late."),
+    ("What colour is the kite?", "The kite is green."),
+]
+# Prompts the adapter learned: greedy decoding there has wide logit margins, so vLLM's bf16 and
+# transformers' fp32 agree exactly (near-ties on unseen prompts could flip either way).
+CHECKED = QA[:5]
+
+
+@pytest.fixture(scope="module")
+def server(request, tiny_model, tmp_path_factory):
+    """The session's shared vLLM when it serves the tiny model, else one of our own."""
+    try:
+        shared = request.getfixturevalue("vllm")
+    except pytest.FixtureLookupError:
+        shared = None
+    if isinstance(shared, ManagedVllm) and shared.model_dir.resolve() == Path(tiny_model).resolve():
+        yield shared
+        return
+    from service.embedded import free_port
+
+    srv = ManagedVllm(tiny_model, free_port(), kv_cache_gb=0.0625,
+                      log_path=tmp_path_factory.mktemp("vllm") / "vllm.log")
+    srv.start()
+    try:
+        srv.wait_healthy(timeout=300)
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _messages(question: str) -> list[dict]:
+    return [{"role": "user", "content": question}]
+
+
+def _records(tok) -> list[dict]:
+    out = []
+    for q, a in QA:
+        prompt = tok.apply_chat_template(_messages(q), tokenize=False, add_generation_prompt=True)
+        full = tok.apply_chat_template([*_messages(q), {"role": "assistant", "content": a}], tokenize=False)
+        out.append({"prompt": prompt, "completion": full[len(prompt):].rstrip()})
+    return out
+
+
+def _hf_greedy(model, tok, prompt: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, generated ids without the final eos) from transformers."""
+    import torch
+
+    ids = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, do_sample=False, max_new_tokens=MAX_TOKENS,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return ids[0].tolist(), _strip_eos(out[0, ids.shape[1]:].tolist(), tok.eos_token_id)
+
+
+def _strip_eos(ids: list[int], eos: int) -> list[int]:
+    return ids[:-1] if ids and ids[-1] == eos else ids
+
+
+def test_vllm_serves_what_peft_generates(server, tiny_model, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    config = TrainingConfig(
+        method="sft", max_steps=120, learning_rate=1e-2, lr_scheduler_type="constant",
+        per_device_batch_size=8, checkpoint_every_steps=1000,
+        target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    )
+    result = train_adapter(base_model_dir=tiny_model, data={"train": _records(tok)}, config=config,
+                           out_dir=tmp_path / "adapter", work_dir=tmp_path / "work")
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    base_outputs = {}
+    for q, _ in CHECKED:
+        prompt = tok.apply_chat_template(_messages(q), tokenize=False, add_generation_prompt=True)
+        base_outputs[q] = _hf_greedy(base, tok, prompt)[1]
+    peft_model = PeftModel.from_pretrained(base, str(result.artifact_dir)).eval()
+
+    name = f"consistency-{uuid.uuid4().hex[:8]}"  # never reuse a lora name (vllm #42125)
+    with httpx.Client(base_url=server.url, timeout=120) as http:
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(result.artifact_dir)})
+        assert r.status_code == 200, r.text
+        try:
+            for q, answer in CHECKED:
+                prompt = tok.apply_chat_template(_messages(q), tokenize=False, add_generation_prompt=True)
+                prompt_ids, hf_ids = _hf_greedy(peft_model, tok, prompt)
+                assert hf_ids != base_outputs[q], f"adapter did not change the answer to {q!r}"
+
+                chat = http.post("/v1/chat/completions", json={
+                    "model": name, "messages": _messages(q), "temperature": 0, "max_tokens": MAX_TOKENS,
+                    "return_token_ids": True}).raise_for_status().json()
+                # vLLM rendered and tokenized the chat exactly as the training prompt was.
+                assert chat["prompt_token_ids"] == prompt_ids
+                choice = chat["choices"][0]
+                assert _strip_eos(choice["token_ids"], tok.eos_token_id) == hf_ids, q
+                assert choice["message"]["content"] == tok.decode(hf_ids, skip_special_tokens=True)
+
+                comp = http.post("/v1/completions", json={
+                    "model": name, "prompt": prompt, "add_special_tokens": False, "temperature": 0,
+                    "max_tokens": MAX_TOKENS, "return_token_ids": True}).raise_for_status().json()
+                assert _strip_eos(comp["choices"][0]["token_ids"], tok.eos_token_id) == hf_ids, q
+                print(f"\n{q!r}: base {tok.decode(base_outputs[q])!r} -> adapter "
+                      f"{choice['message']['content']!r} (trained on {answer!r})")
+        finally:
+            http.post("/v1/unload_lora_adapter", json={"lora_name": name})

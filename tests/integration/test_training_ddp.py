@@ -1,0 +1,75 @@
+"""`accelerate launch` DDP training on CPU (2 processes, gloo) writes exactly one valid artifact."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.embedded import free_port
+from service.engine.artifact import verify_artifact
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+DDP_CONFIG = REPO / "workers" / "accelerate" / "ddp_cpu.yaml"
+
+
+def _sft_records(tok) -> list[dict]:
+    out = []
+    for a in range(4):
+        for b in range(4):
+            msgs = [{"role": "user", "content": f"What is {a} plus {b}?"}]
+            prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            full = tok.apply_chat_template([*msgs, {"role": "assistant", "content": f"{a + b}."}],
+                                           tokenize=False)
+            out.append({"prompt": prompt, "completion": full[len(prompt):].rstrip()})
+    return out
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_accelerate_ddp_on_cpu_trains_one_artifact(tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    _write_jsonl(tmp_path / "train.jsonl", _sft_records(tok))
+    spec = {
+        "base_model_dir": str(tiny_model),
+        "data": {"train": str(tmp_path / "train.jsonl")},
+        "config": {"method": "sft", "max_steps": 4, "per_device_batch_size": 2,
+                   "learning_rate": 1e-3, "checkpoint_every_steps": 2},
+        "out_dir": str(tmp_path / "out" / "v1"),
+        "work_dir": str(tmp_path / "work"),
+        "lineage": {"version": "v1"},
+        "result_path": str(tmp_path / "result.json"),
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+    cmd = [*accelerate, "--config_file", str(DDP_CONFIG), "--main_process_port", str(free_port()),
+           "-m", "workers.training", "--spec", str(tmp_path / "spec.json")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    result = json.loads((tmp_path / "result.json").read_text())
+    metrics = result["metrics"]
+    assert metrics["world_size"] == 2 and metrics["backend"] == "gloo"
+    # 2 processes x batch 2 x 4 steps = one pass over the 16 records.
+    assert metrics["steps"] == 4 and metrics["epoch"] == pytest.approx(1.0)
+    out = tmp_path / "out"
+    assert [p.name for p in out.iterdir()] == ["v1"]
+    verify_artifact(out / "v1", expected_sha256=result["sha256"], engine_base_model=str(tiny_model),
+                    max_lora_rank=16)
+    assert sorted(p.name for p in (out / "v1").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "lineage.json"]
+    # Both ranks checkpointed their RNG state: it really ran as two processes.
+    ckpt = tmp_path / "work" / "checkpoints" / "checkpoint-4"
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in ckpt.iterdir()}
+    progress = [json.loads(line)["progress"] for line in proc.stderr.splitlines()
+                if line.startswith('{"progress"')]
+    assert [p["step"] for p in progress] == [1, 2, 3, 4]  # reported once, by the main process
