@@ -28,6 +28,7 @@ app.conf.update(
     worker_hijack_root_logger=False,
     beat_schedule={
         "sweep": {"task": "flywheel.sweep", "schedule": settings.sweep_interval_s},
+        "watch": {"task": "flywheel.watch", "schedule": settings.watch_interval_s},
     },
     timezone="UTC",
 )

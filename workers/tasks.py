@@ -19,3 +19,11 @@ def advance_run(run_id: str) -> str:
 def sweep() -> dict:
     """Re-check triggers and re-enqueue unclaimed runs (covers lost wake-ups and Redis outages)."""
     return pipeline.sweep(context())
+
+
+@app.task(name="flywheel.watch")
+def watch() -> list:
+    """Judge promoted and canary versions against their predecessors; roll back when worse."""
+    from workers.promotion import watch_all
+
+    return watch_all(context())

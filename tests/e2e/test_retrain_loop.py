@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import uuid
+import time
 
 import httpx
 import pytest
@@ -23,6 +22,8 @@ training: {method: auto, max_steps: 6, batch_size: 4, learning_rate: 5.0e-3, che
 dataset: {heldout_fraction: 0.25, min_examples: 2}
 gate: {min_preference_accuracy: 0.0, max_nll_regression: 10.0}
 approval: manual
+watch: {window_minutes: 60, min_samples: 10, max_drop: 0.1, alpha: 0.05}
+rollback: {automatic: true}
 """
 
 PROMPTS = ["Where is my order {i}?", "How do I reset my password ({i})?", "Can I get a refund for item {i}?",
@@ -35,12 +36,30 @@ def loop_stack(api_settings, stack_root, tmp_path_factory):
     (policies / "default.yaml").write_text(POLICY)
     env = flywheel_env(**{**api_settings, "policy_dir": str(policies),
                           "artifact_dir": str(stack_root / "loop-artifacts"), "run_lease_s": "20",
-                          "sweep_interval_s": "2"})
+                          "sweep_interval_s": "2", "watch_interval_s": "2"})
     api = ApiProcess(env=env, log=stack_root / "api-loop.log").start()
-    worker = WorkerProcess(env=env, log=stack_root / "worker-loop.log").start()
+    worker = WorkerProcess(env=env, log=stack_root / "worker-loop.log", beat=True).start()
     yield api, worker, env
     worker.stop()
     api.stop()
+
+
+def chat_and_rate(c, key, alias, n, rating=None) -> list[str]:
+    """n chats through the gateway, each rated (alternating up/down unless rating is given)."""
+    ids = []
+    for i in range(n):
+        r = c.post("/v1/chat/completions", headers=bearer(key), json={
+            "model": alias, "max_tokens": 6, "temperature": 0,
+            "messages": [{"role": "user", "content": PROMPTS[i % 4].format(i=i)}]})
+        assert r.status_code == 200, r.text
+        ids.append(r.headers["x-interaction-id"])
+    for i, iid in enumerate(ids):
+        body = {"interaction_id": iid, "rating": rating or ("up" if i % 2 else "down"),
+                "rater_id": f"u{i % 5}"}
+        if rating is None and i % 4 == 0:
+            body["correction"] = "Thanks for asking: your order ships tomorrow, user@example.com."
+        assert c.post("/v1/feedback", headers=bearer(key), json=body).status_code == 201
+    return ids
 
 
 def test_feedback_to_gated_candidate_through_the_real_worker(loop_stack, make_key, make_alias, tenant,
@@ -49,19 +68,7 @@ def test_feedback_to_gated_candidate_through_the_real_worker(loop_stack, make_ke
     key, ops = make_key(tenant, "product"), make_key(tenant, "ops")
     alias = make_alias(tenant)
     with httpx.Client(base_url=api.url, timeout=60) as c:
-        ids = []
-        for i in range(16):
-            r = c.post("/v1/chat/completions", headers=bearer(key), json={
-                "model": alias, "max_tokens": 6, "temperature": 0,
-                "messages": [{"role": "user", "content": PROMPTS[i % 4].format(i=i)}]})
-            assert r.status_code == 200, r.text
-            ids.append(r.headers["x-interaction-id"])
-        for i, iid in enumerate(ids):
-            body = {"interaction_id": iid, "rating": "up" if i % 2 else "down", "rater_id": f"u{i % 5}"}
-            if i % 4 == 0:
-                body["correction"] = "Thanks for asking: your order ships tomorrow, user@example.com."
-            assert c.post("/v1/feedback", headers=bearer(key), json=body).status_code == 201
-
+        chat_and_rate(c, key, alias, 16)
         run = wait_first_run(db_sessions, tenant, alias)
         run = wait_run(db_sessions, run.id, {"awaiting_approval", "rejected"}, timeout=400,
                        log=worker.log)
@@ -98,3 +105,50 @@ def test_feedback_to_gated_candidate_through_the_real_worker(loop_stack, make_ke
         actions = [a.action for a in s.scalars(select(AuditEvent).where(AuditEvent.tenant_id == tenant)
                                                 .order_by(AuditEvent.id))]
     assert actions[-3:] == ["run.trained", "run.gate_passed", "run.rejected"]
+
+
+def test_approved_version_goes_live_then_rolls_back_on_thumbs_down(loop_stack, make_key, make_alias,
+                                                                   tenant, db_sessions):
+    api, worker, _ = loop_stack
+    key, ops = make_key(tenant, "product"), make_key(tenant, "ops")
+    alias = make_alias(tenant)
+    with httpx.Client(base_url=api.url, timeout=60) as c:
+        chat_and_rate(c, key, alias, 16)  # base: 50% thumbs-up
+        run = wait_first_run(db_sessions, tenant, alias)
+        run = wait_run(db_sessions, run.id, {"awaiting_approval"}, timeout=400, log=worker.log)
+        r = c.post(f"/v1/runs/{run.id}/approve", headers=bearer(ops), json={"reason": "looks good"})
+        assert r.status_code == 200 and r.json()["state"] in ("approved", "deploying", "live")
+        run = wait_run(db_sessions, run.id, {"live"}, timeout=120, log=worker.log)
+        with db_sessions() as s:
+            version = s.get(AdapterVersion, run.candidate_version_id)
+        assert version.status == "live"
+
+        # Within the routing bound, the alias is served by the new version.
+        deadline = time.monotonic() + 10
+        while True:
+            r = c.post("/v1/chat/completions", headers=bearer(key), json={
+                "model": alias, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 200, r.text
+            served = c.get(f"/v1/interactions/{r.headers['x-interaction-id']}",
+                           headers=bearer(key)).json()
+            if served["served_model"] == version.lora_name or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert served["served_model"] == version.lora_name
+        assert served["version_id"] == str(version.id)
+
+        chat_and_rate(c, key, alias, 12, rating="down")  # the new version: 0% thumbs-up
+        run = wait_run(db_sessions, run.id, {"rolled_back"}, timeout=60, log=worker.log)
+        assert "drop" in run.verdict["watch"]
+        r = c.post("/v1/chat/completions", headers=bearer(key), json={
+            "model": alias, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+        time.sleep(1)
+        r = c.post("/v1/chat/completions", headers=bearer(key), json={
+            "model": alias, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+        assert c.get(f"/v1/interactions/{r.headers['x-interaction-id']}",
+                     headers=bearer(key)).json()["served_model"] == "base"
+    with db_sessions() as s:
+        events = {a.action: a for a in s.scalars(select(AuditEvent).where(AuditEvent.tenant_id == tenant))}
+    assert {"run.approved", "run.rolled_back"} <= set(events)
+    assert events["run.approved"].reason == "looks good" and events["run.approved"].actor.startswith("key:")
+    assert "thumbs-up 0%" in events["run.rolled_back"].reason

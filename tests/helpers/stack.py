@@ -85,12 +85,14 @@ class WorkerProcess:
     log: Path
     name: str = "w1"
     proc: subprocess.Popen | None = None
+    beat: bool = False  # run celery beat inside (sweeper, watch)
 
     def start(self) -> "WorkerProcess":
+        beat = ["--beat", "--schedule", str(self.log.with_suffix(".beat"))] if self.beat else []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q",
              "training,default", "--concurrency", "1", "--prefetch-multiplier", "1",
-             "--loglevel", "INFO", "-n", f"{self.name}-{os.getpid()}@%h"],
+             "--loglevel", "INFO", "-n", f"{self.name}-{os.getpid()}@%h", *beat],
             cwd=REPO, env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
             start_new_session=True,
         )

@@ -9,12 +9,12 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import select, update
+from sqlalchemy import select
 
 from service.api.deps import Caller, OpsCaller, State
 from service.api.errors import ApiError
-from service.db import repositories as repo
-from service.db.models import Adapter, AdapterVersion, EvalResult, RunState, TrainingRun, VersionStatus
+from service.db.models import Adapter, AdapterVersion, EvalResult, RunState, TrainingRun
+from service.decisions import DecisionError, decide_run
 from service.wakeup import wake_run
 
 router = APIRouter(tags=["runs"])
@@ -125,26 +125,14 @@ async def get_run(run_id: uuid.UUID, caller: Caller, state: State) -> RunDetail:
 
 
 async def _decide(run_id: uuid.UUID, caller, state, body: Decision, approve: bool) -> RunDetail:
-    async with state.sessions() as session, session.begin():
-        run, alias = await _load(session, caller.tenant_id, run_id)
-        # Row lock: two ops clicking at once get one decision and one 409.
-        run = (await session.scalars(select(TrainingRun).where(TrainingRun.id == run_id)
-                                     .with_for_update())).one()
-        if run.state != RunState.awaiting_approval.value:
-            raise ApiError(409, f"run {run_id} is {run.state}, not awaiting_approval",
-                           code="invalid_state")
-        to = RunState.approved if approve else RunState.rejected
-        await session.execute(update(TrainingRun).where(TrainingRun.id == run_id).values(
-            state=to.value, finished_at=None if approve else datetime.now().astimezone()))
-        if not approve and run.candidate_version_id:
-            await session.execute(update(AdapterVersion)
-                                  .where(AdapterVersion.id == run.candidate_version_id)
-                                  .values(status=VersionStatus.failed.value,
-                                          failure_reason=f"rejected by ops: {body.reason or 'no reason given'}"))
-        await session.run_sync(lambda s: repo.audit(
-            s, tenant_id=caller.tenant_id, actor=_actor(caller),
-            action="run.approved" if approve else "run.rejected", target_type="run",
-            target_id=str(run_id), reason=body.reason, detail={"alias": alias}))
+    try:
+        async with state.sessions() as session, session.begin():
+            await session.run_sync(lambda s: decide_run(
+                s, run_id, approve=approve, actor=_actor(caller), tenant_id=caller.tenant_id,
+                reason=body.reason))
+    except DecisionError as exc:
+        raise ApiError(exc.status, str(exc), param="run_id" if exc.status == 404 else None,
+                       code="run_not_found" if exc.status == 404 else "invalid_state") from exc
     if approve:
         await asyncio.to_thread(wake_run, state.broker_url, run_id)
     return await get_run(run_id, caller, state)

@@ -1,0 +1,68 @@
+"""Policy files: merging, validation errors naming file and field, reload on change."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from service.policy import PolicyError, PolicyStore
+
+
+def write(d, name, text):
+    (d / f"{name}.yaml").write_text(text)
+
+
+def test_alias_file_overrides_default_and_tenant_file_wins(tmp_path):
+    write(tmp_path, "default", "trigger: {min_new_ratings: 40}\napproval: manual\n")
+    write(tmp_path, "support-bot", "trigger: {min_up: 5}\n")
+    write(tmp_path, "acme--support-bot", "approval: auto\n")
+    store = PolicyStore(tmp_path)
+    p = store.for_alias("support-bot")
+    assert (p.trigger.min_new_ratings, p.trigger.min_up, p.approval) == (40, 5, "manual")
+    assert store.for_alias("support-bot", "acme").approval == "auto"
+    assert store.for_alias("other").trigger.min_up == 0
+
+
+@pytest.mark.parametrize("text, field", [
+    ("trigger: {min_new_ratings: 0}\n", "trigger.min_new_ratings"),
+    ("training: {method: magic}\n", "training.method"),
+    ("trigger: {min_new_ratingz: 5}\n", "trigger.min_new_ratingz"),
+    ("canary: {share: 1.5}\n", "canary.share"),
+    ("approval: maybe\n", "approval"),
+])
+def test_bad_field_names_file_and_field(tmp_path, text, field):
+    write(tmp_path, "default", "approval: manual\n")
+    write(tmp_path, "support-bot", text)
+    with pytest.raises(PolicyError) as err:
+        PolicyStore(tmp_path)
+    assert "support-bot.yaml" in str(err.value) and f"field {field}" in str(err.value)
+
+
+def test_invalid_yaml_and_non_mapping_are_refused(tmp_path):
+    write(tmp_path, "default", "trigger: [unclosed\n")
+    with pytest.raises(PolicyError, match="default.yaml: not valid YAML"):
+        PolicyStore(tmp_path)
+    write(tmp_path, "default", "- a list\n")
+    with pytest.raises(PolicyError, match="top level must be a mapping"):
+        PolicyStore(tmp_path)
+
+
+def test_changed_file_takes_effect_without_restart_and_bad_edit_keeps_last_good(tmp_path):
+    write(tmp_path, "default", "trigger: {min_new_ratings: 10}\n")
+    store = PolicyStore(tmp_path)
+    assert store.for_alias("a").trigger.min_new_ratings == 10
+    write(tmp_path, "default", "trigger: {min_new_ratings: 25}\n")
+    os.utime(tmp_path / "default.yaml", (time.time() + 5, time.time() + 5))
+    store._checked_at = 0  # skip the once-a-second stat throttle
+    assert store.for_alias("a").trigger.min_new_ratings == 25
+    write(tmp_path, "default", "trigger: {min_new_ratings: -1}\n")
+    os.utime(tmp_path / "default.yaml", (time.time() + 10, time.time() + 10))
+    store._checked_at = 0
+    assert store.for_alias("a").trigger.min_new_ratings == 25
+
+
+def test_repository_policies_are_valid():
+    store = PolicyStore(os.path.join(os.path.dirname(__file__), "..", "..", "policies"))
+    assert store.for_alias("anything").approval in ("auto", "manual")
