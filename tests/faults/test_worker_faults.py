@@ -1,0 +1,124 @@
+"""Worker and broker failures: nothing lost, nothing run twice."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from service.db.models import AdapterVersion, Feedback, TrainingRun
+from service.embedded import ensure_redis, stop_redis
+from tests.conftest import bearer
+from tests.helpers.data import seed_interactions
+from tests.helpers.runs import wait_first_run, wait_run
+from tests.helpers.stack import ApiProcess, WorkerProcess, flywheel_env
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
+
+POLICY = """
+trigger: {min_new_ratings: 12}
+training: {method: sft, max_steps: 60, batch_size: 2, learning_rate: 1.0e-3, checkpoint_every_steps: 5}
+dataset: {heldout_fraction: 0.2, min_examples: 2}
+gate: {min_preference_accuracy: 0.0, max_nll_regression: 100.0}
+approval: manual
+"""
+
+
+def _key_id(db_sessions, key):
+    from service.db import repositories as repo
+    from service.security import hash_key
+
+    with db_sessions() as s:
+        return next(k.id for k in repo.list_api_keys(s) if k.key_hash == hash_key(key))
+
+
+def _post_all(url, key, ids) -> list[int]:
+    with httpx.Client(base_url=url, timeout=30) as c:
+        return [c.post("/v1/feedback", headers=bearer(key),
+                       json={"interaction_id": iid, "rating": "up", "rater_id": f"r{i % 4}"}).status_code
+                for i, iid in enumerate(ids)]
+
+
+@pytest.fixture(scope="module")
+def fault_env(api_settings, stack_root, tmp_path_factory):
+    policies = tmp_path_factory.mktemp("fault-policies")
+    (policies / "default.yaml").write_text(POLICY)
+    return {**api_settings, "policy_dir": str(policies), "artifact_dir": str(stack_root / "fault-artifacts"),
+            "run_lease_s": "6", "sweep_interval_s": "1"}
+
+
+def test_kill9_worker_mid_training_resumes_from_checkpoint(fault_env, stack_root, db_sessions,
+                                                           make_key, make_alias, tenant):
+    env = flywheel_env(**fault_env)
+    api = ApiProcess(env=env, log=stack_root / "api-kill9.log").start()
+    worker = WorkerProcess(env=env, log=stack_root / "worker-kill9-a.log", beat=True).start()
+    second = None
+    try:
+        key, alias = make_key(tenant, "product"), make_alias(tenant)
+        ids = seed_interactions(db_sessions, tenant, alias, _key_id(db_sessions, key), 12,
+                                answer="Your order {i} ships tomorrow.")
+        assert _post_all(api.url, key, ids) == [201] * 12
+        run = wait_first_run(db_sessions, tenant, alias)
+        deadline = time.monotonic() + 300
+        while True:  # wait until at least one checkpoint exists, then crash the worker
+            with db_sessions() as s:
+                run = s.get(TrainingRun, run.id)
+            if (run.progress or {}).get("step", 0) >= 12 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        step_at_kill = run.progress["step"]
+        assert run.state == "training" and 12 <= step_at_kill < 60
+        worker.kill9()
+
+        second = WorkerProcess(env=env, log=stack_root / "worker-kill9-b.log", name="w2", beat=True).start()
+        run = wait_run(db_sessions, run.id, {"awaiting_approval"}, timeout=400, log=second.log)
+        assert run.attempts >= 2
+        with db_sessions() as s:
+            versions = list(s.scalars(select(AdapterVersion).where(AdapterVersion.run_id == run.id)))
+        assert len(versions) == 1
+        lineage = json.loads((Path(versions[0].artifact_path) / "lineage.json").read_text())
+        resumed = lineage["training"]["resumed_from_step"]
+        assert resumed is not None and 5 <= resumed <= step_at_kill and resumed % 5 == 0
+    finally:
+        if second:
+            second.stop()
+        worker.stop()
+        api.stop()
+
+
+def test_redis_down_during_ingestion_loses_nothing_and_run_starts_after(fault_env, stack_root, tmp_path,
+                                                                        db_sessions, make_key,
+                                                                        make_alias, tenant):
+    broker_root = tmp_path / "broker"
+    redis = ensure_redis(broker_root)
+    env = flywheel_env(**{**fault_env, "broker_url": redis.url})
+    api = ApiProcess(env=env, log=stack_root / "api-redis-down.log").start()
+    worker = WorkerProcess(env=env, log=stack_root / "worker-redis-down.log", beat=True).start()
+    try:
+        key, alias = make_key(tenant, "product"), make_alias(tenant)
+        ids = seed_interactions(db_sessions, tenant, alias, _key_id(db_sessions, key), 30)
+        assert _post_all(api.url, key, ids[:5]) == [201] * 5
+        stop_redis(broker_root)
+        sent = _post_all(api.url, key, ids[5:])  # crosses the threshold while Redis is down
+        assert sent == [201] * 25
+        run = wait_first_run(db_sessions, tenant, alias)
+        time.sleep(3)
+        with db_sessions() as s:
+            assert s.get(TrainingRun, run.id).state == "pending"  # nobody could be woken
+            stored = s.scalar(select(func.count()).select_from(Feedback)
+                              .where(Feedback.adapter_id == run.adapter_id))
+        assert stored == 30  # 0 feedback lost
+        assert httpx.get(f"{api.url}/readyz").json()["checks"]["broker"].startswith("unavailable")
+
+        ensure_redis(broker_root, port=redis.port)  # Redis returns on the same port
+        run = wait_run(db_sessions, run.id, {"training", "evaluating", "awaiting_approval"},
+                       timeout=120, log=worker.log)
+        assert run.state in ("training", "evaluating", "awaiting_approval")
+    finally:
+        worker.stop()
+        api.stop()
+        stop_redis(broker_root)
