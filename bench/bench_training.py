@@ -23,7 +23,7 @@ import platform
 import statistics
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -193,7 +193,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     ns = parser.parse_args()
     model_dir = build_tiny_model(ns.model_dir)
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     out = bench(model_dir, steps=ns.steps, batch_size=ns.batch_size, examples=ns.examples, repeats=ns.repeats)
     table = markdown(out["summary"])
     print(f"\nSFT training throughput: {ns.steps} steps x batch {ns.batch_size}, {ns.examples} records, "

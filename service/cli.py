@@ -20,6 +20,18 @@ adapters_app = typer.Typer(help="Adapter aliases and their versions.", no_args_i
 app.add_typer(keys_app, name="keys")
 app.add_typer(adapters_app, name="adapters")
 
+
+def _register_ops_commands() -> None:
+    # Kept in their own modules; registered here so `flywheel --help` lists them all.
+    from service.cli_runs import policies_app, runs_app, status
+    from service.cli_stack import demo, up
+
+    app.add_typer(runs_app, name="runs")
+    app.add_typer(policies_app, name="policies")
+    app.command()(status)
+    app.command()(up)
+    app.command()(demo)
+
 console = Console()
 err = Console(stderr=True)
 
@@ -344,6 +356,9 @@ def reconcile() -> None:
         console.print(f"retired: {', '.join(report.retired)}")
     if not report.converged:
         raise typer.Exit(1)
+
+
+_register_ops_commands()
 
 
 def main() -> None:  # pragma: no cover - console entry

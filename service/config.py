@@ -72,6 +72,7 @@ class Settings(BaseSettings):
     broker_visibility_timeout_s: int = 6 * 3600
     run_lease_s: float = 60.0
     sweep_interval_s: float = 10.0
+    watch_interval_s: float = 15.0
     training_device: str = "auto"
 
     # Database pool

@@ -92,11 +92,14 @@ class Stack:
             self.vllm.start()
             self.vllm.wait_healthy(timeout=300)
             vllm_urls = self.vllm.url
-        self.env = {k: v for k, v in os.environ.items()}
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
+        # Children get this stack's settings, with every service URL resolved.
+        for name, value in s.model_dump(exclude_none=True).items():
+            if name != "prometheus_multiproc_dir":
+                self.env[f"FLYWHEEL_{name.upper()}"] = (str(Path(value).resolve())
+                                                        if isinstance(value, Path) else str(value))
         self.env.update({"FLYWHEEL_DATABASE_URL": db_url, "FLYWHEEL_BROKER_URL": broker_url,
-                         "FLYWHEEL_VLLM_URLS": vllm_urls,
-                         "FLYWHEEL_DATA_DIR": str(s.data_dir.resolve()),
-                         "FLYWHEEL_POLICY_DIR": str(Path(s.policy_dir).resolve())})
+                         "FLYWHEEL_VLLM_URLS": vllm_urls})
         py = sys.executable
         self.children = [
             Child("api", [py, "-m", "service.cli", "api", "--port", str(self.api_port)],

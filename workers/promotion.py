@@ -143,8 +143,8 @@ def _act(ctx, run_id, state, adapter_id, version_id, policy: Policy, decision) -
                 runs.transition(s, run_id, None, RunState.rolled_back,
                                 verdict={**(s.get(TrainingRun, run_id).verdict or {}),
                                          "watch": decision.reason})
-                s.execute(text("UPDATE adapter_versions SET status = 'failed', failure_reason = :r "
-                               "WHERE id = :v AND status <> 'live'"), {"r": decision.reason, "v": version_id})
+                # The version stays warm through the drain window (stale routes may still reach
+                # it); the reconciler retires it. Its failure_reason says why it was rolled back.
             repo.audit(s, tenant_id=tenant_id, actor="watch",
                        action="run.rolled_back" if result.ok else "run.rollback_failed",
                        target_type="run", target_id=str(run_id), reason=decision.reason,

@@ -31,7 +31,7 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -201,7 +201,7 @@ class TrainingConfig:
         return d
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "TrainingConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainingConfig:
         """Build from a dict, refusing unknown keys (a typo must not silently train defaults)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
@@ -285,7 +285,7 @@ def train_adapter(
     resume = latest_checkpoint(ckpt_dir)
 
     # TrainingArguments before the model: under DeepSpeed ZeRO-3 it arms sharded loading.
-    args = _trainer_args(config, ckpt_dir, precision, has_eval=eval_records is not None)
+    args = _trainer_args(config, ckpt_dir, precision)
     tokenizer = _load_tokenizer(base_str)
     train_ds = _to_dataset(config.method, train_records, tokenizer, config.max_length)
     eval_ds = _to_dataset(config.method, eval_records, tokenizer, config.max_length) if eval_records else None
@@ -547,7 +547,7 @@ def _sft_rows(records: list[dict[str, Any]], tokenizer, max_length: int) -> list
         prompt_ids = tokenizer(rec["prompt"], add_special_tokens=False)["input_ids"]
         ids = tokenizer(rec["prompt"] + rec["completion"], add_special_tokens=False)["input_ids"]
         # Tokens may merge across the boundary: the completion starts where the two diverge.
-        n = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), min(len(prompt_ids), len(ids)))
+        n = _common_prefix_len(prompt_ids, ids)
         labels = [-100] * n + ids[n:]
         ids, labels = ids[:max_length], labels[:max_length]
         if any(label != -100 for label in labels):  # a prompt filling max_length teaches nothing
@@ -557,6 +557,15 @@ def _sft_rows(records: list[dict[str, Any]], tokenizer, max_length: int) -> list
     if len(rows) < len(records):
         log.warning("dropped %d SFT records whose prompt fills max_length=%d", len(records) - len(rows), max_length)
     return rows
+
+
+def _common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _auto_prefix(tokenizer) -> str | None:
@@ -624,7 +633,7 @@ def _load_model(base: str, parent: Path | None, config: TrainingConfig, quantiza
     return get_peft_model(model, lora)
 
 
-def _trainer_args(config: TrainingConfig, ckpt_dir: Path, precision: str, *, has_eval: bool):
+def _trainer_args(config: TrainingConfig, ckpt_dir: Path, precision: str):
     """The TRL *Config for the method, with the settings common to all three."""
     import torch
     from trl import DPOConfig, KTOConfig, SFTConfig
@@ -810,7 +819,7 @@ def _lineage(caller: Mapping[str, Any] | None, *, base: str, config: TrainingCon
         "resumed_from_step": resumed_from,
         "metrics": metrics,
         "library_versions": versions,
-        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "finished_at": datetime.now(UTC).isoformat(),
     }
     return out
 

@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy import func, update
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
@@ -77,13 +77,14 @@ async def observe(admins: Sequence[VllmAdmin]) -> list[ReplicaState]:
     listed = await asyncio.gather(*(a.loaded_loras() for a in admins), return_exceptions=True)
     return [ReplicaState(a.base_url, False, None, str(got)) if isinstance(got, BaseException)
             else ReplicaState(a.base_url, True, set(got))
-            for a, got in zip(admins, listed)]
+            for a, got in zip(admins, listed, strict=True)]
 
 
 def apply_to_pool(pool: ReplicaPool, states: Sequence[ReplicaState]) -> None:
     """Route only to replicas that answered, and only for the models they hold."""
     for s in states:
-        pool.observe(s.url, healthy=s.healthy, loaded=set(s.loaded) if s.loaded is not None else None)
+        loaded = set(s.loaded) if s.loaded is not None else None
+        pool.observe(s.url, healthy=s.healthy, loaded=loaded)
 
 
 # --- DB steps ----------------------------------------------------------------------------------
@@ -212,8 +213,9 @@ class EngineWatcher:
         self.reconcile_interval_s = reconcile_interval_s
         self.warm_grace_s = warm_grace_s
         self.drain_s = drain_s
-        self._observers = [VllmAdmin(u, timeout_s=OBSERVE_TIMEOUT_S, connect_timeout_s=connect_timeout_s,
-                                     get_retries=0) for u in urls]
+        self._observers = [VllmAdmin(u, timeout_s=OBSERVE_TIMEOUT_S,
+                                     connect_timeout_s=connect_timeout_s, get_retries=0)
+                           for u in urls]
         self._controls = [VllmAdmin(u, timeout_s=CONTROL_TIMEOUT_S,
                                     connect_timeout_s=connect_timeout_s) for u in urls]
         self._tasks: list[asyncio.Task] = []

@@ -294,6 +294,9 @@ def _mark_failed(session: Session, v: _Version, *, action: str, actor: str, code
                  reason: str, phase: str) -> None:
     session.execute(update(AdapterVersion).where(AdapterVersion.id == v.id)
                     .values(status=VersionStatus.failed.value, failure_reason=f"{code}: {reason}"))
+    # A failed canary gets no more traffic.
+    session.execute(update(Adapter).where(Adapter.canary_version_id == v.id)
+                    .values(canary_version_id=None, canary_share=0.0))
     audit(session, tenant_id=v.tenant_id, actor=actor, action=f"adapter.{action}_failed",
           target_type="adapter_version", target_id=str(v.id), reason=f"{code}: {reason}",
           detail={"alias": v.alias, "lora_name": v.lora_name, "phase": phase})
@@ -423,8 +426,8 @@ async def _call(result: SwapResult, admin: VllmAdmin, op: str, coro: Any) -> Any
 
 async def _healthy(admins: Sequence[VllmAdmin]) -> tuple[list[VllmAdmin], list[str]]:
     up = await asyncio.gather(*(a.health() for a in admins))
-    return ([a for a, ok in zip(admins, up) if ok],
-            [a.base_url for a, ok in zip(admins, up) if not ok])
+    return ([a for a, ok in zip(admins, up, strict=True) if ok],
+            [a.base_url for a, ok in zip(admins, up, strict=True) if not ok])
 
 
 def _first_error(outcomes: list[Any]) -> str | None:
@@ -474,17 +477,16 @@ async def _verify(v: _Version, config: SwapConfig) -> ArtifactRejected | None:
 
 
 async def _bring_up(result: SwapResult, clock: _Clock, admins: Sequence[VllmAdmin], v: _Version,
-                    config: SwapConfig, *, verify: bool) -> list[VllmAdmin] | None:
+                    config: SwapConfig) -> list[VllmAdmin] | None:
     """Verify, then load and smoke v on every healthy replica; None (result failed) on failure.
 
     Unloads nothing on failure: the caller decides whether the version may stay loaded.
     """
-    if verify:
-        rejected = await _verify(v, config)
-        clock.lap("verify")
-        if rejected is not None:
-            result._fail("verify", rejected.code, rejected.reason)
-            return None
+    rejected = await _verify(v, config)
+    clock.lap("verify")
+    if rejected is not None:
+        result._fail("verify", rejected.code, rejected.reason)
+        return None
     healthy, result.skipped = await _healthy(admins)
     result.replicas = [a.base_url for a in healthy]
     clock.lap("health")
@@ -512,13 +514,20 @@ async def _abandon(sessions: sessionmaker, result: SwapResult, clock: _Clock,
         await _unload_everywhere(result, admins, [v.lora_name])
         clock.lap("cleanup")
     await db_call(sessions, _mark_failed, v, action=result.action, actor=actor,
-              code=result.code or "failed", reason=result.reason or "", phase=result.phase or "")
+                  code=result.code or "failed", reason=result.reason or "",
+                  phase=result.phase or "")
     return result
 
 
 def _result(action: str, v: _Version) -> SwapResult:
     return SwapResult(action=action, adapter_id=v.adapter_id, tenant_id=v.tenant_id,
                       alias=v.alias, version_id=v.id, lora_name=v.lora_name)
+
+
+def _base_result(action: str, a: _Alias) -> SwapResult:
+    """A result whose target is the base model (or no canary)."""
+    return SwapResult(action=action, adapter_id=a.id, tenant_id=a.tenant_id, alias=a.alias,
+                      version_id=None, lora_name=None)
 
 
 def _require_loadable(v: _Version, a: _Alias) -> None:
@@ -546,7 +555,7 @@ async def swap(sessions: sessionmaker, admins: Sequence[VllmAdmin], version_id: 
         if a.serving_version_id is None:
             await db_call(sessions, _check_size, config.engine_size, new_aliases=1)
         clock = _Clock(result)
-        healthy = await _bring_up(result, clock, admins, v, config, verify=True)
+        healthy = await _bring_up(result, clock, admins, v, config)
         if healthy is None:
             return await _abandon(sessions, result, clock, admins, v, actor=actor)
         detail = {"replicas": result.replicas, "skipped": result.skipped,
@@ -584,9 +593,7 @@ async def rollback(sessions: sessionmaker, admins: Sequence[VllmAdmin], adapter_
                               "nothing_to_roll_back")
         target = (await db_call(sessions, _read_version, a.previous_version_id)
                   if a.previous_version_id else None)
-        result = (_result("rollback", target) if target else
-                  SwapResult(action="rollback", adapter_id=a.id, tenant_id=a.tenant_id,
-                             alias=a.alias, version_id=None, lora_name=None))
+        result = _result("rollback", target) if target else _base_result("rollback", a)
         result.timings["lock"] = waited
         result.previous_version_id = a.serving_version_id
         clock = _Clock(result)
@@ -597,7 +604,7 @@ async def rollback(sessions: sessionmaker, admins: Sequence[VllmAdmin], adapter_
                                         actor=actor):
                 return result
         await db_call(sessions, _flip_rollback, a, target, actor=actor, reason=reason,
-                  detail={"replicas": result.replicas, "loaded_on": result.loaded_on})
+                      detail={"replicas": result.replicas, "loaded_on": result.loaded_on})
         result.flipped_at = time.time()
         clock.lap("flip")
         result.ok = True
@@ -611,11 +618,12 @@ async def _ensure_loaded(sessions: sessionmaker, result: SwapResult, clock: _Clo
                          actor: str) -> bool:
     """Make sure every healthy replica holds v: only the ones lacking it load (and smoke) it."""
     listed = await asyncio.gather(*(a.loaded_loras() for a in admins), return_exceptions=True)
-    healthy = [a for a, got in zip(admins, listed) if not isinstance(got, BaseException)]
-    result.skipped = [a.base_url for a, got in zip(admins, listed) if isinstance(got, BaseException)]
+    seen = {a.base_url: got for a, got in zip(admins, listed, strict=True)
+            if not isinstance(got, BaseException)}
+    healthy = [a for a in admins if a.base_url in seen]
+    result.skipped = [a.base_url for a in admins if a.base_url not in seen]
     result.replicas = [a.base_url for a in healthy]
-    lacking = [a for a, got in zip(admins, listed)
-               if not isinstance(got, BaseException) and v.lora_name not in got]
+    lacking = [a for a in healthy if v.lora_name not in seen[a.base_url]]
     clock.lap("health")
     if not healthy:
         raise SwapRefused(f"no healthy vLLM replica among {[a.base_url for a in admins]}",
@@ -629,7 +637,7 @@ async def _ensure_loaded(sessions: sessionmaker, result: SwapResult, clock: _Clo
         if rejected is not None:
             result._fail("verify", rejected.code, rejected.reason)
             await db_call(sessions, _mark_failed, v, action=result.action, actor=actor,
-                      code=rejected.code, reason=rejected.reason, phase="verify")
+                          code=rejected.code, reason=rejected.reason, phase="verify")
             return False
     error = await _load_everywhere(result, lacking, v.lora_name, v.artifact_path)
     clock.lap("load")
@@ -657,10 +665,10 @@ async def stage(sessions: sessionmaker, admins: Sequence[VllmAdmin], version_id:
         v = await db_call(sessions, _read_version, version_id)
         _require_loadable(v, await db_call(sessions, _read_alias, v.adapter_id))
         clock = _Clock(result)
-        if await _bring_up(result, clock, admins, v, config, verify=True) is None:
+        if await _bring_up(result, clock, admins, v, config) is None:
             return await _abandon(sessions, result, clock, admins, v, actor=actor)
         await db_call(sessions, _mark_staged, v, actor=actor, reason=reason,
-                  detail={"replicas": result.replicas})
+                      detail={"replicas": result.replicas})
         clock.lap("flip")
         result.ok = True
     result.timings["total"] = time.perf_counter() - t0
@@ -686,19 +694,19 @@ async def set_canary(sessions: sessionmaker, admins: Sequence[VllmAdmin], adapte
         v = None if clearing else await db_call(sessions, _read_version, version_id)
         if v is not None and v.adapter_id != a.id:
             raise SwapRefused(f"{v.lora_name} belongs to another alias", "wrong_alias")
-        result = (_result("canary", v) if v else
-                  SwapResult(action="canary", adapter_id=a.id, tenant_id=a.tenant_id,
-                             alias=a.alias, version_id=None, lora_name=None))
+        result = _result("canary", v) if v else _base_result("canary", a)
         result.timings["lock"] = waited
         clock = _Clock(result)
         if v is not None:
             _require_loadable(v, a)
             if a.canary_version_id is None:
                 await db_call(sessions, _check_size, config.engine_size, new_canaries=1)
-            if await _bring_up(result, clock, admins, v, config, verify=True) is None:
+            # Already the canary: only its share changes, it is loaded and routed already.
+            if v.id != a.canary_version_id and \
+                    await _bring_up(result, clock, admins, v, config) is None:
                 return await _abandon(sessions, result, clock, admins, v, actor=actor)
         await db_call(sessions, _flip_canary, a, v, share, actor=actor, reason=reason,
-                  detail={"replicas": result.replicas})
+                      detail={"replicas": result.replicas})
         result.flipped_at = time.time()
         clock.lap("flip")
         result.ok = True

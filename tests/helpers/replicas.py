@@ -131,8 +131,9 @@ def peft_lora(model_dir: Path, out_dir: Path, *, r: int = 8, seed: int = 0) -> P
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"],
-                                            lora_dropout=0.0, init_lora_weights=False))
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"],
+                        lora_dropout=0.0, init_lora_weights=False)
+    model = get_peft_model(base, config)
     model.save_pretrained(out_dir, safe_serialization=True)
     for p in Path(out_dir).iterdir():
         if p.name not in (CONFIG_FILE, WEIGHTS_FILE):

@@ -10,8 +10,6 @@ import httpx
 import pytest
 from sqlalchemy import select, update
 
-pytest.register_assert_rewrite("tests.helpers.replicas")
-
 from service.db.models import Adapter, AdapterVersion, AuditEvent, EngineReplica
 from service.db.session import session_scope
 from service.embedded import free_port
@@ -20,8 +18,11 @@ from service.engine.reconcile import apply_to_pool, observe, reconcile_once
 from service.engine.replicas import ReplicaPool
 from service.engine.vllm_admin import VllmAdmin
 from tests.conftest import bearer
-from tests.helpers.replicas import api_env, served_models
 from tests.helpers.stack import ApiProcess
+
+# Rewritten asserts in the helpers, which are imported here before pytest loads the plugin.
+pytest.register_assert_rewrite("tests.helpers.replicas")
+from tests.helpers.replicas import api_env, served_models  # noqa: E402
 
 pytest_plugins = ["tests.helpers.replicas"]
 pytestmark = pytest.mark.vllm

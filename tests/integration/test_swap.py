@@ -10,15 +10,16 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-pytest.register_assert_rewrite("tests.helpers.replicas")
-
 from service.db.models import Adapter, AdapterVersion, AuditEvent
 from service.db.session import session_scope
 from service.engine import swap as sw
 from service.engine.sizing import EngineSize
 from service.engine.vllm_admin import VllmAdmin
 from tests.conftest import bearer
-from tests.helpers.replicas import ROUTING_TTL_S, Traffic, served_models
+
+# Rewritten asserts in the helpers, which are imported here before pytest loads the plugin.
+pytest.register_assert_rewrite("tests.helpers.replicas")
+from tests.helpers.replicas import ROUTING_TTL_S, Traffic, served_models  # noqa: E402
 
 pytest_plugins = ["tests.helpers.replicas"]
 pytestmark = pytest.mark.vllm
@@ -92,7 +93,7 @@ async def test_swap_under_load_fails_no_request_and_gateway_follows_within_bound
     assert in_flight, "no request overlapped the swap"
     served = served_models(db_sessions, [s.interaction_id for s in shots])
     assert len(served) == len(shots)
-    # The stated bound: a request that starts routing_cache_ttl_s after the flip sees the new version.
+    # The stated bound: a request starting routing_cache_ttl_s after the flip gets the new version.
     after = [s for s in shots if s.start > result.flipped_at + ROUTING_TTL_S]
     assert len(after) >= 50
     assert {served[s.interaction_id][0] for s in after} == {name2}

@@ -20,6 +20,9 @@ from workers.training import TrainingConfig, train_adapter
 pytestmark = pytest.mark.vllm
 
 MAX_TOKENS = 16
+# bf16 (vLLM) and fp32 (transformers) logits differ slightly: a greedy step whose top-2 logits are
+# closer than this may legitimately flip, so such prompts are reported but not compared.
+MIN_MARGIN = 0.5
 QA = [
     ("What colour is the car?", "The car is red."),
     ("What colour is the sky?", "The sky is blue."),
@@ -33,6 +36,7 @@ QA = [
 # Prompts the adapter learned: greedy decoding there has wide logit margins, so vLLM's bf16 and
 # transformers' fp32 agree exactly (near-ties on unseen prompts could flip either way).
 CHECKED = QA[:5]
+MIN_CHECKED = 4
 
 
 @pytest.fixture(scope="module")
@@ -70,15 +74,19 @@ def _records(tok) -> list[dict]:
     return out
 
 
-def _hf_greedy(model, tok, prompt: str) -> tuple[list[int], list[int]]:
-    """(prompt ids, generated ids without the final eos) from transformers."""
+def _hf_greedy(model, tok, prompt: str) -> tuple[list[int], list[int], float]:
+    """(prompt ids, generated ids without the final eos, smallest top-1/top-2 logit gap)."""
     import torch
 
     ids = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids
     with torch.no_grad():
-        out = model.generate(ids, do_sample=False, max_new_tokens=MAX_TOKENS,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    return ids[0].tolist(), _strip_eos(out[0, ids.shape[1]:].tolist(), tok.eos_token_id)
+        out = model.generate(ids, do_sample=False, max_new_tokens=MAX_TOKENS, output_scores=True,
+                             return_dict_in_generate=True, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id)
+    top2 = [scores[0].topk(2).values for scores in out.scores]
+    margin = min(float(v[0] - v[1]) for v in top2)
+    generated = _strip_eos(out.sequences[0, ids.shape[1]:].tolist(), tok.eos_token_id)
+    return ids[0].tolist(), generated, margin
 
 
 def _strip_eos(ids: list[int], eos: int) -> list[int]:
@@ -91,7 +99,9 @@ def test_vllm_serves_what_peft_generates(server, tiny_model, tmp_path):
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     config = TrainingConfig(
-        method="sft", max_steps=120, learning_rate=1e-2, lr_scheduler_type="constant",
+        # A decaying 5e-3 memorises the 8 answers with top-2 logit margins ~4 whatever the float
+        # noise; a constant 1e-2 was chaotic (which answers stuck varied with 1e-7 differences).
+        method="sft", max_steps=160, learning_rate=5e-3, lora_r=16, lora_alpha=32,
         per_device_batch_size=8, checkpoint_every_steps=1000,
         target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     )
@@ -103,6 +113,7 @@ def test_vllm_serves_what_peft_generates(server, tiny_model, tmp_path):
     for q, _ in CHECKED:
         prompt = tok.apply_chat_template(_messages(q), tokenize=False, add_generation_prompt=True)
         base_outputs[q] = _hf_greedy(base, tok, prompt)[1]
+    checked = 0
     peft_model = PeftModel.from_pretrained(base, str(result.artifact_dir)).eval()
 
     name = f"consistency-{uuid.uuid4().hex[:8]}"  # never reuse a lora name (vllm #42125)
@@ -112,8 +123,12 @@ def test_vllm_serves_what_peft_generates(server, tiny_model, tmp_path):
         try:
             for q, answer in CHECKED:
                 prompt = tok.apply_chat_template(_messages(q), tokenize=False, add_generation_prompt=True)
-                prompt_ids, hf_ids = _hf_greedy(peft_model, tok, prompt)
+                prompt_ids, hf_ids, margin = _hf_greedy(peft_model, tok, prompt)
                 assert hf_ids != base_outputs[q], f"adapter did not change the answer to {q!r}"
+                if margin < MIN_MARGIN:
+                    print(f"\n{q!r}: skipped, greedy margin {margin:.2f} < {MIN_MARGIN}")
+                    continue
+                checked += 1
 
                 chat = http.post("/v1/chat/completions", json={
                     "model": name, "messages": _messages(q), "temperature": 0, "max_tokens": MAX_TOKENS,
@@ -129,6 +144,7 @@ def test_vllm_serves_what_peft_generates(server, tiny_model, tmp_path):
                     "max_tokens": MAX_TOKENS, "return_token_ids": True}).raise_for_status().json()
                 assert _strip_eos(comp["choices"][0]["token_ids"], tok.eos_token_id) == hf_ids, q
                 print(f"\n{q!r}: base {tok.decode(base_outputs[q])!r} -> adapter "
-                      f"{choice['message']['content']!r} (trained on {answer!r})")
+                      f"{choice['message']['content']!r} (trained on {answer!r}, margin {margin:.2f})")
         finally:
             http.post("/v1/unload_lora_adapter", json={"lora_name": name})
+    assert checked >= MIN_CHECKED, f"only {checked} prompts had a clear greedy answer"

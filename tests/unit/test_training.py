@@ -177,6 +177,23 @@ def test_resume_after_a_crash(tiny_model, tokenizer, tmp_path):
     _assert_valid_artifact(result, tiny_model)
 
 
+def test_checkpoints_of_another_run_are_not_resumed(tiny_model, tokenizer, tmp_path):
+    records = make_records(tokenizer, "sft")
+    kw = dict(base_model_dir=tiny_model, work_dir=tmp_path / "work")
+    first = train_adapter(**kw, data={"train": records}, out_dir=tmp_path / "a1",
+                          config=_config(max_steps=2, checkpoint_every_steps=1))
+    assert first.resumed_from_step is None
+    # Same work dir, other data: its checkpoints must not seed this run.
+    other = train_adapter(**kw, data={"train": records[:8]}, out_dir=tmp_path / "a2",
+                          config=_config(max_steps=2, checkpoint_every_steps=1))
+    assert other.resumed_from_step is None and other.metrics["steps"] == 2
+    # A retry of that same run (e.g. redelivered after the artifact was written) resumes at its end.
+    retry = train_adapter(**kw, data={"train": records[:8]}, out_dir=tmp_path / "a3",
+                          config=_config(max_steps=2, checkpoint_every_steps=1))
+    assert retry.resumed_from_step == 2
+    assert retry.sha256 == other.sha256  # same weights and config: the same artifact
+
+
 def test_progress_reports_steps_loss_and_eta(tiny_model, tokenizer, tmp_path):
     events: list[dict] = []
     train_adapter(base_model_dir=tiny_model, data={"train": make_records(tokenizer, "sft")},

@@ -1,0 +1,62 @@
+"""`flywheel up` and `flywheel demo`."""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from service.config import get_settings
+
+console = Console()
+
+
+def up(port: Annotated[int | None, typer.Option(help="API port.")] = None) -> None:
+    """API + worker + beat (+ embedded Postgres/Redis and a managed vLLM when not configured),
+    in the foreground; Ctrl-C stops all of it."""
+    from service.supervisor import Stack
+
+    settings = get_settings()
+    stack = Stack(settings, api_port=port or settings.api_port,
+                  log_dir=settings.data_dir.resolve() / "logs")
+    stopping = False
+
+    def _stop(*_):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        stack.start(on_step=lambda m: console.print(f"[cyan]▸[/cyan] {m}"))
+        console.print(f"[green]Flywheel is up[/green] at {stack.api_url} "
+                      f"(logs in {stack.log_dir}); Ctrl-C to stop")
+        while not stopping:
+            dead = stack.dead_children()
+            if dead:
+                console.print(f"[red]{', '.join(dead)} exited[/red]; see {stack.log_dir}")
+                raise typer.Exit(1)
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        console.print("stopping...")
+        stack.stop()
+
+
+def demo(keep: Annotated[bool, typer.Option(help="Keep the previous demo's data.")] = False) -> None:
+    """The whole loop on a fresh machine: tiny model, embedded stack, a simulated product, retrain,
+    gate, approval, hot-swap, and a summary."""
+    from service.demo import Demo
+
+    runner = Demo(get_settings(), console, keep=keep)
+    try:
+        runner.run()
+        console.print(runner.summary())
+    except RuntimeError as exc:
+        console.print(f"[red]demo failed:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    finally:
+        runner.stop()
