@@ -26,6 +26,7 @@ class LeaseKeeper:
         self.sessions, self.run_id, self.owner, self.lease_s = sessions, run_id, owner, lease_s
         self.lost = False
         self._progress: dict | None = None
+        self._history: list[list[float]] = []  # [step, loss] for the ops page's loss chart
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"lease-{run_id}", daemon=True)
         self._last_write = 0.0
@@ -44,7 +45,11 @@ class LeaseKeeper:
         """Record progress; written at most once a second. Raises LeaseLost if the run was taken."""
         if self.lost:
             raise LeaseLost(f"run {self.run_id}: lease lost")
-        self._progress = progress
+        if isinstance(progress.get("loss"), (int, float)):
+            self._history.append([progress.get("step", 0), round(float(progress["loss"]), 5)])
+            if len(self._history) > 400:  # keep the chart light: drop every other point
+                self._history = self._history[::2]
+        self._progress = {**progress, "loss_history": list(self._history)}
         if time.monotonic() - self._last_write >= 1.0:
             self._flush()
 

@@ -14,7 +14,7 @@ from service import __version__
 from service.api import errors
 from service.api.limits import BodyLimitMiddleware
 from service.api.observe import RequestMetricsMiddleware
-from service.api.routes import audit, feedback, gateway, health, runs
+from service.api.routes import adapters, audit, feedback, gateway, health, runs
 from service.api.state import AppState, TTLCache
 from service.config import Settings, get_settings
 from service.db import hotpath, migrate
@@ -86,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(gateway.router)
     app.include_router(feedback.router)
     app.include_router(runs.router)
+    app.include_router(adapters.router)
     app.include_router(audit.router)
     app.include_router(health.router)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -12,6 +13,8 @@ from psycopg_pool import PoolTimeout as PgPoolTimeout
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 409: "conflict_error", 413: "request_too_large",
@@ -73,8 +76,14 @@ def install(app: FastAPI, retry_after_s: int) -> None:
     for exc_type in (OperationalError, PoolTimeout, PgOperationalError, PgPoolTimeout):
         app.add_exception_handler(exc_type, _db_down)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not bad input: logged with its traceback here, never sent to the client.
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal error; it has been logged", code="internal_error")
+
     @app.exception_handler(DBAPIError)
     async def _dbapi(request: Request, exc: DBAPIError) -> JSONResponse:
         if exc.connection_invalidated or isinstance(exc.orig, OSError):
             return await _db_down(request, exc)
-        raise exc
+        return await _unexpected(request, exc)

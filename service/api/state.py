@@ -64,6 +64,7 @@ class AppState:
     background: set[asyncio.Task] = field(default_factory=set)
     # Adapters with new feedback since the last trigger check: id -> (alias, tenant).
     dirty: dict[uuid.UUID, tuple[str, str]] = field(default_factory=dict)
+    _sync_sessions: Any = None
 
     async def principal(self, key_hash: str) -> repo.Principal | None:
         found, principal = self.auth_cache.get(key_hash)
@@ -131,6 +132,16 @@ class AppState:
             await asyncio.sleep(self.settings.trigger_debounce_s)
             if self.dirty:
                 await self.check_triggers()
+
+    def sync_sessions(self):
+        """A sync sessionmaker for engine operations (swap, rollback), made on first use."""
+        if self._sync_sessions is None:
+            from sqlalchemy.orm import sessionmaker
+
+            from service.db.session import make_sync_engine
+
+            self._sync_sessions = sessionmaker(make_sync_engine(self.db_url), expire_on_commit=False)
+        return self._sync_sessions
 
     def spawn(self, coro) -> None:
         """Run coro in the background, keeping a reference until it finishes."""

@@ -1,0 +1,189 @@
+"""Aliases and their versions: what serves, the canary, history; manual rollback (ops)."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy import select, text
+
+from service.api.deps import Caller, OpsCaller, State
+from service.api.errors import ApiError
+from service.db import repositories as repo
+from service.db.models import Adapter, AdapterVersion
+
+router = APIRouter(tags=["adapters"])
+
+
+class VersionOut(BaseModel):
+    id: uuid.UUID
+    number: int
+    lora_name: str
+    status: str
+    sha256: str
+    parent_version_id: uuid.UUID | None
+    run_id: uuid.UUID | None
+    failure_reason: str | None
+    created_at: datetime
+    promoted_at: datetime | None
+    thumbs_up: int = 0
+    thumbs_down: int = 0
+
+
+class AdapterOut(BaseModel):
+    alias: str
+    description: str
+    serving: str
+    serving_version_id: uuid.UUID | None
+    previous_version_id: uuid.UUID | None
+    canary: str | None
+    canary_share: float
+    created_at: datetime
+
+
+class AdapterDetail(AdapterOut):
+    versions: list[VersionOut]
+
+
+class AdapterCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    alias: str = Field(min_length=1, max_length=63)
+    description: str = Field(default="", max_length=2000)
+
+    @field_validator("alias")
+    @classmethod
+    def _slug(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,62}", v):
+            raise ValueError("use lowercase letters, digits, '.', '_' and '-'")
+        return v
+
+
+class RollbackBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str | None = Field(default=None, max_length=2000)
+
+
+async def _adapter(session, tenant_id: str, alias: str) -> Adapter:
+    adapter = (await session.scalars(select(Adapter).where(
+        Adapter.tenant_id == tenant_id, Adapter.alias == alias))).first()
+    if adapter is None:
+        raise ApiError(404, f"alias {alias!r} not found", param="alias", code="alias_not_found")
+    return adapter
+
+
+def _summary(a: Adapter, names: dict, base: str) -> dict[str, Any]:
+    return dict(alias=a.alias, description=a.description or "",
+                serving=names.get(a.serving_version_id, base),
+                serving_version_id=a.serving_version_id, previous_version_id=a.previous_version_id,
+                canary=names.get(a.canary_version_id), canary_share=a.canary_share or 0.0,
+                created_at=a.created_at)
+
+
+@router.get("/v1/adapters", response_model=list[AdapterOut])
+async def list_adapters(caller: Caller, state: State) -> list[AdapterOut]:
+    """The tenant's aliases with what each serves."""
+    async with state.sessions() as session:
+        adapters = (await session.scalars(select(Adapter).where(Adapter.tenant_id == caller.tenant_id)
+                                          .order_by(Adapter.alias))).all()
+        names = dict((await session.execute(
+            select(AdapterVersion.id, AdapterVersion.lora_name)
+            .join(Adapter, Adapter.id == AdapterVersion.adapter_id)
+            .where(Adapter.tenant_id == caller.tenant_id))).tuples().all())
+    return [AdapterOut(**_summary(a, names, state.settings.base_model_name)) for a in adapters]
+
+
+@router.post("/v1/adapters", response_model=AdapterOut, status_code=201)
+async def create_adapter(body: AdapterCreate, caller: OpsCaller, state: State) -> AdapterOut:
+    """Register an alias (ops); it serves the base model until a version is promoted."""
+    async with state.sessions() as session, session.begin():
+        exists = (await session.scalars(select(Adapter).where(
+            Adapter.tenant_id == caller.tenant_id, Adapter.alias == body.alias))).first()
+        if exists:
+            raise ApiError(409, f"alias {body.alias!r} already exists", param="alias",
+                           code="alias_exists")
+        adapter = await session.run_sync(lambda s: repo.ensure_adapter(
+            s, caller.tenant_id, body.alias, body.description))
+        await session.run_sync(lambda s: repo.audit(
+            s, tenant_id=caller.tenant_id, actor=f"key:{caller.key_id}", action="adapter.create",
+            target_type="adapter", target_id=str(adapter.id)))
+    return AdapterOut(**_summary(adapter, {}, state.settings.base_model_name))
+
+
+@router.get("/v1/adapters/{alias}", response_model=AdapterDetail)
+async def get_adapter(alias: str, caller: Caller, state: State) -> AdapterDetail:
+    """An alias: serving and canary versions, and every version with its ratings."""
+    async with state.sessions() as session:
+        adapter = await _adapter(session, caller.tenant_id, alias)
+        versions = (await session.scalars(select(AdapterVersion).where(
+            AdapterVersion.adapter_id == adapter.id).order_by(AdapterVersion.number))).all()
+        counts = {(r.version_id, r.rating): r.n for r in await session.execute(text(
+            "SELECT version_id, rating, count(*) AS n FROM feedback WHERE adapter_id = :a "
+            "GROUP BY version_id, rating"), {"a": adapter.id})}
+    names = {v.id: v.lora_name for v in versions}
+    out = [VersionOut.model_validate(v, from_attributes=True).model_copy(update={
+        "thumbs_up": counts.get((v.id, "up"), 0), "thumbs_down": counts.get((v.id, "down"), 0)})
+        for v in versions]
+    return AdapterDetail(**_summary(adapter, names, state.settings.base_model_name), versions=out)
+
+
+@router.get("/v1/adapters/{alias}/stats")
+async def adapter_stats(alias: str, caller: Caller, state: State,
+                        bucket_minutes: Annotated[int, Query(ge=1, le=1440)] = 5,
+                        hours: Annotated[int, Query(ge=1, le=24 * 30)] = 24) -> dict:
+    """Thumbs-up rate over time per version that answered (for the ops page's chart)."""
+    async with state.sessions() as session:
+        adapter = await _adapter(session, caller.tenant_id, alias)
+        rows = await session.execute(text("""
+            SELECT coalesce(v.lora_name, :base) AS version,
+                   to_timestamp(floor(extract(epoch FROM f.created_at) / (:b * 60)) * (:b * 60)) AS bucket,
+                   count(*) FILTER (WHERE f.rating = 'up') AS up, count(*) AS n
+            FROM feedback f LEFT JOIN adapter_versions v ON v.id = f.version_id
+            WHERE f.adapter_id = :a AND f.created_at > now() - make_interval(hours => :h)
+            GROUP BY 1, 2 ORDER BY 2"""), {"a": adapter.id, "b": bucket_minutes, "h": hours,
+                                             "base": state.settings.base_model_name})
+        series: dict[str, list] = {}
+        for r in rows:
+            series.setdefault(r.version, []).append(
+                {"t": r.bucket.isoformat(), "up": r.up, "n": r.n, "rate": r.up / r.n if r.n else None})
+    return {"alias": alias, "bucket_minutes": bucket_minutes, "series": series,
+            "feedback": sum(p["n"] for points in series.values() for p in points)}
+
+
+@router.post("/v1/adapters/{alias}/rollback", response_model=AdapterDetail)
+async def rollback_adapter(alias: str, caller: OpsCaller, state: State,
+                           body: RollbackBody | None = None) -> AdapterDetail:
+    """Serve the previous version again (ops): instant while it is warm."""
+    import asyncio
+
+    from service.engine import swap as engine_swap
+    from service.engine.vllm_admin import VllmAdmin
+
+    async with state.sessions() as session:
+        adapter = await _adapter(session, caller.tenant_id, alias)
+    if not state.settings.vllm_url_list:
+        raise ApiError(503, "no vLLM replicas configured", code="engine_unavailable",
+                       headers={"Retry-After": str(state.settings.retry_after_s)})
+    config = engine_swap.SwapConfig.from_settings(state.settings)
+    admins = [VllmAdmin(u, timeout_s=120) for u in state.settings.vllm_url_list]
+    sessions = state.sync_sessions()
+    try:
+        result = await engine_swap.rollback(sessions, admins, adapter.id, config,
+                                            actor=f"key:{caller.key_id}",
+                                            reason=(body.reason if body else None))
+    except engine_swap.SwapInProgress as exc:
+        raise ApiError(409, exc.reason, code=exc.code) from exc
+    except engine_swap.SwapRefused as exc:
+        raise ApiError(409, exc.reason, code=exc.code) from exc
+    finally:
+        await asyncio.gather(*(a.aclose() for a in admins))
+    if not result.ok:
+        raise ApiError(503, f"rollback failed at {result.phase}: {result.reason}",
+                       code="rollback_failed", headers={"Retry-After": str(state.settings.retry_after_s)})
+    state.route_cache.clear()
+    return await get_adapter(alias, caller, state)

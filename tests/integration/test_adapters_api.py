@@ -1,0 +1,90 @@
+"""The adapters API through the real stack: listing, versions with ratings, stats, manual rollback."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
+
+from service.db import repositories as repo
+from service.db.models import Adapter, AuditEvent
+from service.db.session import session_scope
+from service.engine.artifact import artifact_sha256
+from service.engine.swap import SwapConfig, swap
+from service.engine.vllm_admin import VllmAdmin
+from tests.conftest import bearer
+from tests.helpers.vllm import make_random_lora
+
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture()
+def live_alias(db_sessions, tiny_model, vllm, tmp_path, make_alias, tenant):
+    """An alias serving a real (random) LoRA version on the shared vLLM, back to base afterwards."""
+    alias = make_alias(tenant)
+    artifact = make_random_lora(tiny_model, tmp_path / "v1", seed=3)
+    with session_scope(db_sessions) as s:
+        adapter = s.scalars(select(Adapter).where(Adapter.tenant_id == tenant, Adapter.alias == alias)).one()
+        version = repo.create_version(s, adapter, artifact_path=str(artifact),
+                                      sha256=artifact_sha256(artifact), parent_version_id=None,
+                                      run_id=None, lineage={})
+        version_id, adapter_id, lora_name = version.id, adapter.id, version.lora_name
+    config = SwapConfig(engine_base_model=str(tiny_model), max_lora_rank=16, drain_s=1.0)
+
+    async def go():
+        async with VllmAdmin(vllm.url) as admin:
+            return await swap(db_sessions, [admin], version_id, config, actor="test")
+
+    assert asyncio.run(go()).ok
+    yield alias, lora_name, adapter_id
+    with session_scope(db_sessions) as s:  # leave the shared engine's sizing budget as found
+        a = s.get(Adapter, adapter_id)
+        a.serving_version_id = a.previous_version_id = None
+
+
+def test_adapter_listing_and_detail(client, make_key, tenant, live_alias):
+    alias, lora_name, _ = live_alias
+    key = make_key(tenant, "product")
+    listed = client.get("/v1/adapters", headers=bearer(key)).json()
+    assert [(a["alias"], a["serving"]) for a in listed] == [(alias, lora_name)]
+    r = client.post("/v1/chat/completions", headers=bearer(key), json={
+        "model": alias, "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200
+    client.post("/v1/feedback", headers=bearer(key),
+                json={"interaction_id": r.headers["x-interaction-id"], "rating": "up"})
+    detail = client.get(f"/v1/adapters/{alias}", headers=bearer(key)).json()
+    [v1] = detail["versions"]
+    assert v1["lora_name"] == lora_name and v1["status"] == "live" and v1["thumbs_up"] == 1
+    stats = client.get(f"/v1/adapters/{alias}/stats", headers=bearer(key)).json()
+    assert stats["series"][lora_name][0]["up"] == 1 and stats["feedback"] == 1
+    assert client.get("/v1/adapters/nope", headers=bearer(key)).status_code == 404
+
+
+def test_manual_rollback_is_ops_only_and_audited(client, make_key, tenant, live_alias, db_sessions):
+    alias, lora_name, adapter_id = live_alias
+    product, ops = make_key(tenant, "product"), make_key(tenant, "ops")
+    assert client.post(f"/v1/adapters/{alias}/rollback", headers=bearer(product)).status_code == 403
+    other_ops = make_key(f"{tenant}-x", "ops")
+    assert client.post(f"/v1/adapters/{alias}/rollback", headers=bearer(other_ops)).status_code == 404
+    r = client.post(f"/v1/adapters/{alias}/rollback", headers=bearer(ops), json={"reason": "too chatty"})
+    assert r.status_code == 200, r.text
+    assert r.json()["serving"] == "base"
+    r = client.post(f"/v1/adapters/{alias}/rollback", headers=bearer(ops))
+    assert r.status_code == 409 and r.json()["error"]["code"] == "nothing_to_roll_back"
+    with db_sessions() as s:
+        event = s.scalars(select(AuditEvent).where(AuditEvent.tenant_id == tenant,
+                                                   AuditEvent.reason == "too chatty")).one()
+    assert event.actor.startswith("key:")
+
+
+def test_create_alias_validates_and_is_ops_only(client, make_key, tenant):
+    ops, product = make_key(tenant, "ops"), make_key(tenant, "product")
+    assert client.post("/v1/adapters", headers=bearer(product), json={"alias": "x"}).status_code == 403
+    r = client.post("/v1/adapters", headers=bearer(ops), json={"alias": "Bad Alias!"})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "alias"
+    r = client.post("/v1/adapters", headers=bearer(ops), json={"alias": "faq-bot"})
+    assert r.status_code == 201 and r.json()["serving"] == "base"
+    assert client.post("/v1/adapters", headers=bearer(ops), json={"alias": "faq-bot"}).status_code == 409
