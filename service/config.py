@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     # How long a verified API key is trusted without re-reading the DB (revocation bound).
     auth_cache_ttl_s: float = 5.0
 
+    # Feedback rate limits per minute (0 disables); a poisoning guard, shared by API processes.
+    feedback_rate_per_tenant: int = 20_000
+    feedback_rate_per_rater: int = 120
+
     # Feedback marks its adapter; the trigger runs for marked adapters this often.
     trigger_debounce_s: float = 0.25
 

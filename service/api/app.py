@@ -8,6 +8,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from sqlalchemy.engine import make_url
 
 from service import __version__
@@ -15,6 +17,7 @@ from service.api import errors
 from service.api.limits import BodyLimitMiddleware
 from service.api.observe import RequestMetricsMiddleware
 from service.api.routes import adapters, audit, feedback, gateway, health, runs
+from service.api.routes import ops_page
 from service.api.state import AppState, TTLCache
 from service.config import Settings, get_settings
 from service.db import hotpath, migrate
@@ -45,7 +48,9 @@ def build_state(settings: Settings) -> AppState:
     pool = ReplicaPool(settings.vllm_url_list, base_name=settings.base_model_name,
                        connect_timeout_s=settings.upstream_connect_timeout_s,
                        read_timeout_s=settings.upstream_timeout_s)
-    redis = Redis.from_url(broker_url, socket_connect_timeout=2, socket_timeout=2)
+    # Short timeouts, no retries: Redis is off the critical path (rate limits fail open).
+    redis = Redis.from_url(broker_url, socket_connect_timeout=0.5, socket_timeout=0.5,
+                           retry=Retry(NoBackoff(), 0))
     fast_pool = hotpath.make_pool(db_url, size=settings.db_pool_size,
                                   timeout_s=settings.db_connect_timeout_s)
     return AppState(settings=settings, db_url=db_url, broker_url=broker_url, engine=engine,
@@ -89,6 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(adapters.router)
     app.include_router(audit.router)
     app.include_router(health.router)
+    app.include_router(ops_page.router)
 
     app.add_middleware(RequestMetricsMiddleware)
     # Outermost, so oversized bodies are refused before anything reads them.

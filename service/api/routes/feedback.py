@@ -7,6 +7,7 @@ import uuid
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from service import ratelimit
 from service.api.deps import Caller, State, owner_filter
 from service.api.errors import ApiError
 from service.api.schemas import FeedbackOut, FeedbackRequest, InteractionOut
@@ -24,6 +25,16 @@ async def post_feedback(body: FeedbackRequest, caller: Caller, state: State):
     # Without a rater_id, each key rates as one anonymous rater.
     # Without a rater_id, each key rates as one anonymous rater.
     rater = body.rater_id or f"key:{caller.key_id}"
+    settings = state.settings
+    verdict = await ratelimit.check_feedback(
+        state.redis, caller.tenant_id, rater, per_tenant=settings.feedback_rate_per_tenant,
+        per_rater=settings.feedback_rate_per_rater)
+    if not verdict.allowed:
+        who = f"rater {rater!r}" if verdict.scope == "rater" else f"tenant {caller.tenant_id!r}"
+        raise ApiError(429, f"feedback rate limit for {who}: {verdict.limit} per minute",
+                       param="rater_id" if verdict.scope == "rater" else None,
+                       code=f"{verdict.scope}_rate_limited",
+                       headers={"Retry-After": str(verdict.retry_after_s)})
     row = await hotpath.upsert_feedback(
         state.fast_pool, interaction_id=body.interaction_id, tenant_id=caller.tenant_id,
         owner_key=owner_filter(caller), rater_id=rater, rating=body.rating,
