@@ -10,6 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from psycopg import OperationalError as PgOperationalError
 from psycopg_pool import PoolTimeout as PgPoolTimeout
+from psycopg import DataError as PgDataError
+from sqlalchemy.exc import DataError as SqlDataError
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -82,8 +84,17 @@ def install(app: FastAPI, retry_after_s: int) -> None:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_response(500, "internal error; it has been logged", code="internal_error")
 
+    async def _unstorable(request: Request, exc: Exception) -> JSONResponse:
+        # Validation should have caught it; still bad input, not a server fault.
+        log.warning("value refused by the database on %s: %s", request.url.path, type(exc).__name__)
+        return error_response(422, "a value in the request cannot be stored", code="invalid_value")
+
     @app.exception_handler(DBAPIError)
     async def _dbapi(request: Request, exc: DBAPIError) -> JSONResponse:
         if exc.connection_invalidated or isinstance(exc.orig, OSError):
             return await _db_down(request, exc)
+        if isinstance(exc, SqlDataError):
+            return await _unstorable(request, exc)
         return await _unexpected(request, exc)
+
+    app.add_exception_handler(PgDataError, _unstorable)

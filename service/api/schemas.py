@@ -4,9 +4,23 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from fastapi import Path, Query
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+
+def _no_nul(value: str) -> str:
+    # Postgres text cannot hold U+0000: refuse it as bad input rather than fail in the database.
+    if "\x00" in value:
+        raise ValueError("must not contain NUL (U+0000) characters")
+    return value
+
+
+NoNul = AfterValidator(_no_nul)
+AliasPath = Annotated[str, Path(min_length=1, max_length=100), NoNul]
+AliasQuery = Annotated[str | None, Query(max_length=100), AfterValidator(
+    lambda v: _no_nul(v) if v is not None else v)]
 
 
 class ChatMessage(BaseModel):
@@ -21,10 +35,10 @@ class ChatCompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    model: str = Field(min_length=1, max_length=200)
+    model: Annotated[str, Field(min_length=1, max_length=200), NoNul]
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
-    user: str | None = Field(default=None, max_length=200)
+    user: Annotated[str, NoNul] | None = Field(default=None, max_length=200)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -47,7 +61,7 @@ class FeedbackRequest(BaseModel):
     rating: Literal["up", "down"]
     correction: str | None = Field(default=None, max_length=100_000)
     comment: str | None = Field(default=None, max_length=10_000)
-    rater_id: str | None = Field(default=None, max_length=200)
+    rater_id: Annotated[str, NoNul] | None = Field(default=None, max_length=200)
 
     @field_validator("correction")
     @classmethod

@@ -106,6 +106,7 @@ def test_unknown_interaction_is_404(client, served, db_sessions):
     ({"model": "M", "messages": [{"role": "user", "content": "x"}], "temperature": 5}, "temperature"),
     ({"model": "M", "messages": [{"role": "user", "content": "x"}], "n": 3}, "n"),
     ({"model": "M", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
+    ({"model": "bot\u0000", "messages": [{"role": "user", "content": "x"}]}, "model"),  # found by fuzzing
 ])
 def test_bad_chat_request_is_422_naming_the_field(client, served, body, field):
     key, alias, _ = served

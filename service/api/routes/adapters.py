@@ -13,6 +13,7 @@ from sqlalchemy import select, text
 
 from service.api.deps import Caller, OpsCaller, State
 from service.api.errors import ApiError
+from service.api.schemas import AliasPath
 from service.db import repositories as repo
 from service.db.models import Adapter, AdapterVersion
 
@@ -116,7 +117,7 @@ async def create_adapter(body: AdapterCreate, caller: OpsCaller, state: State) -
 
 
 @router.get("/v1/adapters/{alias}", response_model=AdapterDetail)
-async def get_adapter(alias: str, caller: Caller, state: State) -> AdapterDetail:
+async def get_adapter(alias: AliasPath, caller: Caller, state: State) -> AdapterDetail:
     """An alias: serving and canary versions, and every version with its ratings."""
     async with state.sessions() as session:
         adapter = await _adapter(session, caller.tenant_id, alias)
@@ -133,7 +134,7 @@ async def get_adapter(alias: str, caller: Caller, state: State) -> AdapterDetail
 
 
 @router.get("/v1/adapters/{alias}/stats")
-async def adapter_stats(alias: str, caller: Caller, state: State,
+async def adapter_stats(alias: AliasPath, caller: Caller, state: State,
                         bucket_minutes: Annotated[int, Query(ge=1, le=1440)] = 5,
                         hours: Annotated[int, Query(ge=1, le=24 * 30)] = 24) -> dict:
     """Thumbs-up rate over time per version that answered (for the ops page's chart)."""
@@ -156,7 +157,7 @@ async def adapter_stats(alias: str, caller: Caller, state: State,
 
 
 @router.post("/v1/adapters/{alias}/rollback", response_model=AdapterDetail)
-async def rollback_adapter(alias: str, caller: OpsCaller, state: State,
+async def rollback_adapter(alias: AliasPath, caller: OpsCaller, state: State,
                            body: RollbackBody | None = None) -> AdapterDetail:
     """Serve the previous version again (ops): instant while it is warm."""
     import asyncio

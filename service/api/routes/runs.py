@@ -13,6 +13,7 @@ from sqlalchemy import select
 
 from service.api.deps import Caller, OpsCaller, State
 from service.api.errors import ApiError
+from service.api.schemas import AliasQuery
 from service.db.models import Adapter, AdapterVersion, EvalResult, RunState, TrainingRun
 from service.decisions import DecisionError, decide_run
 from service.wakeup import wake_run
@@ -87,7 +88,7 @@ def _out(run: TrainingRun, alias: str, names: dict) -> dict:
 
 @router.get("/v1/runs", response_model=list[RunOut])
 async def list_runs(caller: Caller, state: State,
-                    alias: Annotated[str | None, Query(max_length=100)] = None,
+                    alias: AliasQuery = None,
                     run_state: Annotated[RunState | None, Query(alias="state")] = None,
                     limit: Annotated[int, Query(ge=1, le=500)] = 50) -> list[RunOut]:
     """The tenant's runs, newest first."""
