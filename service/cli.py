@@ -191,6 +191,8 @@ def make_tiny_model(
 @app.command()
 def engine(
     port: Annotated[int | None, typer.Option(help="Port for the vLLM server.")] = None,
+    host: Annotated[str, typer.Option(help="Bind address (keep it private: vLLM's LoRA "
+                                           "endpoints have no auth).")] = "127.0.0.1",
 ) -> None:
     """Run a managed vLLM server on FLYWHEEL_BASE_MODEL in the foreground."""
     import time
@@ -207,7 +209,7 @@ def engine(
                        max_loras=settings.vllm_max_loras, max_cpu_loras=settings.vllm_max_cpu_loras,
                        max_lora_rank=settings.vllm_max_lora_rank,
                        max_model_len=settings.vllm_max_model_len,
-                       kv_cache_gb=settings.vllm_kv_cache_gb)
+                       kv_cache_gb=settings.vllm_kv_cache_gb, host=host)
     vllm.start()
     try:
         vllm.wait_healthy()

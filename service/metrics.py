@@ -10,7 +10,6 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
-    Gauge,
     Histogram,
     generate_latest,
 )
@@ -43,8 +42,8 @@ STORAGE_FAILURES = Counter(
 UPSTREAM_ERRORS = Counter(
     "flywheel_upstream_errors_total", "Failed calls to vLLM replicas", ["replica", "kind"],
 )
-RUNS_BY_STATE = Gauge(
-    "flywheel_runs", "Training runs by state", ["state"], multiprocess_mode="livemax",
+SCRAPE_DB_FAILURES = Counter(
+    "flywheel_metrics_db_failures_total", "Scrapes that could not read the loop's state from Postgres",
 )
 
 

@@ -147,6 +147,14 @@ def test_approved_version_goes_live_then_rolls_back_on_thumbs_down(loop_stack, m
             "model": alias, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
         assert c.get(f"/v1/interactions/{r.headers['x-interaction-id']}",
                      headers=bearer(key)).json()["served_model"] == "base"
+        # The loop's state, read from Postgres, is on the API's /metrics for Prometheus.
+        scraped = c.get("/metrics").text
+        for line in (f'flywheel_rollbacks{{kind="automatic",tenant="{tenant}"}} 1.0',
+                     'flywheel_runs{state="rolled_back"}', 'flywheel_gate_verdicts{verdict="passed"}',
+                     f'flywheel_swap_seconds{{alias="{alias}",tenant="{tenant}"}}',
+                     f'flywheel_training_seconds{{alias="{alias}",tenant="{tenant}"}}',
+                     f'flywheel_feedback_threshold{{alias="{alias}",tenant="{tenant}"}} 16.0'):
+            assert line in scraped, line
     with db_sessions() as s:
         events = {a.action: a for a in s.scalars(select(AuditEvent).where(AuditEvent.tenant_id == tenant))}
     assert {"run.approved", "run.rolled_back"} <= set(events)

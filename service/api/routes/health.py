@@ -8,7 +8,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from service import metrics
+from service import metrics, metrics_db
 from service.api.deps import State
 
 router = APIRouter(tags=["health"])
@@ -61,5 +61,16 @@ async def readyz(state: State) -> JSONResponse:
 
 @router.get("/metrics", include_in_schema=False)
 async def prometheus_metrics(state: State) -> Response:
+    """This process's (or, in multiprocess mode, all API processes') metrics, plus the loop's
+    state from Postgres (omitted, not failed, while the database is down)."""
     body, content_type = metrics.render(state.settings.prometheus_multiproc_dir is not None)
+    try:
+        async with state.sessions() as session:
+            aliases = (await session.execute(text("SELECT tenant_id, alias FROM adapters"))).all()
+            thresholds = {(t, a): state.policies.for_alias(a, t).trigger.min_new_ratings
+                          for t, a in aliases}
+            body += await metrics_db.render(
+                session, thresholds, [(r.url, r.is_up()) for r in state.pool.replicas])
+    except Exception:  # noqa: BLE001 - scrapes must not fail with the DB; the gap shows the outage
+        metrics.SCRAPE_DB_FAILURES.inc()
     return Response(body, media_type=content_type)
