@@ -41,4 +41,11 @@ else
   "$py" -m pip install "${pip_quiet[@]}" --no-deps --no-build-isolation -e "$repo" 2>&1 \
     | grep -v "^WARNING: Location" >&2 || true
 fi
+# The ops page's browser test drives Debian's Chromium (a browser download by a test tool fails
+# on these machines).
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+  log "installing Debian chromium for the browser tests"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+    || log "could not install chromium; the browser test will fail"
+fi
 echo "$venv"
