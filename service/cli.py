@@ -108,12 +108,12 @@ def keys_list(tenant: Annotated[str | None, typer.Option(help="Only this tenant.
 
     url, sessions = _sync_sessions()
     _require_migrated(url)
-    table = Table("id", "prefix", "tenant", "role", "name", "created", "revoked")
+    table = Table("prefix", "tenant", "role", "name", "created", "revoked")
+    table.add_column("id", no_wrap=True, min_width=36)
     with session_scope(sessions) as session:
         for k in repo.list_api_keys(session, tenant):
-            table.add_row(str(k.id), k.prefix, k.tenant_id, k.role, k.name,
-                          f"{k.created_at:%Y-%m-%d %H:%M}",
-                          f"{k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "")
+            table.add_row(k.prefix, k.tenant_id, k.role, k.name, f"{k.created_at:%Y-%m-%d %H:%M}",
+                          f"{k.revoked_at:%Y-%m-%d %H:%M}" if k.revoked_at else "", str(k.id))
     console.print(table)
 
 
@@ -132,7 +132,8 @@ def keys_revoke(key: Annotated[str, typer.Argument(help="Key id or its displayed
             raise typer.Exit(2)
         repo.audit(session, tenant_id=row.tenant_id, actor="cli", action="key.revoke",
                    target_type="api_key", target_id=str(row.id))
-    console.print(f"revoked {row.prefix} ({row.tenant_id}, {row.role})")
+        summary = f"revoked {row.prefix} ({row.tenant_id}, {row.role})"
+    console.print(summary)
 
 
 @adapters_app.command("create")

@@ -60,11 +60,13 @@ def runs_list(
         q = q.where(TrainingRun.tenant_id == tenant)
     if alias:
         q = q.where(Adapter.alias == alias)
-    table = Table("run", "tenant", "alias", "state", "method", "progress", "created")
+    table = Table("tenant", "alias", "state", "method", "progress", "created")
+    table.add_column("run", no_wrap=True, min_width=36)
     with _sessions()() as s:
         for run, a in s.execute(q):
-            table.add_row(str(run.id), run.tenant_id, a, run.state, run.method or "",
-                          _progress_text(run.progress or {}), f"{run.created_at:%Y-%m-%d %H:%M:%S}")
+            table.add_row(run.tenant_id, a, run.state, run.method or "",
+                          _progress_text(run.progress or {}), f"{run.created_at:%Y-%m-%d %H:%M:%S}",
+                          str(run.id))
     console.print(table)
 
 
