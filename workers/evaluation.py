@@ -127,13 +127,23 @@ def evaluate_step(ctx: WorkerContext, claim: runs.Claim) -> str:
         reference = s.get(AdapterVersion, adapter.serving_version_id) if adapter.serving_version_id else None
         policy = Policy.model_validate(run.policy)
         cand = (candidate.id, candidate.artifact_path, candidate.sha256, candidate.lora_name)
-        ref_dir = reference.artifact_path if reference else None
+        ref = (reference.artifact_path, reference.sha256, reference.lora_name) if reference else None
+        ref_dir = ref[0] if ref else None
         tenant_id = adapter.tenant_id
     try:
         verify_artifact(cand[1], expected_sha256=cand[2], engine_base_model=settings.base_model,
                         max_lora_rank=settings.vllm_max_lora_rank)
     except ArtifactRejected as exc:
         return _reject(ctx, claim, cand[0], tenant_id, [f"artifact refused: {exc.reason}"], {}, None)
+    if ref is not None:
+        # The reference is loaded into this process too: never without its checksum.
+        try:
+            verify_artifact(ref[0], expected_sha256=ref[1], engine_base_model=settings.base_model,
+                            max_lora_rank=settings.vllm_max_lora_rank)
+        except ArtifactRejected as exc:
+            from workers.steps import StepFailed
+
+            raise StepFailed(f"serving version {ref[2]} failed verification: {exc.reason}") from exc
 
     from workers.steps import run_dir
 
