@@ -98,7 +98,10 @@ def test_method_trains_a_valid_artifact(method, tiny_model, tokenizer, tmp_path)
     assert weights_sha256(tiny_model) == base_sha  # the base is frozen and never written
     assert result.metrics["steps"] == 4 and math.isfinite(result.metrics["train_loss"])
     assert result.metrics["tokens"] > 0 and result.metrics["tokens_per_s"] > 0
-    assert result.resumed_from_step is None and result.precision == "fp32"
+    import torch
+
+    cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    assert result.resumed_from_step is None and result.precision == ("bf16" if cuda_bf16 else "fp32")
     assert {"torch", "transformers", "peft", "trl", "accelerate"} <= set(result.library_versions)
     lineage = json.loads((result.artifact_dir / LINEAGE_FILE).read_text())
     assert lineage["version"] == "v1" and lineage["dataset_sha256"] == "abc"
