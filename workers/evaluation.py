@@ -75,19 +75,34 @@ def offline_metrics(base_model: str, candidate_dir: str, reference_dir: str | No
         return completion_logprobs(model, tokenizer, items)
 
     ref_name = "reference" if reference_dir else "base"
+
+    def completion(h, text):
+        return (h["prompt"], render_completion(h["messages"], text, tokenizer, prompt=h["prompt"]))
+
+    # Implicit rewards r = log p_candidate - log p_reference (as in DPO) of every rated answer
+    # and correction. Preference accuracy compares rewards across pairs, so a candidate that
+    # lifts all in-domain text alike gains nothing: (correction, rejected answer) pairs and
+    # (thumbs-up, thumbs-down) cross pairs.
     rated = [h for h in heldout if h.get("response")]
-    rated_items = [(h["prompt"], render_completion(h["messages"], h["response"], tokenizer,
-                                                   prompt=h["prompt"])) for h in rated]
-    good = [(h["prompt"], render_completion(h["messages"], h["correction"] or h["response"],
-                                            tokenizer, prompt=h["prompt"]))
-            for h in heldout if h.get("correction") or h.get("rating") == "up"]
+    items = [completion(h, h["response"]) for h in rated]
+    corrected = [h for h in rated if h.get("correction")]
+    items += [completion(h, h["correction"]) for h in corrected]
     metrics: dict[str, Any] = {"reference": "the serving version" if reference_dir else "base"}
-    if rated_items:
-        cand, ref = score(rated_items, "candidate"), score(rated_items, ref_name)
-        signs = [1 if h["rating"] == "up" else -1 for h in rated]
-        deltas = [s * (c[0] - r[0]) for s, c, r in zip(signs, cand, ref, strict=True)]
-        metrics.update(preference_accuracy=sum(d > 0 for d in deltas) / len(deltas),
-                       reward_margin=sum(deltas) / len(deltas), n_preference=len(deltas))
+    if items:
+        cand, ref = score(items, "candidate"), score(items, ref_name)
+        rewards = [c[0] - r[0] for c, r in zip(cand, ref, strict=True)]
+        answer_reward = dict(zip(range(len(rated)), rewards[:len(rated)], strict=True))
+        pairs = [(rewards[len(rated) + k], answer_reward[rated.index(h)])
+                 for k, h in enumerate(corrected)]
+        ups = [answer_reward[i] for i, h in enumerate(rated) if h["rating"] == "up"]
+        downs = [answer_reward[i] for i, h in enumerate(rated) if h["rating"] == "down"]
+        pairs += [(u, d) for u in ups for d in downs][:5000]
+        if pairs:
+            margins = [c - r for c, r in pairs]
+            metrics.update(preference_accuracy=sum(m > 0 for m in margins) / len(margins),
+                           reward_margin=sum(margins) / len(margins), n_preference=len(margins))
+    good = [completion(h, h["correction"] or h["response"])
+            for h in heldout if h.get("correction") or h.get("rating") == "up"]
     if good:
         def nll(scores):
             tokens = sum(n for _, n in scores) or 1
@@ -99,22 +114,31 @@ def offline_metrics(base_model: str, candidate_dir: str, reference_dir: str | No
             for k, v in metrics.items()}
 
 
-async def _golden(urls: list[str], lora_name: str, artifact_path: str, cases) -> list[dict]:
-    """Generate each golden prompt with the candidate loaded under its own (never reused) name."""
-    from service.engine.vllm_admin import AlreadyLoaded, VllmAdmin
+async def _golden(ctx: WorkerContext, version_id, lora_name: str, cases) -> list[dict]:
+    """Stage the candidate (verified, loaded on every replica, kept by the reconciler) and
+    generate each golden prompt with it."""
+    from service.engine import swap as engine_swap
+    from service.engine.vllm_admin import VllmAdmin
 
-    async with VllmAdmin(urls[0], timeout_s=120) as admin:
-        try:
-            await admin.load_lora(lora_name, artifact_path)
-        except AlreadyLoaded:
-            pass
+    urls = ctx.settings.vllm_url_list
+    admins = [VllmAdmin(u, timeout_s=120) for u in urls]
+    try:
+        staged = await engine_swap.stage(ctx.sessions, admins, version_id,
+                                         engine_swap.SwapConfig.from_settings(ctx.settings),
+                                         actor="gate", reason="golden suite")
+        if not staged.ok:
+            return [{"prompt": "(staging)", "output": "", "passed": False,
+                     "failures": [f"could not stage the candidate: {staged.reason}"]}]
         results = []
         for case in cases:
-            output = await admin.smoke(lora_name, prompt=case.prompt, max_tokens=case.max_tokens)
+            output = await admins[0].smoke(lora_name, prompt=case.prompt, max_tokens=case.max_tokens)
             failures = check_golden_output(case, output)
             results.append({"prompt": case.prompt, "output": output, "passed": not failures,
                             "failures": failures})
         return results
+    finally:
+        for admin in admins:
+            await admin.aclose()
 
 
 def evaluate_step(ctx: WorkerContext, claim: runs.Claim) -> str:
@@ -154,7 +178,7 @@ def evaluate_step(ctx: WorkerContext, claim: runs.Claim) -> str:
         if not settings.vllm_url_list:
             return _reject(ctx, claim, cand[0], tenant_id,
                            ["golden suite configured but no vLLM replica to run it on"], metrics, None)
-        golden = asyncio.run(_golden(settings.vllm_url_list, cand[3], cand[1], policy.gate.golden))
+        golden = asyncio.run(_golden(ctx, cand[0], cand[3], policy.gate.golden))
     verdict = decide(policy.gate, metrics, golden)
     with session_scope(ctx.sessions) as s:
         _store_results(s, claim.run_id, cand[0], metrics, golden)
