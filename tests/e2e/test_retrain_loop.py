@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pathlib
 import time
 
 import httpx
@@ -88,8 +89,6 @@ def test_feedback_to_gated_candidate_through_the_real_worker(loop_stack, make_ke
 
         # No PII from the feedback reaches the training files.
         data_dir = version.artifact_path.rsplit("/", 1)[0] + "/data"
-        import pathlib
-
         text = "".join(p.read_text() for p in pathlib.Path(data_dir).glob("*.jsonl"))
         assert "user@example.com" not in text and "[EMAIL]" in text
 
@@ -160,3 +159,28 @@ def test_approved_version_goes_live_then_rolls_back_on_thumbs_down(loop_stack, m
     assert {"run.approved", "run.rolled_back"} <= set(events)
     assert events["run.approved"].reason == "looks good" and events["run.approved"].actor.startswith("key:")
     assert "thumbs-up 0%" in events["run.rolled_back"].reason
+
+
+def test_golden_suite_failure_blocks_promotion(loop_stack, make_key, make_alias, tenant, db_sessions):
+    api, worker, env = loop_stack
+    key = make_key(tenant, "product")
+    alias = make_alias(tenant)
+    # A tenant-and-alias policy file, picked up without a restart.
+    policy_file = pathlib.Path(env["FLYWHEEL_POLICY_DIR"]) / f"{tenant}--{alias}.yaml"
+    policy_file.write_text('gate: {golden: [{prompt: "My order is late.", must_contain: ["zebra"], '
+                           'max_tokens: 8}]}\n')
+    time.sleep(1.2)
+    with httpx.Client(base_url=api.url, timeout=60) as c:
+        chat_and_rate(c, key, alias, 16)
+        run = wait_first_run(db_sessions, tenant, alias)
+        run = wait_run(db_sessions, run.id, {"rejected", "awaiting_approval"}, timeout=400, log=worker.log)
+        assert run.state == "rejected"
+        assert run.verdict["reasons"] == [f"golden case 'My order is late.' failed: missing 'zebra'"]
+        with db_sessions() as s:
+            version = s.get(AdapterVersion, run.candidate_version_id)
+            golden = s.scalars(select(EvalResult).where(EvalResult.run_id == run.id,
+                                                        EvalResult.metric == "golden")).one()
+        assert version.status == "failed" and "golden" in version.failure_reason
+        assert golden.passed is False and golden.detail["output"]  # generated through vLLM
+        adapters = c.get("/v1/adapters", headers=bearer(key)).json()
+        assert [a["serving"] for a in adapters if a["alias"] == alias] == ["base"]
