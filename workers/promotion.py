@@ -68,8 +68,10 @@ def deploy_step(ctx: WorkerContext, claim: runs.Claim) -> str:
             return RunState.failed.value
         to = RunState.canary if canary else RunState.live
         metrics = {**(s.get(TrainingRun, claim.run_id).metrics or {}), "deploy": result.as_dict()}
-        runs.transition(s, claim.run_id, claim.owner, to, metrics=metrics,
-                        progress={"deployed_at": datetime.now(timezone.utc).isoformat()})
+        # Merged, not replaced: the ops page still charts the run's training loss.
+        progress = {**(s.get(TrainingRun, claim.run_id).progress or {}),
+                    "deployed_at": datetime.now(timezone.utc).isoformat()}
+        runs.transition(s, claim.run_id, claim.owner, to, metrics=metrics, progress=progress)
         if to == RunState.live:
             _supersede_others(s, adapter_id, claim.run_id)
     return to.value

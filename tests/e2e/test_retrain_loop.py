@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 POLICY = """
 trigger: {min_new_ratings: 16}
 training: {method: auto, max_steps: 6, batch_size: 4, learning_rate: 5.0e-3, checkpoint_every_steps: 2}
-dataset: {heldout_fraction: 0.25, min_examples: 2}
+dataset: {heldout_fraction: 0.4, min_examples: 2}
 gate: {min_preference_accuracy: 0.0, max_nll_regression: 10.0}
 approval: manual
 watch: {window_minutes: 60, min_samples: 10, max_drop: 0.1, alpha: 0.05}
@@ -182,5 +182,5 @@ def test_golden_suite_failure_blocks_promotion(loop_stack, make_key, make_alias,
                                                         EvalResult.metric == "golden")).one()
         assert version.status == "failed" and "golden" in version.failure_reason
         assert golden.passed is False and golden.detail["output"]  # generated through vLLM
-        adapters = c.get("/v1/adapters", headers=bearer(key)).json()
+        adapters = c.get("/v1/adapters", headers=bearer(make_key(tenant, "ops"))).json()
         assert [a["serving"] for a in adapters if a["alias"] == alias] == ["base"]

@@ -47,20 +47,21 @@ def live_alias(db_sessions, tiny_model, vllm, tmp_path, make_alias, tenant):
 
 def test_adapter_listing_and_detail(client, make_key, tenant, live_alias):
     alias, lora_name, _ = live_alias
-    key = make_key(tenant, "product")
-    listed = client.get("/v1/adapters", headers=bearer(key)).json()
+    key, ops = make_key(tenant, "product"), make_key(tenant, "ops")
+    assert client.get("/v1/adapters", headers=bearer(key)).status_code == 403  # ops only
+    listed = client.get("/v1/adapters", headers=bearer(ops)).json()
     assert [(a["alias"], a["serving"]) for a in listed] == [(alias, lora_name)]
     r = client.post("/v1/chat/completions", headers=bearer(key), json={
         "model": alias, "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 200
     client.post("/v1/feedback", headers=bearer(key),
                 json={"interaction_id": r.headers["x-interaction-id"], "rating": "up"})
-    detail = client.get(f"/v1/adapters/{alias}", headers=bearer(key)).json()
+    detail = client.get(f"/v1/adapters/{alias}", headers=bearer(ops)).json()
     [v1] = detail["versions"]
     assert v1["lora_name"] == lora_name and v1["status"] == "live" and v1["thumbs_up"] == 1
-    stats = client.get(f"/v1/adapters/{alias}/stats", headers=bearer(key)).json()
+    stats = client.get(f"/v1/adapters/{alias}/stats", headers=bearer(ops)).json()
     assert stats["series"][lora_name][0]["up"] == 1 and stats["feedback"] == 1
-    assert client.get("/v1/adapters/nope", headers=bearer(key)).status_code == 404
+    assert client.get("/v1/adapters/nope", headers=bearer(ops)).status_code == 404
 
 
 def test_manual_rollback_is_ops_only_and_audited(client, make_key, tenant, live_alias, db_sessions):
@@ -88,3 +89,54 @@ def test_create_alias_validates_and_is_ops_only(client, make_key, tenant):
     r = client.post("/v1/adapters", headers=bearer(ops), json={"alias": "faq-bot"})
     assert r.status_code == 201 and r.json()["serving"] == "base"
     assert client.post("/v1/adapters", headers=bearer(ops), json={"alias": "faq-bot"}).status_code == 409
+
+
+def test_canary_share_is_within_a_binomial_bound_and_feedback_follows_the_version(
+        client, make_key, tenant, live_alias, tiny_model, vllm, tmp_path, db_sessions):
+    from service.db.models import Feedback, Interaction
+    from service.engine.swap import set_canary
+
+    alias, lora_name, adapter_id = live_alias
+    key = make_key(tenant, "product")
+    artifact = make_random_lora(tiny_model, tmp_path / "v2", seed=4)
+    with session_scope(db_sessions) as s:
+        adapter = s.get(Adapter, adapter_id)
+        v2 = repo.create_version(s, adapter, artifact_path=str(artifact),
+                                 sha256=artifact_sha256(artifact), parent_version_id=None,
+                                 run_id=None, lineage={})
+        v2_id, v2_name = v2.id, v2.lora_name
+    config = SwapConfig(engine_base_model=str(tiny_model), max_lora_rank=16, drain_s=1.0)
+
+    async def canary(share):
+        async with VllmAdmin(vllm.url) as admin:
+            return await set_canary(db_sessions, [admin], adapter_id, v2_id if share else None,
+                                    share, config, actor="test")
+
+    assert asyncio.run(canary(0.3)).ok
+    try:
+        import time
+
+        time.sleep(1.2)  # past the routing cache
+        n = 240
+        ids = []
+        for i in range(n):
+            r = client.post("/v1/chat/completions", headers=bearer(key), json={
+                "model": alias, "max_tokens": 1, "user": f"user-{i}",
+                "messages": [{"role": "user", "content": "hi"}]})
+            assert r.status_code == 200, r.text
+            ids.append(uuid.UUID(r.headers["x-interaction-id"]))
+            client.post("/v1/feedback", headers=bearer(key), json={
+                "interaction_id": str(ids[-1]), "rating": "up" if i % 2 else "down",
+                "rater_id": f"user-{i}"})
+        with db_sessions() as s:
+            rows = s.execute(select(Interaction.id, Interaction.served_model, Interaction.version_id)
+                             .where(Interaction.id.in_(ids))).all()
+            fb = dict(s.execute(select(Feedback.interaction_id, Feedback.version_id)
+                                .where(Feedback.interaction_id.in_(ids))).tuples().all())
+        canaried = sum(1 for r in rows if r.served_model == v2_name)
+        # Binomial(240, 0.3): mean 72, sd 7.1; 4 sd either side fails by chance ~6e-5 of the time.
+        assert 72 - 29 <= canaried <= 72 + 29, canaried
+        assert {r.served_model for r in rows} == {lora_name, v2_name}
+        assert all(fb[r.id] == r.version_id for r in rows)  # each rating counts for who answered
+    finally:
+        asyncio.run(canary(0.0))

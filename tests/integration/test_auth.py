@@ -24,6 +24,8 @@ def routes(iid: str, alias: str) -> list[tuple[str, str, dict | None]]:
         ("POST", "/v1/feedback", {"interaction_id": iid, "rating": "up"}),
         ("GET", f"/v1/interactions/{iid}", None),
         ("GET", "/v1/audit", None),
+        ("GET", "/v1/runs", None),
+        ("GET", f"/v1/adapters/{alias}", None),
     ]
 
 
@@ -54,12 +56,12 @@ def test_missing_or_invalid_key_is_401_on_every_route(client, world, headers):
 def test_role_and_tenant_matrix(client, world):
     keys, alias, iid = world
     expected = {
-        # key: (chat, models, feedback, interaction, audit)
-        "a_product": (200, 200, 201, 200, 403),
-        "a_product2": (200, 200, 404, 404, 403),  # product keys see only their own interactions
-        "a_ops": (200, 200, 201, 200, 200),
-        "b_product": (404, 200, 404, 404, 403),  # another tenant's alias and interaction: 404
-        "b_ops": (404, 200, 404, 404, 200),
+        # key: (chat, models, feedback, interaction, audit, runs, adapter)
+        "a_product": (200, 200, 201, 200, 403, 403, 403),
+        "a_product2": (200, 200, 404, 404, 403, 403, 403),  # product keys: only own interactions
+        "a_ops": (200, 200, 201, 200, 200, 200, 200),
+        "b_product": (404, 200, 404, 404, 403, 403, 403),  # another tenant's alias, interaction: 404
+        "b_ops": (404, 200, 404, 404, 200, 200, 404),
     }
     for who, statuses in expected.items():
         got = tuple(client.request(m, p, json=b, headers=bearer(keys[who])).status_code

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select, text
 
-from service.api.deps import Caller, OpsCaller, State
+from service.api.deps import OpsCaller, State
 from service.api.errors import ApiError
 from service.api.schemas import AliasPath
 from service.db import repositories as repo
@@ -87,7 +87,7 @@ def _summary(a: Adapter, names: dict, base: str) -> dict[str, Any]:
 
 
 @router.get("/v1/adapters", response_model=list[AdapterOut])
-async def list_adapters(caller: Caller, state: State) -> list[AdapterOut]:
+async def list_adapters(caller: OpsCaller, state: State) -> list[AdapterOut]:
     """The tenant's aliases with what each serves."""
     async with state.sessions() as session:
         adapters = (await session.scalars(select(Adapter).where(Adapter.tenant_id == caller.tenant_id)
@@ -117,7 +117,7 @@ async def create_adapter(body: AdapterCreate, caller: OpsCaller, state: State) -
 
 
 @router.get("/v1/adapters/{alias}", response_model=AdapterDetail)
-async def get_adapter(alias: AliasPath, caller: Caller, state: State) -> AdapterDetail:
+async def get_adapter(alias: AliasPath, caller: OpsCaller, state: State) -> AdapterDetail:
     """An alias: serving and canary versions, and every version with its ratings."""
     async with state.sessions() as session:
         adapter = await _adapter(session, caller.tenant_id, alias)
@@ -134,7 +134,7 @@ async def get_adapter(alias: AliasPath, caller: Caller, state: State) -> Adapter
 
 
 @router.get("/v1/adapters/{alias}/stats")
-async def adapter_stats(alias: AliasPath, caller: Caller, state: State,
+async def adapter_stats(alias: AliasPath, caller: OpsCaller, state: State,
                         bucket_minutes: Annotated[int, Query(ge=1, le=1440)] = 5,
                         hours: Annotated[int, Query(ge=1, le=24 * 30)] = 24) -> dict:
     """Thumbs-up rate over time per version that answered (for the ops page's chart)."""

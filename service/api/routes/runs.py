@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
-from service.api.deps import Caller, OpsCaller, State
+from service.api.deps import OpsCaller, State
 from service.api.errors import ApiError
 from service.api.schemas import AliasQuery
 from service.db.models import Adapter, AdapterVersion, EvalResult, RunState, TrainingRun
@@ -87,7 +87,7 @@ def _out(run: TrainingRun, alias: str, names: dict) -> dict:
 
 
 @router.get("/v1/runs", response_model=list[RunOut])
-async def list_runs(caller: Caller, state: State,
+async def list_runs(caller: OpsCaller, state: State,
                     alias: AliasQuery = None,
                     run_state: Annotated[RunState | None, Query(alias="state")] = None,
                     limit: Annotated[int, Query(ge=1, le=500)] = 50) -> list[RunOut]:
@@ -107,7 +107,7 @@ async def list_runs(caller: Caller, state: State,
 
 
 @router.get("/v1/runs/{run_id}", response_model=RunDetail)
-async def get_run(run_id: uuid.UUID, caller: Caller, state: State) -> RunDetail:
+async def get_run(run_id: uuid.UUID, caller: OpsCaller, state: State) -> RunDetail:
     """A run with progress, dataset stats, metrics, verdict, lineage and eval results."""
     async with state.sessions() as session:
         run, alias = await _load(session, caller.tenant_id, run_id)

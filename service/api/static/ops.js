@@ -14,7 +14,8 @@
   const BASE_COLOR = "#6b7280";
 
   const S = { key: null, me: null, runs: [], adapters: [], runId: null, alias: null,
-              timer: null, inflight: null, again: false, busy: false, pinned: false };
+              timer: null, inflight: null, again: false, busy: false, pinned: false,
+              session: 0 };  // bumped at sign-out: answers to an older session are dropped
 
   const $ = (id) => document.getElementById(id);
 
@@ -64,6 +65,9 @@
     const n = Number(v);
     return Number.isInteger(n) ? String(n) : n.toFixed(digits);
   }
+
+  // Metrics keep their decimals (1.00, not 1) so a column reads evenly.
+  const fixed = (v, digits) => (v === null || v === undefined ? "—" : Number(v).toFixed(digits));
 
   const pct = (v) => (v === null || v === undefined ? "—" : `${Math.round(v * 100)}%`);
   const short = (id) => String(id || "").slice(0, 8);
@@ -172,6 +176,7 @@
   }
 
   function signOut(message) {
+    S.session += 1;
     S.key = null;
     S.me = null;
     S.runs = [];
@@ -182,6 +187,8 @@
     clearTimeout(S.timer);
     sessionStorage.removeItem(KEY_STORE);
     // Nothing fetched with the old key stays on the page.
+    versionCache.clear();
+    lossSeen.clear();
     for (const id of ["aliases-body", "runs-body", "audit-body", "versions-body", "gate-head",
                       "gate-body", "golden-body", "run-facts", "verdict", "dataset-facts",
                       "training-facts", "thumbs-chart", "version-gate-chart", "gate-chart",
@@ -232,10 +239,11 @@
   }
 
   async function refreshOnce() {
+    const session = S.session;
     try {
       const [adapters, runs, audit] = await Promise.all([
         api("/v1/adapters"), api("/v1/runs?limit=50"), api("/v1/audit?limit=100")]);
-      if (!S.key) return;
+      if (!S.key || session !== S.session) return;
       S.adapters = adapters;
       S.runs = runs;
       pickDefaults();
@@ -245,6 +253,7 @@
       await Promise.all([S.runId ? loadRun(S.runId) : null, S.alias ? loadAlias(S.alias) : null]);
       $("banner").hidden = true;
     } catch (err) {
+      if (session !== S.session) return;
       if (err.status === 401 || err.status === 403) return signOut(authMessage(err));
       showBanner(`Could not refresh: ${err.message}. Retrying…`);
     }
@@ -317,23 +326,21 @@
         ` · ${v.thumbs_up} up · ${v.thumbs_down} down`)));
   }
 
-  async function loadAliasVersions() {
-    // Versions for every alias's chips: a handful of aliases per tenant, so one call each.
-    await Promise.all(S.adapters.map(async (a) => {
-      const detail = await api(`/v1/adapters/${encodeURIComponent(a.alias)}`);
-      versionCache.set(a.alias, detail.versions);
-    }));
+  function loadAliasDetails() {
+    // Every alias's versions, for the chips: a handful of aliases per tenant, so one call each.
+    return Promise.all(S.adapters.map((a) => api(`/v1/adapters/${encodeURIComponent(a.alias)}`)));
   }
 
   async function loadAlias(alias) {
     const [range, bucket] = $("stats-range").value.split(":");
     const enc = encodeURIComponent(alias);
-    const [detail, stats] = await Promise.all([
-      api(`/v1/adapters/${enc}`),
-      api(`/v1/adapters/${enc}/stats?hours=${range}&bucket_minutes=${bucket}`),
-      loadAliasVersions()]);
-    if (!S.key || S.alias !== alias) return;
-    versionCache.set(alias, detail.versions);
+    const session = S.session;
+    const [details, stats] = await Promise.all([
+      loadAliasDetails(), api(`/v1/adapters/${enc}/stats?hours=${range}&bucket_minutes=${bucket}`)]);
+    if (!S.key || session !== S.session || S.alias !== alias) return;
+    for (const d of details) versionCache.set(d.alias, d.versions);
+    const detail = details.find((d) => d.alias === alias);
+    if (!detail) return;
     renderAliases();
     renderAliasDetail(detail, stats);
   }
@@ -360,8 +367,8 @@
         h("td", { class: "num", text: v.thumbs_up }),
         h("td", { class: "num", text: v.thumbs_down }),
         h("td", { class: "num", text: n ? pct(v.thumbs_up / n) : "—" }),
-        h("td", { class: "num", text: num(g.preference_accuracy, 2) }),
-        h("td", { class: "num", text: num(g.reward_margin, 3) }),
+        h("td", { class: "num", text: fixed(g.preference_accuracy, 2) }),
+        h("td", { class: "num", text: fixed(g.reward_margin, 3) }),
         h("td", {}, when(v.created_at)),
         h("td", {}, when(v.promoted_at)));
     }) : emptyRow(9, "No trained versions yet: the alias serves the base model."));
@@ -456,9 +463,12 @@
     const v = r.verdict || {};
     const mark = v.passed === true ? h("span", { class: "ok", text: "✓ passed" })
                : v.passed === false ? h("span", { class: "bad", text: "✗ failed" }) : null;
+    if (g.preference_accuracy === undefined && g.nll_candidate === undefined) {
+      return h("div", { class: "small" }, mark, h("div", { class: "muted", text: "no held-out metrics" }));
+    }
     return h("div", { class: "small" }, mark,
-      h("div", {}, `pref. acc ${num(g.preference_accuracy, 2)} · margin ${num(g.reward_margin, 2)}`),
-      h("div", {}, `NLL ${num(g.nll_candidate, 3)} vs ${num(g.nll_reference, 3)}`));
+      h("div", {}, `pref. acc ${fixed(g.preference_accuracy, 2)} · margin ${fixed(g.reward_margin, 2)}`),
+      h("div", {}, `NLL ${fixed(g.nll_candidate, 3)} vs ${fixed(g.nll_reference, 3)}`));
   }
 
   function selectRun(id) {
@@ -470,8 +480,9 @@
   }
 
   async function loadRun(id) {
+    const session = S.session;
     const run = await api(`/v1/runs/${encodeURIComponent(id)}`);
-    if (!S.key || S.runId !== id) return;
+    if (!S.key || session !== S.session || S.runId !== id) return;
     renderReport(run);
   }
 
@@ -497,7 +508,7 @@
       ["Compared with", h("code", { text: run.parent_version || "base" })],
       ["Created", when(run.created_at)],
       ["Finished", when(run.finished_at)],
-      ["Attempts", run.attempts],
+      ["Worker claims", run.attempts],
       ["Dataset sha256", lin.dataset && lin.dataset.sha256 ? h("code", { title: lin.dataset.sha256, text: short(lin.dataset.sha256) }) : "—"],
       ["Artifact sha256", lin.sha256 ? h("code", { title: lin.sha256, text: short(lin.sha256) }) : "—"],
     ];
@@ -549,10 +560,10 @@
       h("td", { class: "num", text: c }), h("td", { class: "num", text: r }),
       h("td", { class: "num", text: b }));
     fill($("gate-body"),
-      row("Preference accuracy", num(g.preference_accuracy, 2), "—", "—",
-          `candidate beats reference on ${g.n_preference ?? 0} rated held-out answers`),
-      row("Reward margin", num(g.reward_margin, 3), "—", "—", "mean log-prob gain in the rated direction"),
-      row("NLL, good answers", num(g.nll_candidate, 3), num(g.nll_reference, 3), num(g.nll_base, 3),
+      row("Preference accuracy", fixed(g.preference_accuracy, 2), "—", "—",
+          `share of ${g.n_preference ?? 0} held-out comparisons the candidate orders right`),
+      row("Reward margin", fixed(g.reward_margin, 3), "—", "—", "mean implied-reward margin over them"),
+      row("NLL, good answers", fixed(g.nll_candidate, 3), fixed(g.nll_reference, 3), fixed(g.nll_base, 3),
           `${g.n_nll ?? 0} answers, lower is better`));
     barChart($("gate-chart"), [{ label: "NLL on good held-out answers", bars: [
       { name: `candidate ${cand}`, value: g.nll_candidate, color: PALETTE[0] },
@@ -561,8 +572,13 @@
       { empty: "No NLL measured.", title: "NLL of candidate, reference and base" });
   }
 
+  // The deploy step replaces a run's progress (and its loss history): keep what this tab saw.
+  const lossSeen = new Map();
+
   function renderLoss(run) {
-    const history = (run.progress || {}).loss_history || [];
+    let history = (run.progress || {}).loss_history || [];
+    if (history.length) lossSeen.set(run.id, history);
+    else history = lossSeen.get(run.id) || [];
     const t = (run.metrics || {}).training || {};
     lineChart($("loss-chart"), history.length ? [{
       name: "loss", color: PALETTE[0],
@@ -766,9 +782,12 @@
     }
     const xs = o.xLabel === "step" ? ticks(x0, x1, 5).filter((x) => Number.isInteger(x))
                                    : [x0, (x0 + x1) / 2, x1];
-    for (const x of xs) {
-      g.append(s("text", { x: sx(x), y: H - M.b + 16, "text-anchor": "middle", text: o.xFmt(x) }));
-    }
+    xs.forEach((x, i) => {
+      // Time labels are wide: the outer ones hang inwards so the frame never clips them.
+      const anchor = o.xLabel === "step" || xs.length < 2 ? "middle"
+        : i === 0 ? "start" : i === xs.length - 1 ? "end" : "middle";
+      g.append(s("text", { x: sx(x), y: H - M.b + 16, "text-anchor": anchor, text: o.xFmt(x) }));
+    });
     g.append(s("line", { x1: M.l, x2: W - M.r, y1: H - M.b, y2: H - M.b, class: "axis" }));
     if (o.xLabel) g.append(s("text", { x: W - M.r, y: H - 2, "text-anchor": "end", class: "label", text: o.xLabel }));
     return g;

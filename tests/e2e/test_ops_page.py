@@ -1,0 +1,196 @@
+"""The ops page in real headless Chromium: a run gated through the real loop is approved from
+the page, and the page shows the alias switching to the new version. A product key sees nothing."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.db.models import AdapterVersion
+from tests.e2e.test_retrain_loop import chat_and_rate
+from tests.helpers.runs import wait_first_run, wait_run
+from tests.helpers.stack import ApiProcess, WorkerProcess, flywheel_env
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+# The retrain-loop test's policy, with a larger held-out share: at 0.25, 16 ratings leave the
+# held-out set empty now and then, and the gate has no metrics to show.
+POLICY = """
+trigger: {min_new_ratings: 16}
+training: {method: auto, max_steps: 6, batch_size: 4, learning_rate: 5.0e-3, checkpoint_every_steps: 2}
+dataset: {heldout_fraction: 0.4, min_examples: 2}
+gate: {min_preference_accuracy: 0.0, max_nll_regression: 10.0}
+approval: manual
+watch: {window_minutes: 60, min_samples: 10, max_drop: 0.1, alpha: 0.05}
+rollback: {automatic: false}
+"""
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+UI_TIMEOUT_MS = 15_000
+TRAIN_TIMEOUT_MS = 240_000
+DEPLOY_TIMEOUT_MS = 120_000
+
+
+@pytest.fixture(scope="module")
+def page_stack(api_settings, stack_root, tmp_path_factory):
+    """An API and a real Celery worker (beat included) with a small, manually approved policy."""
+    policies = tmp_path_factory.mktemp("ops-page-policies")
+    (policies / "default.yaml").write_text(POLICY)
+    env = flywheel_env(**{**api_settings, "policy_dir": str(policies),
+                          "artifact_dir": str(stack_root / "ops-page-artifacts"), "run_lease_s": "20",
+                          "sweep_interval_s": "2", "watch_interval_s": "2"})
+    api = ApiProcess(env=env, log=stack_root / "api-ops-page-e2e.log").start()
+    worker = WorkerProcess(env=env, log=stack_root / "worker-ops-page.log", name="wops",
+                           beat=True).start()
+    yield api, worker
+    worker.stop()
+    api.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """The system Chromium, driven by Playwright (no browser download)."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("the playwright package is missing: pip install playwright (no browser download needed)")
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium")
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@dataclass
+class Watched:
+    """What the page did besides rendering: failures it hit, and every URL it requested."""
+
+    problems: list[str] = field(default_factory=list)
+    urls: list[str] = field(default_factory=list)
+
+
+@pytest.fixture()
+def page(browser):
+    """A fresh context (its own sessionStorage); page.watched records failures and URLs."""
+    context = browser.new_context(viewport={"width": 1440, "height": 900})
+    pg = context.new_page()
+    pg.set_default_timeout(UI_TIMEOUT_MS)
+    w = pg.watched = Watched()
+    pg.on("pageerror", lambda e: w.problems.append(f"pageerror: {e}"))
+    pg.on("console", lambda m: w.problems.append(f"console: {m.text}") if m.type == "error" else None)
+    pg.on("response", lambda r: w.problems.append(f"HTTP {r.status} {r.url}") if r.status >= 400 else None)
+    pg.on("request", lambda r: w.urls.append(r.url))
+    yield pg
+    context.close()
+
+
+def sign_in(page, key: str) -> None:
+    page.get_by_label("Ops API key").fill(key)
+    page.get_by_role("button", name="Sign in").click()
+
+
+def expect_or_log(assertion, log: Path) -> None:
+    """Run a Playwright expectation; on failure, show the worker's log tail with it."""
+    try:
+        assertion()
+    except AssertionError as exc:
+        tail = log.read_text()[-3000:] if log.exists() else ""
+        raise AssertionError(f"{exc}\n--- worker log tail ---\n{tail}") from None
+
+
+def test_review_and_approve_a_run_from_the_page(page_stack, page, make_key, make_alias, tenant,
+                                                db_sessions, tmp_path):
+    from playwright.sync_api import expect
+
+    api, worker = page_stack
+    key, ops = make_key(tenant, "product"), make_key(tenant, "ops")
+    alias = make_alias(tenant)
+    page.goto(f"{api.url}/ops")
+
+    # A product key: a clear message, and no data on the page.
+    sign_in(page, key)
+    expect(page.get_by_test_id("auth-error")).to_contain_text("needs an ops key")
+    expect(page.locator("#app")).to_be_hidden()
+    expect(page.get_by_test_id("alias-row")).to_have_count(0)
+    expect(page.get_by_test_id("run-row")).to_have_count(0)
+
+    sign_in(page, ops)
+    expect(page.get_by_test_id("whoami")).to_contain_text(f"tenant {tenant}")
+    expect(page.get_by_test_id("auth-error")).to_be_hidden()
+    alias_row = page.locator(f'[data-testid="alias-row"][data-alias="{alias}"]')
+    expect(alias_row.get_by_test_id("alias-serving")).to_have_text("base")
+
+    # Ratings through the API start a run; the page picks it up and follows it live.
+    with httpx.Client(base_url=api.url, timeout=60) as c:
+        chat_and_rate(c, key, alias, 16)
+    run = wait_first_run(db_sessions, tenant, alias)
+    row = page.locator(f'[data-testid="run-row"][data-run-id="{run.id}"]')
+    expect_or_log(lambda: expect(row.get_by_test_id("run-progress")).to_contain_text(
+        re.compile(r"\d+/6"), timeout=TRAIN_TIMEOUT_MS), worker.log)
+    expect_or_log(lambda: expect(row).to_have_attribute(
+        "data-state", "awaiting_approval", timeout=TRAIN_TIMEOUT_MS), worker.log)
+    run = wait_run(db_sessions, run.id, {"awaiting_approval"}, timeout=5)
+    with db_sessions() as s:
+        lora_name = s.get(AdapterVersion, run.candidate_version_id).lora_name
+
+    # The run waits for a human, with its gate metrics; the alias still serves the base model.
+    expect(row.get_by_test_id("state-badge")).to_have_text("awaiting approval")
+    expect(row.get_by_test_id("run-progress")).to_contain_text("6/6")
+    expect(row.get_by_test_id("run-gate")).to_contain_text("passed")
+    expect(row.get_by_test_id("run-gate")).to_contain_text(re.compile(r"pref\. acc \d"))
+    expect(alias_row.get_by_test_id("alias-serving")).to_have_text("base")
+
+    row.get_by_role("button", name=re.compile("^Review")).click()
+    report = page.get_by_test_id("run-report")
+    expect(report).to_have_attribute("data-run-id", str(run.id))
+    expect(page.get_by_test_id("verdict-headline")).to_have_text("✓ Gate passed")
+    expect(page.get_by_test_id("gate-table")).to_contain_text(lora_name)
+    expect(page.get_by_test_id("gate-table")).to_contain_text("Preference accuracy")
+    expect(page.get_by_test_id("loss-chart").locator("svg polyline")).to_have_count(1)
+    expect(page.get_by_test_id("dataset-stats")).to_contain_text("train items")
+
+    # Approve, with a reason, through the confirmation dialog.
+    page.get_by_test_id("approve-button").click()
+    dialog = page.get_by_test_id("confirm-dialog")
+    expect(dialog).to_be_visible()
+    expect(dialog).to_contain_text(lora_name)
+    dialog.get_by_label("Reason").fill("approved from the ops page")
+    dialog.get_by_role("button", name="Approve").click()
+    expect(dialog).to_be_hidden()
+
+    # The page follows the deploy on its own: the alias switches, the run goes live.
+    expect_or_log(lambda: expect(alias_row.get_by_test_id("alias-serving")).to_have_text(
+        lora_name, timeout=DEPLOY_TIMEOUT_MS), worker.log)
+    expect(row).to_have_attribute("data-state", "live")
+    expect(page.get_by_test_id("approve-button")).to_be_hidden()
+    expect(page.locator('[data-testid="audit-row"][data-action="run.approved"]')).to_contain_text(
+        "approved from the ops page")
+    expect(page.get_by_test_id("thumbs-chart").locator("svg")).to_have_count(1)
+    with db_sessions() as s:
+        assert s.get(AdapterVersion, run.candidate_version_id).status == "live"
+
+    page.evaluate("window.scrollTo(0, 0)")  # the sticky header belongs at the top of the shot
+    shot = tmp_path / "ops-page.png"
+    page.screenshot(path=str(shot), full_page=True)
+    print(f"ops page screenshot: {shot}")
+
+    # Rollback from the alias row puts the base model back.
+    alias_row.get_by_test_id("rollback-button").click()
+    expect(dialog).to_be_visible()
+    dialog.get_by_label("Reason").fill("rolled back from the ops page")
+    dialog.get_by_role("button", name="Roll back").click()
+    expect(dialog).to_be_hidden()
+    expect(alias_row.get_by_test_id("alias-serving")).to_have_text("base")
+    expect(page.locator('[data-testid="audit-row"][data-action="adapter.rollback"]')).to_contain_text(
+        "rolled back from the ops page")
+
+    # The key only ever travels in headers, and nothing on the page failed.
+    assert not [u for u in page.watched.urls if ops in u or key in u]
+    assert not page.watched.problems, page.watched.problems
