@@ -16,8 +16,6 @@ import asyncio
 import time
 import uuid
 
-import httpx
-import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from bench._stack import BenchStack, save, summarize

@@ -12,7 +12,7 @@ from sqlalchemy import select, text
 
 from service import runs
 from service.db import repositories as repo
-from service.db.models import Adapter, AdapterVersion, RunState, TrainingRun
+from service.db.models import Adapter, RunState, TrainingRun
 from service.db.session import session_scope
 from service.engine import swap as engine_swap
 from service.engine.vllm_admin import VllmAdmin

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from service.db.models import AdapterVersion
-from tests.e2e.test_retrain_loop import chat_and_rate
+from tests.helpers.loop import chat_and_rate
 from tests.helpers.runs import wait_first_run, wait_run
 from tests.helpers.stack import ApiProcess, WorkerProcess, flywheel_env
 

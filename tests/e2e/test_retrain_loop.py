@@ -12,6 +12,7 @@ from sqlalchemy import select
 from service.db.models import AdapterVersion, AuditEvent, EvalResult
 from service.engine.artifact import verify_artifact
 from tests.conftest import bearer
+from tests.helpers.loop import chat_and_rate
 from tests.helpers.runs import wait_first_run, wait_run
 from tests.helpers.stack import ApiProcess, WorkerProcess, flywheel_env
 
@@ -27,9 +28,6 @@ watch: {window_minutes: 60, min_samples: 10, max_drop: 0.1, alpha: 0.05}
 rollback: {automatic: true}
 """
 
-PROMPTS = ["Where is my order {i}?", "How do I reset my password ({i})?", "Can I get a refund for item {i}?",
-           "My parcel {i} is late, what now?"]
-
 
 @pytest.fixture(scope="module")
 def loop_stack(api_settings, stack_root, tmp_path_factory):
@@ -43,24 +41,6 @@ def loop_stack(api_settings, stack_root, tmp_path_factory):
     yield api, worker, env
     worker.stop()
     api.stop()
-
-
-def chat_and_rate(c, key, alias, n, rating=None) -> list[str]:
-    """n chats through the gateway, each rated (alternating up/down unless rating is given)."""
-    ids = []
-    for i in range(n):
-        r = c.post("/v1/chat/completions", headers=bearer(key), json={
-            "model": alias, "max_tokens": 6, "temperature": 0,
-            "messages": [{"role": "user", "content": PROMPTS[i % 4].format(i=i)}]})
-        assert r.status_code == 200, r.text
-        ids.append(r.headers["x-interaction-id"])
-    for i, iid in enumerate(ids):
-        body = {"interaction_id": iid, "rating": rating or ("up" if i % 2 else "down"),
-                "rater_id": f"u{i % 5}"}
-        if rating is None and i % 4 == 0:
-            body["correction"] = "Thanks for asking: your order ships tomorrow, user@example.com."
-        assert c.post("/v1/feedback", headers=bearer(key), json=body).status_code == 201
-    return ids
 
 
 def test_feedback_to_gated_candidate_through_the_real_worker(loop_stack, make_key, make_alias, tenant,
@@ -175,7 +155,7 @@ def test_golden_suite_failure_blocks_promotion(loop_stack, make_key, make_alias,
         run = wait_first_run(db_sessions, tenant, alias)
         run = wait_run(db_sessions, run.id, {"rejected", "awaiting_approval"}, timeout=400, log=worker.log)
         assert run.state == "rejected"
-        assert run.verdict["reasons"] == [f"golden case 'My order is late.' failed: missing 'zebra'"]
+        assert run.verdict["reasons"] == ["golden case 'My order is late.' failed: missing 'zebra'"]
         with db_sessions() as s:
             version = s.get(AdapterVersion, run.candidate_version_id)
             golden = s.scalars(select(EvalResult).where(EvalResult.run_id == run.id,

@@ -7,7 +7,6 @@ import uuid
 
 import pytest
 from sqlalchemy import select
-from sqlalchemy.orm import sessionmaker
 
 from service.db import repositories as repo
 from service.db.models import Adapter, AuditEvent
