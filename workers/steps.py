@@ -121,8 +121,18 @@ def train(ctx: WorkerContext, claim: runs.Claim) -> str:
         parent_dir = Path(parent.artifact_path) if parent and policy.training.start_from == "serving" else None
         parent_info = {"version_id": str(parent.id), "lora_name": parent.lora_name,
                        "sha256": parent.sha256} if parent else None
+        parent_sha = parent.sha256 if parent else None
         tenant_id, alias, adapter_id = adapter.tenant_id, adapter.alias, adapter.id
 
+    if parent_dir is not None:
+        # Training loads the parent's weights: only after its checksum matches the record.
+        from service.engine.artifact import ArtifactRejected, verify_artifact
+
+        try:
+            verify_artifact(parent_dir, expected_sha256=parent_sha, engine_base_model=base_model,
+                            max_lora_rank=ctx.settings.vllm_max_lora_rank)
+        except ArtifactRejected as exc:
+            raise StepFailed(f"parent version failed verification: {exc.reason}") from exc
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     d = policy.dataset
     raters = {item.rater_id for item in new}
