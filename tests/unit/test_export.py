@@ -1,0 +1,360 @@
+"""workers.export on the tiny model with a random LoRA: merged export, GGUF, Modelfile, the gate.
+
+The merged model must reproduce the served version (base + unmerged LoRA, which is what vLLM
+serves) greedily and exactly. GGUF files are checked at file level always, and through
+llama.cpp's Python bindings when llama-cpp-python is installed (those tests skip otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from service.engine.artifact import file_sha256
+from workers import export as ex
+
+QUESTIONS = ["What colour is the car?", "Where is Paris?", "My order is late.",
+             "What is two plus three?", "Tell me about the weather in Oslo."]
+MAX_NEW = 16
+
+
+def _prompts(tok) -> list:
+    # Golden prompts arrive as messages; held-out ones as already-rendered text: cover both.
+    golden = [[{"role": "user", "content": q}] for q in QUESTIONS[:3]]
+    heldout = [tok.apply_chat_template([{"role": "system", "content": "Be brief."},
+                                        {"role": "user", "content": q}],
+                                       tokenize=False, add_generation_prompt=True)
+               for q in QUESTIONS[3:]]
+    return golden + heldout
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model, tmp_path_factory) -> Path:
+    from tests.helpers.vllm import make_random_lora
+
+    return make_random_lora(tiny_model, tmp_path_factory.mktemp("lora") / "adapter", seed=3)
+
+
+@pytest.fixture(scope="module")
+def merged(tiny_model, adapter, tmp_path_factory) -> ex.MergedResult:
+    out = tmp_path_factory.mktemp("export") / "merged"
+    return ex.merge_adapter(tiny_model, adapter, out, lineage={"alias": "demo", "version": 3})
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model, adapter) -> ex.Memo:
+    return ex.Memo(ex.load_served(tiny_model, adapter))
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tiny_model, tokenizer) -> list[list[int]]:
+    return ex.encode_prompts(tiny_model, _prompts(tokenizer))
+
+
+@pytest.fixture(scope="module")
+def ggufs(merged, tmp_path_factory) -> dict[str, ex.GgufResult]:
+    root = tmp_path_factory.mktemp("gguf")
+    return {q: ex.export_gguf(merged, root / q, q) for q in ("f16", "q8_0", "tq2_0")}
+
+
+# --- merged -----------------------------------------------------------------------------------
+
+
+def test_merged_reproduces_served_greedy_exactly(served, merged, prompt_ids):
+    metrics = ex.consistency(served, ex.load_merged(merged.path), prompt_ids,
+                             max_new_tokens=MAX_NEW)
+    assert metrics["exact_match"] == 1.0
+    assert metrics["token_agreement"] == 1.0
+    assert abs(metrics["nll_delta"]) < 1e-5
+    assert ex.judge(metrics, ex.Tolerance(), "merged") == []
+    # Non-vacuous: the LoRA changes the outputs, so matching the base would not pass.
+    assert all(p["reference"] for p in metrics["per_prompt"])
+
+
+def test_gate_would_catch_a_merge_that_dropped_the_adapter(served, tiny_model, prompt_ids):
+    base_only = ex.TorchLM(ex.load_merged(tiny_model).model, served.stop_ids)
+    metrics = ex.consistency(served, base_only, prompt_ids, max_new_tokens=MAX_NEW)
+    reasons = ex.judge(metrics, ex.Tolerance(), "merged")
+    assert metrics["exact_match"] < 1.0 and reasons
+    assert any("greedy output differs" in r for r in reasons)
+
+
+def test_merged_export_is_a_standalone_hashed_artifact(tiny_model, adapter, merged):
+    from service.engine.artifact import artifact_sha256
+    from service.tiny_model import weights_sha256
+
+    files = {p.name for p in merged.path.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
+            "chat_template.jinja", ex.LINEAGE_FILE} <= files
+    assert not any(n.startswith("adapter_") for n in files)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert file_sha256(merged.path / name) == file_sha256(tiny_model / name)
+    lineage = json.loads((merged.path / ex.LINEAGE_FILE).read_text())
+    assert lineage["sha256"] == merged.sha256 == ex.export_sha256(merged.path)
+    assert lineage["adapter"]["sha256"] == artifact_sha256(adapter)
+    assert lineage["base"]["weights_sha256"] == weights_sha256(tiny_model)
+    assert (lineage["alias"], lineage["version"], lineage["format"]) == ("demo", 3, "merged")
+
+
+def test_export_sha256_covers_every_file_but_lineage(merged, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(merged.path, copy)
+    (copy / ex.LINEAGE_FILE).write_text("{}")
+    assert ex.export_sha256(copy) == merged.sha256
+    with open(copy / "tokenizer_config.json", "a") as fh:
+        fh.write(" ")
+    assert ex.export_sha256(copy) != merged.sha256
+
+
+# --- GGUF at file level -----------------------------------------------------------------------
+
+
+def _reader(path: Path):
+    import gguf
+
+    return gguf.GGUFReader(str(path))
+
+
+def _field(reader, key: str):
+    return reader.fields[key].contents()
+
+
+def test_gguf_carries_hparams_tokenizer_and_lineage(ggufs, merged, tokenizer):
+    r = _reader(ggufs["q8_0"].gguf_path)
+    cfg = json.loads((merged.path / "config.json").read_text())
+    assert _field(r, "general.architecture") == "llama"
+    assert _field(r, "llama.block_count") == cfg["num_hidden_layers"]
+    assert _field(r, "llama.embedding_length") == cfg["hidden_size"]
+    assert _field(r, "llama.feed_forward_length") == cfg["intermediate_size"]
+    assert _field(r, "llama.attention.head_count_kv") == cfg["num_key_value_heads"]
+    assert _field(r, "llama.context_length") == cfg["max_position_embeddings"]
+    assert _field(r, "tokenizer.ggml.model") == "gpt2"
+    tokens = _field(r, "tokenizer.ggml.tokens")
+    assert tokens == [tokenizer.convert_ids_to_tokens(i) for i in range(len(tokenizer))]
+    assert _field(r, "tokenizer.ggml.bos_token_id") == tokenizer.bos_token_id
+    assert _field(r, "tokenizer.ggml.eos_token_id") == tokenizer.eos_token_id
+    assert _field(r, "tokenizer.chat_template") == tokenizer.chat_template
+    assert _field(r, "flywheel.merged.sha256") == merged.sha256
+    assert ggufs["q8_0"].tensor_types == {"Q8_0": 16, "F32": 5}
+
+
+def test_gguf_weights_roundtrip_within_quantization_error(ggufs, merged):
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    hf = load_file(merged.path / "model.safetensors")
+    cfg = json.loads((merged.path / "config.json").read_text())
+    want = ex._llama_permute("model.layers.0.self_attn.q_proj.weight",
+                             hf["model.layers.0.self_attn.q_proj.weight"], cfg)
+    errors = {}
+    for quant in ("f16", "q8_0", "tq2_0"):
+        t = next(t for t in _reader(ggufs[quant].gguf_path).tensors
+                 if t.name == "blk.0.attn_q.weight")
+        got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(want.shape)
+        errors[quant] = float(np.abs(got - want).mean() / np.abs(want).mean())
+    assert errors["f16"] < 1e-3 < errors["q8_0"] < 2e-2 < errors["tq2_0"]
+
+
+def test_export_dir_has_modelfile_and_lineage(ggufs, merged):
+    res = ggufs["f16"]
+    assert sorted(p.name for p in res.path.iterdir()) == [ex.MODELFILE, ex.LINEAGE_FILE,
+                                                           ex.GGUF_FILE]
+    lineage = json.loads((res.path / ex.LINEAGE_FILE).read_text())
+    assert lineage["gguf_sha256"] == file_sha256(res.gguf_path) == res.gguf_sha256
+    assert lineage["sha256"] == ex.export_sha256(res.path)
+    assert lineage["parent"] == {"format": "merged", "sha256": merged.sha256}
+    assert lineage["quant"] == "f16" and lineage["adapter"]["sha256"]
+    assert ggufs["q8_0"].bytes < ggufs["f16"].bytes * 0.6
+
+
+def test_gate_refuses_to_pass_without_prompts(served, merged):
+    metrics = ex.consistency(served, ex.load_merged(merged.path), [], max_new_tokens=MAX_NEW)
+    assert ex.judge(metrics, ex.Tolerance(), "merged") == [
+        "no held-out or golden prompts to compare on: the consistency gate cannot run"]
+
+
+def test_unknown_quant_is_refused(merged, tmp_path):
+    with pytest.raises(ValueError, match="unknown quantization"):
+        ex.to_gguf(merged.path, tmp_path / "x.gguf", "q3_xx")
+
+
+# --- Ollama Modelfile -------------------------------------------------------------------------
+
+
+def test_modelfile_template_renders_like_the_chat_template(tokenizer, tiny_model):
+    cfg = json.loads((tiny_model / "tokenizer_config.json").read_text())
+    fmt = ex.turn_format(tokenizer.chat_template, cfg)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
+    hf = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert fmt.bos == tokenizer.bos_token
+    assert fmt.bos + fmt.render(msgs, True) == hf
+
+    text = ex.write_modelfile("./model.gguf", tokenizer.chat_template, cfg)
+    assert text.startswith("FROM ./model.gguf\n")
+    assert 'eq .Role "user" }}<|user|>\n{{ .Content }}</s>\n{{ else if' in text
+    assert text.count('TEMPLATE """') == 1 and "<s>" not in text  # llama.cpp adds the bos
+    assert 'PARAMETER stop "</s>"' in text and 'PARAMETER stop "<|user|>"' in text
+
+
+GO_RENDER = """package main
+
+import (
+	"encoding/json"
+	"os"
+	"text/template"
+)
+
+type Message struct {
+	Role    string `json:"role"`
+	Content string `json:"content"`
+}
+
+func main() {
+	var msgs []Message
+	if err := json.Unmarshal([]byte(os.Args[2]), &msgs); err != nil {
+		panic(err)
+	}
+	t := template.Must(template.New("m").Parse(os.Args[1]))
+	if err := t.Execute(os.Stdout, map[string]any{"Messages": msgs}); err != nil {
+		panic(err)
+	}
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("go") is None, reason="needs a Go toolchain")
+def test_modelfile_template_executes_in_go_like_the_chat_template(ggufs, tokenizer, tmp_path):
+    # Ollama renders TEMPLATE with Go's text/template over .Messages; run the real thing.
+    import re
+    import subprocess
+
+    tpl = re.search(r'TEMPLATE """(.*?)"""', (ggufs["f16"].path / ex.MODELFILE).read_text(),
+                    re.S).group(1)
+    (tmp_path / "main.go").write_text(GO_RENDER)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
+    env = {**os.environ, "GO111MODULE": "off", "GOCACHE": str(tmp_path / "gocache")}
+    out = subprocess.run(["go", "run", "main.go", tpl, json.dumps(msgs)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, check=True, timeout=300).stdout
+    hf = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert tokenizer.bos_token + out == hf
+
+
+def test_untranslatable_chat_template_is_refused():
+    first_only = ("{% for m in messages %}{% if loop.first %}[FIRST]{% endif %}"
+                  "<{{ m['role'] }}>{{ m['content'] }}{% endfor %}")
+    with pytest.raises(ValueError):
+        ex.turn_format(first_only, {})
+    text = ex.write_modelfile("./model.gguf", first_only, {"eos_token": "</s>"})
+    assert "TEMPLATE" not in text and "# chat template not translated" in text
+    assert 'PARAMETER stop "</s>"' in text
+
+
+# --- the gate through llama.cpp ---------------------------------------------------------------
+
+needs_llama_cpp = pytest.mark.skipif(not ex.llama_cpp_available(),
+                                     reason="llama-cpp-python is not installed")
+
+
+def _gguf_metrics(served, result, prompt_ids, texts):
+    lm = ex.LlamaCppLM.load(result.gguf_path, n_ctx=128, n_threads=2, stop_ids=served.stop_ids)
+    try:
+        metrics = ex.consistency(served, lm, prompt_ids, max_new_tokens=MAX_NEW,
+                                 tie_margin=ex.Tolerance().tie_margin)
+        metrics.update(ex.tokenizer_parity(lm, texts, prompt_ids))
+    finally:
+        lm.close()
+    return metrics
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_gguf_passes_the_gate_in_llama_cpp(quant, served, ggufs, prompt_ids, tiny_model,
+                                           tokenizer):
+    texts = ex.render_prompts(tiny_model, _prompts(tokenizer))
+    metrics = _gguf_metrics(served, ggufs[quant], prompt_ids, texts)
+    assert metrics["tokenizer_agreement"] == 1.0
+    assert ex.judge(metrics, ex.Tolerance(), "gguf") == [], metrics
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_gguf_loads_and_generates_in_llama_cpp(quant, ggufs):
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(ggufs[quant].gguf_path), n_ctx=128, n_threads=2, seed=0,
+                verbose=False)
+    try:
+        # The chat path renders the GGUF's own chat template (jinja) and tokenizes in llama.cpp.
+        out = llm.create_chat_completion([{"role": "user", "content": "Where is Paris?"}],
+                                         max_tokens=8, temperature=0.0)
+    finally:
+        llm.close()
+    assert out["usage"]["completion_tokens"] > 0
+    assert isinstance(out["choices"][0]["message"]["content"], str)
+
+
+@needs_llama_cpp
+def test_too_aggressive_quantization_fails_the_gate_with_numbers(served, ggufs, prompt_ids,
+                                                                 tiny_model, tokenizer):
+    texts = ex.render_prompts(tiny_model, _prompts(tokenizer))
+    metrics = _gguf_metrics(served, ggufs["tq2_0"], prompt_ids, texts)
+    reasons = ex.judge(metrics, ex.Tolerance(), "gguf")
+    assert reasons
+    assert any("token agreement" in r and f"{metrics['decisive_agreement']:.3f}" in r
+               for r in reasons)
+    assert any("NLL delta" in r and f"{metrics['nll_delta']:+.4f}" in r for r in reasons)
+    assert ex.less_aggressive("tq2_0") == "q2_k"
+
+
+@needs_llama_cpp
+def test_run_export_fails_then_falls_back_to_a_passing_quant(tiny_model, adapter, tokenizer,
+                                                            tmp_path):
+    events = []
+    outcome = ex.run_export(tiny_model, adapter, tmp_path, fmt="gguf", quant="tq2_0",
+                            prompts=_prompts(tokenizer)[:3], fallback=True,
+                            max_new_tokens=8, progress=lambda s, f: events.append(s))
+    quants = [a.quant for a in outcome.attempts]
+    assert quants[0] == "tq2_0" and outcome.attempts[0].status == "failed"
+    assert outcome.attempts[0].reasons and outcome.attempts[0].metrics["decisive_agreement"] < 0.95
+    assert outcome.status == "succeeded" and outcome.final.status == "passed"
+    assert outcome.merged.status == "passed" and outcome.merged.metrics["exact_match"] == 1.0
+    assert quants == list(ex.FALLBACK_ORDER[: len(quants)])
+    assert Path(outcome.final.path).is_file() and events
+
+
+@needs_llama_cpp
+def test_run_export_without_fallback_suggests_a_less_aggressive_quant(tiny_model, adapter,
+                                                                     tokenizer, tmp_path):
+    outcome = ex.run_export(tiny_model, adapter, tmp_path, fmt="gguf", quant="tq2_0",
+                            prompts=_prompts(tokenizer)[:2], max_new_tokens=8)
+    assert outcome.status == "failed" and len(outcome.attempts) == 1
+    assert outcome.suggestion == "q2_k"
+    assert "tq2_0" in outcome.failure_reason and "--quant q2_k" in outcome.failure_reason
+
+
+def test_without_llama_cpp_the_gguf_is_an_error_not_a_quality_failure(tiny_model, adapter,
+                                                                      tokenizer, tmp_path,
+                                                                      monkeypatch):
+    monkeypatch.setattr(ex, "llama_cpp_available", lambda: False)
+    outcome = ex.run_export(tiny_model, adapter, tmp_path, fmt="gguf", quant="q8_0",
+                            prompts=_prompts(tokenizer)[:1], fallback=True, max_new_tokens=4)
+    assert outcome.status == "failed" and outcome.suggestion is None
+    assert [a.status for a in outcome.attempts] == ["error"]
+    assert "llama-cpp-python is not installed" in outcome.failure_reason
+    assert Path(outcome.final.path).is_file()  # the file itself was written and hashed
