@@ -6,6 +6,7 @@ Each step is idempotent: it re-reads the run, and a step that already produced i
 
 from __future__ import annotations
 
+import errno
 import logging
 import uuid
 
@@ -39,12 +40,38 @@ def advance(ctx: WorkerContext, run_id: uuid.UUID) -> str:
         _fail(ctx, claim, str(exc))
         return f"failed: {exc}"
     except Exception as exc:
+        full = _disk_full_reason(ctx, exc)
+        if full:
+            log.error("run %s: %s", run_id, full)
+            _fail(ctx, claim, full)
+            return "failed: disk full"
         log.exception("run %s: step %s crashed", run_id, claim.state)
         _fail(ctx, claim, f"{claim.state} step crashed: {type(exc).__name__}: {exc}")
         return f"failed: {type(exc).__name__}"
     if outcome in WORK_STATES:
         wake_run(_broker(ctx), run_id)
     return outcome
+
+
+# Below this much free space a failed write is taken to be a full disk: torch's checkpoint
+# writer, for one, reports ENOSPC as a RuntimeError about stream positions.
+_DISK_FULL_BYTES = 1 << 20
+
+
+def _disk_full_reason(ctx: WorkerContext, exc: BaseException) -> str | None:
+    """A clear reason when the step failed because the artifact disk is full, else None."""
+    import shutil
+
+    where = ctx.settings.resolved_artifact_dir
+    enospc = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+    try:
+        low = shutil.disk_usage(where).free < _DISK_FULL_BYTES
+    except OSError:
+        low = False
+    if not (enospc or low):
+        return None
+    return (f"artifact disk full ({where}): {type(exc).__name__}: {exc}; free space, then start "
+            "a new run (artifacts are written atomically: nothing partial was recorded)")
 
 
 def _fail(ctx: WorkerContext, claim: runs.Claim, reason: str) -> None:
