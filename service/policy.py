@@ -77,6 +77,8 @@ class GoldenCase(_Strict):
 class GatePolicy(_Strict):
     min_preference_accuracy: float = Field(0.5, ge=0, le=1)
     max_nll_regression: float = Field(0.05, ge=0)
+    # Absolute slack in nats/token: near zero NLL a relative bound is only noise.
+    max_nll_regression_abs: float = Field(0.02, ge=0)
     golden: list[GoldenCase] = Field(default_factory=list)
     judge_url: str | None = None
     judge_model: str | None = None

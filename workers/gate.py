@@ -34,11 +34,12 @@ def decide(gate: GatePolicy, metrics: dict[str, Any], golden: list[dict] | None)
         notes.append("no rated held-out interactions: preference accuracy not measured")
     if metrics.get("n_nll", 0) > 0:
         cand, refv = metrics["nll_candidate"], metrics["nll_reference"]
-        limit = refv * (1 + gate.max_nll_regression)
+        limit = max(refv * (1 + gate.max_nll_regression), refv + gate.max_nll_regression_abs)
         if cand > limit:
             reasons.append(
                 f"held-out NLL on good answers rose from {refv:.3f} ({ref}) to {cand:.3f}, beyond "
-                f"the {gate.max_nll_regression:.0%} tolerance")
+                f"the tolerance ({gate.max_nll_regression:.0%} or "
+                f"{gate.max_nll_regression_abs} nats/token, whichever is larger)")
     else:
         notes.append("no good held-out answers: NLL not measured")
     for case in golden or []:

@@ -36,6 +36,12 @@ def test_nll_within_tolerance_passes():
     assert not decide(GatePolicy(max_nll_regression=0.01), {**GOOD, "nll_candidate": 2.2}, None).passed
 
 
+def test_near_zero_nll_uses_the_absolute_slack():
+    tiny = {**GOOD, "nll_reference": 0.063, "nll_candidate": 0.075}  # +19% but +0.012 nats
+    assert decide(GatePolicy(max_nll_regression=0.05, max_nll_regression_abs=0.02), tiny, None).passed
+    assert not decide(GatePolicy(max_nll_regression=0.05, max_nll_regression_abs=0.005), tiny, None).passed
+
+
 def test_golden_checks():
     case = GoldenCase(prompt="p", must_contain=["ship"], must_not_contain=["sorry"], regex=r"\d+ days",
                       json_valid=False)
