@@ -856,7 +856,8 @@ def _write_adapter_config(src: Path, dst: Path, base: str) -> None:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    # Per-process temp name: under DDP two ranks writing the same file must not collide.
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, sort_keys=True) + "\n")
     os.replace(tmp, path)
 
