@@ -161,6 +161,11 @@ def test_golden_suite_failure_blocks_promotion(loop_stack, make_key, make_alias,
             golden = s.scalars(select(EvalResult).where(EvalResult.run_id == run.id,
                                                         EvalResult.metric == "golden")).one()
         assert version.status == "failed" and "golden" in version.failure_reason
-        assert golden.passed is False and golden.detail["output"]  # generated through vLLM
+        assert golden.passed is False and "output" in golden.detail
+        # Generated through vLLM with the candidate staged (loaded on every replica) first.
+        with db_sessions() as s:
+            staged = s.scalars(select(AuditEvent).where(AuditEvent.action == "adapter.stage",
+                                                        AuditEvent.target_id == str(version.id))).all()
+        assert len(staged) == 1
         adapters = c.get("/v1/adapters", headers=bearer(make_key(tenant, "ops"))).json()
         assert [a["serving"] for a in adapters if a["alias"] == alias] == ["base"]

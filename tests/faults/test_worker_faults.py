@@ -82,7 +82,10 @@ def test_kill9_worker_mid_training_resumes_from_checkpoint(fault_env, stack_root
         assert len(versions) == 1
         lineage = json.loads((Path(versions[0].artifact_path) / "lineage.json").read_text())
         resumed = lineage["training"]["resumed_from_step"]
-        assert resumed is not None and 5 <= resumed <= step_at_kill and resumed % 5 == 0
+        # The DB's progress lags training by up to a second, so the checkpoint may be newer
+        # than step_at_kill; it is a real one, and training continued from it to the end.
+        assert resumed is not None and 5 <= resumed < 60 and resumed % 5 == 0
+        assert lineage["training"]["metrics"]["steps"] == 60
     finally:
         if second:
             second.stop()
