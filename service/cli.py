@@ -224,9 +224,8 @@ def engine(
 
 
 def _engine_ops():
-    """(sessions, replica clients, SwapConfig) for the configured deployment."""
+    """(sessions, replica URLs, SwapConfig) for the configured deployment."""
     from service.engine.swap import SwapConfig
-    from service.engine.vllm_admin import VllmAdmin
 
     settings = get_settings()
     url, sessions = _sync_sessions()
@@ -239,7 +238,7 @@ def _engine_ops():
     except ValueError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
-    return sessions, [VllmAdmin(u) for u in settings.vllm_url_list], config
+    return sessions, settings.vllm_url_list, config
 
 
 def _adapter_id(sessions, tenant: str, alias: str):
@@ -264,13 +263,12 @@ def _run_engine_op(op) -> None:
 
     from service.engine.swap import SwapError
 
+    from service.engine.vllm_admin import replica_admins
+
     async def go():
-        sessions, admins, config = _engine_ops()
-        try:
+        sessions, urls, config = _engine_ops()
+        async with replica_admins(urls, timeout_s=30) as admins:
             return await op(sessions, admins, config)
-        finally:
-            for a in admins:
-                await a.aclose()
 
     try:
         result = asyncio.run(go())
@@ -338,14 +336,13 @@ def reconcile() -> None:
 
     settings = get_settings()
 
+    from service.engine.vllm_admin import replica_admins
+
     async def go():
-        sessions, admins, _ = _engine_ops()
-        try:
+        sessions, urls, _ = _engine_ops()
+        async with replica_admins(urls, timeout_s=30) as admins:
             return await reconcile_once(sessions, admins, warm_grace_s=settings.warm_grace_s,
                                         drain_s=settings.drain_s)
-        finally:
-            for a in admins:
-                await a.aclose()
 
     report = asyncio.run(go())
     table = Table("replica", "healthy", "loaded", "loaded now", "unloaded now", "error")

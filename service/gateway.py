@@ -112,7 +112,6 @@ async def _send(pool: ReplicaPool, model: str, payload: dict, *, stream: bool
             raise UpstreamUnavailable(f"vLLM replica {replica.url} failed: {type(exc).__name__}") from exc
         if response.status_code == 404 and len(replicas) > 1:
             # The replica does not hold the adapter (mid-reconcile): another may.
-            await response.aread() if stream else None
             await response.aclose()
             if replica.loaded is not None:
                 replica.loaded.discard(model)

@@ -118,11 +118,9 @@ async def _golden(ctx: WorkerContext, version_id, lora_name: str, cases) -> list
     """Stage the candidate (verified, loaded on every replica, kept by the reconciler) and
     generate each golden prompt with it."""
     from service.engine import swap as engine_swap
-    from service.engine.vllm_admin import VllmAdmin
+    from service.engine.vllm_admin import replica_admins
 
-    urls = ctx.settings.vllm_url_list
-    admins = [VllmAdmin(u, timeout_s=120) for u in urls]
-    try:
+    async with replica_admins(ctx.settings.vllm_url_list) as admins:
         staged = await engine_swap.stage(ctx.sessions, admins, version_id,
                                          engine_swap.SwapConfig.from_settings(ctx.settings),
                                          actor="gate", reason="golden suite")
@@ -136,9 +134,6 @@ async def _golden(ctx: WorkerContext, version_id, lora_name: str, cases) -> list
             results.append({"prompt": case.prompt, "output": output, "passed": not failures,
                             "failures": failures})
         return results
-    finally:
-        for admin in admins:
-            await admin.aclose()
 
 
 def evaluate_step(ctx: WorkerContext, claim: runs.Claim) -> str:

@@ -15,7 +15,7 @@ from service.db import repositories as repo
 from service.db.models import Adapter, RunState, TrainingRun
 from service.db.session import session_scope
 from service.engine import swap as engine_swap
-from service.engine.vllm_admin import VllmAdmin
+from service.engine.vllm_admin import replica_admins
 from service.policy import Policy
 from workers.context import WorkerContext
 from workers.watch import RateComparison, judge
@@ -23,17 +23,13 @@ from workers.watch import RateComparison, judge
 log = logging.getLogger(__name__)
 
 
-class DeployFailed(RuntimeError):
-    pass
+def _engine_op(ctx: WorkerContext, op):
+    """Run op(admins) against every configured replica; clients closed afterwards."""
+    async def go():
+        async with replica_admins(ctx.settings.vllm_url_list) as admins:
+            return await op(admins)
 
-
-async def _with_admins(urls: list[str], fn):
-    admins = [VllmAdmin(u, timeout_s=120) for u in urls]
-    try:
-        return await fn(admins)
-    finally:
-        for a in admins:
-            await a.aclose()
+    return asyncio.run(go())
 
 
 def deploy_step(ctx: WorkerContext, claim: runs.Claim) -> str:
@@ -52,13 +48,13 @@ def deploy_step(ctx: WorkerContext, claim: runs.Claim) -> str:
     config = engine_swap.SwapConfig.from_settings(settings)
     canary = policy.canary.share > 0
     if canary:
-        result = asyncio.run(_with_admins(settings.vllm_url_list, lambda admins: engine_swap.set_canary(
+        result = _engine_op(ctx, lambda admins: engine_swap.set_canary(
             ctx.sessions, admins, adapter_id, version_id, policy.canary.share, config,
-            actor="worker", reason=f"run {claim.run_id}: canary at {policy.canary.share:.0%}")))
+            actor="worker", reason=f"run {claim.run_id}: canary at {policy.canary.share:.0%}"))
     else:
-        result = asyncio.run(_with_admins(settings.vllm_url_list, lambda admins: engine_swap.swap(
+        result = _engine_op(ctx, lambda admins: engine_swap.swap(
             ctx.sessions, admins, version_id, config, actor="worker",
-            reason=f"run {claim.run_id} promoted")))
+            reason=f"run {claim.run_id} promoted"))
     with session_scope(ctx.sessions) as s:
         if not result.ok:
             runs.transition(s, claim.run_id, claim.owner, RunState.failed,
@@ -134,12 +130,12 @@ def _act(ctx, run_id, state, adapter_id, version_id, policy: Policy, decision) -
         tenant_id = s.get(Adapter, adapter_id).tenant_id
     if decision.action == "rollback" and policy.rollback.automatic:
         if state == RunState.canary.value:
-            result = asyncio.run(_with_admins(settings.vllm_url_list, lambda admins: engine_swap.set_canary(
+            result = _engine_op(ctx, lambda admins: engine_swap.set_canary(
                 ctx.sessions, admins, adapter_id, None, 0.0, config, actor="watch",
-                reason=decision.reason)))
+                reason=decision.reason))
         else:
-            result = asyncio.run(_with_admins(settings.vllm_url_list, lambda admins: engine_swap.rollback(
-                ctx.sessions, admins, adapter_id, config, actor="watch", reason=decision.reason)))
+            result = _engine_op(ctx, lambda admins: engine_swap.rollback(
+                ctx.sessions, admins, adapter_id, config, actor="watch", reason=decision.reason))
         with session_scope(ctx.sessions) as s:
             if result.ok:
                 runs.transition(s, run_id, None, RunState.rolled_back,
@@ -153,9 +149,9 @@ def _act(ctx, run_id, state, adapter_id, version_id, policy: Policy, decision) -
                        detail={"swap": result.as_dict()})
         return
     if decision.action == "keep" and state == RunState.canary.value:
-        result = asyncio.run(_with_admins(settings.vllm_url_list, lambda admins: engine_swap.swap(
+        result = _engine_op(ctx, lambda admins: engine_swap.swap(
             ctx.sessions, admins, version_id, config, actor="watch",
-            reason=f"canary passed: {decision.reason}")))
+            reason=f"canary passed: {decision.reason}"))
         with session_scope(ctx.sessions) as s:
             if result.ok:
                 runs.transition(s, run_id, None, RunState.live, progress={

@@ -158,7 +158,3 @@ class AppState:
         await self.pool.aclose()
         await self.redis.aclose()
         await self.engine.dispose()
-
-
-def new_interaction_id() -> uuid.UUID:
-    return uuid.uuid4()

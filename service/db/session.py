@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -46,16 +46,3 @@ def session_scope(factory: sessionmaker) -> Iterator[Session]:
         raise
     finally:
         session.close()
-
-
-def current_revision_sql() -> str:
-    return "SELECT version_num FROM alembic_version"
-
-
-def schema_revision(engine: Engine) -> str | None:
-    """The Alembic revision the database is at, or None when it was never migrated."""
-    with engine.connect() as conn:
-        try:
-            return conn.execute(text(current_revision_sql())).scalar()
-        except Exception:  # noqa: BLE001 - missing table means "never migrated"
-            return None

@@ -13,6 +13,9 @@ Status codes and bodies follow vLLM 0.32 (``vllm/entrypoints/openai/models/servi
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -243,3 +246,14 @@ class VllmAdmin:
 
 def _refused(e: BaseException) -> bool:
     return isinstance(e, ReplicaUnreachable) and e.refused
+
+
+@contextlib.asynccontextmanager
+async def replica_admins(urls: Sequence[str], *, timeout_s: float = 120.0
+                         ) -> AsyncIterator[list[VllmAdmin]]:
+    """One admin client per replica URL for an engine operation; all closed on exit."""
+    admins = [VllmAdmin(u, timeout_s=timeout_s) for u in urls]
+    try:
+        yield admins
+    finally:
+        await asyncio.gather(*(a.aclose() for a in admins), return_exceptions=True)

@@ -160,10 +160,8 @@ async def adapter_stats(alias: AliasPath, caller: OpsCaller, state: State,
 async def rollback_adapter(alias: AliasPath, caller: OpsCaller, state: State,
                            body: RollbackBody | None = None) -> AdapterDetail:
     """Serve the previous version again (ops): instant while it is warm."""
-    import asyncio
-
     from service.engine import swap as engine_swap
-    from service.engine.vllm_admin import VllmAdmin
+    from service.engine.vllm_admin import replica_admins
 
     async with state.sessions() as session:
         adapter = await _adapter(session, caller.tenant_id, alias)
@@ -171,18 +169,13 @@ async def rollback_adapter(alias: AliasPath, caller: OpsCaller, state: State,
         raise ApiError(503, "no vLLM replicas configured", code="engine_unavailable",
                        headers={"Retry-After": str(state.settings.retry_after_s)})
     config = engine_swap.SwapConfig.from_settings(state.settings)
-    admins = [VllmAdmin(u, timeout_s=120) for u in state.settings.vllm_url_list]
-    sessions = state.sync_sessions()
     try:
-        result = await engine_swap.rollback(sessions, admins, adapter.id, config,
-                                            actor=f"key:{caller.key_id}",
-                                            reason=(body.reason if body else None))
-    except engine_swap.SwapInProgress as exc:
+        async with replica_admins(state.settings.vllm_url_list) as admins:
+            result = await engine_swap.rollback(state.sync_sessions(), admins, adapter.id, config,
+                                                actor=f"key:{caller.key_id}",
+                                                reason=(body.reason if body else None))
+    except engine_swap.SwapError as exc:  # in progress, or refused: nothing was changed
         raise ApiError(409, exc.reason, code=exc.code) from exc
-    except engine_swap.SwapRefused as exc:
-        raise ApiError(409, exc.reason, code=exc.code) from exc
-    finally:
-        await asyncio.gather(*(a.aclose() for a in admins))
     if not result.ok:
         raise ApiError(503, f"rollback failed at {result.phase}: {result.reason}",
                        code="rollback_failed", headers={"Retry-After": str(state.settings.retry_after_s)})
