@@ -1,4 +1,5 @@
-"""Policies: what ops decide per alias (trigger, training, gate, approval, canary, watch, rollback).
+"""Policies: what ops decide per alias (trigger, training, gate, approval, canary, watch, rollback,
+edge export).
 
 policies/default.yaml applies to every alias; policies/<alias>.yaml (or <tenant>--<alias>.yaml,
 which wins) is deep-merged over it. Files are validated at start; a bad file names itself, the
@@ -99,6 +100,48 @@ class RollbackPolicy(_Strict):
     automatic: bool = True
 
 
+class ExportTolerance(_Strict):
+    """How close an export must stay to the served version (workers.export.Tolerance)."""
+
+    min_token_agreement: float = Field(0.95, ge=0, le=1)
+    tie_margin: float = Field(0.05, ge=0)
+    max_nll_delta: float = Field(0.02, ge=0)
+    min_exact_match: float | None = Field(None, ge=0, le=1)
+    min_tokenizer_agreement: float = Field(1.0, ge=0, le=1)
+
+
+EXPORT_FORMATS = ("merged", "gguf")
+# Most to least aggressive (workers.export falls back along this order).
+EXPORT_QUANTS = ("tq2_0", "q2_k", "q4_0", "q4_k_m", "q8_0", "f16")
+ExportFormat = Literal[EXPORT_FORMATS]
+ExportQuant = Literal[EXPORT_QUANTS]
+
+
+class ExportSpec(_Strict):
+    format: ExportFormat
+    quant: ExportQuant | None = None
+
+    @model_validator(mode="after")
+    def _quant_fits_format(self) -> ExportSpec:
+        if self.format == "gguf" and self.quant is None:
+            raise ValueError("a gguf export needs a quant (f16, q8_0, q4_k_m, ...)")
+        if self.format == "merged" and self.quant is not None:
+            raise ValueError("a merged export is not quantized: drop quant")
+        return self
+
+
+class ExportPolicy(_Strict):
+    """Edge exports: which to build on every promotion, and the consistency gate's limits."""
+
+    on_promotion: list[ExportSpec] = Field(default_factory=list)
+    # On a failed gate, try the next less aggressive quantization instead of only suggesting it.
+    fallback: bool = False
+    tolerance: ExportTolerance = Field(default_factory=ExportTolerance)
+    # Held-out prompts compared after the golden ones (golden first: they are what ops chose).
+    max_prompts: int = Field(32, ge=1, le=512)
+    max_new_tokens: int = Field(16, ge=1, le=256)
+
+
 class Policy(_Strict):
     """The whole policy of one alias."""
 
@@ -110,6 +153,7 @@ class Policy(_Strict):
     canary: CanaryPolicy = Field(default_factory=CanaryPolicy)
     watch: WatchPolicy = Field(default_factory=WatchPolicy)
     rollback: RollbackPolicy = Field(default_factory=RollbackPolicy)
+    export: ExportPolicy = Field(default_factory=ExportPolicy)
 
     @model_validator(mode="after")
     def _consistent(self) -> Policy:

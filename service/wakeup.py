@@ -15,6 +15,8 @@ log = logging.getLogger(__name__)
 
 TRAINING_QUEUE = "training"
 ADVANCE_RUN_TASK = "flywheel.advance_run"
+# Exports share the training queue: both are heavy model work a worker does one at a time.
+EXPORT_TASK = "flywheel.export_version"
 
 
 @lru_cache(maxsize=4)
@@ -29,12 +31,21 @@ def producer(broker_url: str) -> Celery:
     return app
 
 
-def wake_run(broker_url: str, run_id: uuid.UUID) -> bool:
-    """Enqueue a wake-up for the run; False (logged) when the broker is unreachable."""
+def _send(broker_url: str, task: str, what: str, ident: uuid.UUID) -> bool:
     try:
-        producer(broker_url).send_task(ADVANCE_RUN_TASK, args=[str(run_id)], queue=TRAINING_QUEUE,
-                                       retry=False)
+        producer(broker_url).send_task(task, args=[str(ident)], queue=TRAINING_QUEUE, retry=False)
         return True
     except Exception as exc:  # noqa: BLE001 - any broker failure: the sweeper re-enqueues
-        log.warning("could not enqueue run %s (%s); the sweeper will", run_id, type(exc).__name__)
+        log.warning("could not enqueue %s %s (%s); the sweeper will", what, ident,
+                    type(exc).__name__)
         return False
+
+
+def wake_run(broker_url: str, run_id: uuid.UUID) -> bool:
+    """Enqueue a wake-up for the run; False (logged) when the broker is unreachable."""
+    return _send(broker_url, ADVANCE_RUN_TASK, "run", run_id)
+
+
+def wake_export(broker_url: str, export_id: uuid.UUID) -> bool:
+    """Enqueue an export job; False (logged) when the broker is unreachable."""
+    return _send(broker_url, EXPORT_TASK, "export", export_id)

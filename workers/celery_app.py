@@ -11,7 +11,7 @@ from celery import Celery
 
 from service.config import get_settings
 from service.embedded import resolve_broker_url
-from service.wakeup import ADVANCE_RUN_TASK, TRAINING_QUEUE
+from service.wakeup import ADVANCE_RUN_TASK, EXPORT_TASK, TRAINING_QUEUE
 
 settings = get_settings()
 
@@ -21,7 +21,8 @@ app.conf.update(
     task_reject_on_worker_lost=True,
     worker_prefetch_multiplier=1,
     task_default_queue="default",
-    task_routes={ADVANCE_RUN_TASK: {"queue": TRAINING_QUEUE}},
+    task_routes={ADVANCE_RUN_TASK: {"queue": TRAINING_QUEUE},
+                 EXPORT_TASK: {"queue": TRAINING_QUEUE}},
     broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout_s},
     broker_connection_retry_on_startup=True,
     task_ignore_result=True,

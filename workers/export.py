@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from service.engine.artifact import artifact_sha256, file_sha256
+from service.policy import EXPORT_QUANTS
 
 LINEAGE_FILE = "lineage.json"
 GGUF_FILE = "model.gguf"
@@ -40,7 +41,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 # Most to least aggressive. "Less aggressive" for a suggestion or fallback means later in
 # FALLBACK_ORDER; f16 is the floor.
-QUANTS = ("tq2_0", "q2_k", "q4_0", "q4_k_m", "q8_0", "f16")
+QUANTS = EXPORT_QUANTS
 FALLBACK_ORDER = QUANTS
 # Quantized by llama.cpp's own quantizer (k-quants have no quantizer in the gguf package).
 LLAMA_CPP_QUANTS = {"q4_k_m": 15, "q2_k": 10}  # LLAMA_FTYPE_MOSTLY_*

@@ -16,7 +16,7 @@ from service import runs
 from service.db.models import Adapter, RunState, TrainingRun
 from service.db.session import session_scope
 from service.policy import Policy
-from service.wakeup import wake_run
+from service.wakeup import wake_export, wake_run
 from workers.context import WorkerContext
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def advance(ctx: WorkerContext, run_id: uuid.UUID) -> str:
         _fail(ctx, claim, str(exc))
         return f"failed: {exc}"
     except Exception as exc:
-        full = _disk_full_reason(ctx, exc)
+        full = disk_full_reason(ctx, exc)
         if full:
             log.error("run %s: %s", run_id, full)
             _fail(ctx, claim, full)
@@ -58,8 +58,9 @@ def advance(ctx: WorkerContext, run_id: uuid.UUID) -> str:
 _DISK_FULL_BYTES = 1 << 20
 
 
-def _disk_full_reason(ctx: WorkerContext, exc: BaseException) -> str | None:
-    """A clear reason when the step failed because the artifact disk is full, else None."""
+def disk_full_reason(ctx: WorkerContext, exc: BaseException, retry: str = "start a new run"
+                     ) -> str | None:
+    """A clear reason when a step or export failed because the artifact disk is full, else None."""
     import shutil
 
     where = ctx.settings.resolved_artifact_dir
@@ -70,8 +71,8 @@ def _disk_full_reason(ctx: WorkerContext, exc: BaseException) -> str | None:
         low = False
     if not (enospc or low):
         return None
-    return (f"artifact disk full ({where}): {type(exc).__name__}: {exc}; free space, then start "
-            "a new run (artifacts are written atomically: nothing partial was recorded)")
+    return (f"artifact disk full ({where}): {type(exc).__name__}: {exc}; free space, then {retry} "
+            "(artifacts are written atomically: nothing partial was recorded)")
 
 
 def _fail(ctx: WorkerContext, claim: runs.Claim, reason: str) -> None:
@@ -91,7 +92,9 @@ def _broker(ctx: WorkerContext) -> str:
 
 
 def sweep(ctx: WorkerContext) -> dict:
-    """Create runs for aliases over their threshold and re-enqueue every unclaimed run."""
+    """Create runs for aliases over their threshold; re-enqueue every unclaimed run and export."""
+    from service.exports import claimable_exports
+
     created = 0
     with session_scope(ctx.sessions) as s:
         adapters = list(s.execute(select(Adapter.id, Adapter.alias, Adapter.tenant_id)))
@@ -104,4 +107,7 @@ def sweep(ctx: WorkerContext) -> dict:
         pending = runs.claimable_runs(s, WORK_STATES)
     broker = _broker(ctx)
     enqueued = sum(wake_run(broker, run_id) for run_id in pending)
-    return {"created": created, "enqueued": enqueued}
+    with session_scope(ctx.sessions) as s:
+        waiting = claimable_exports(s)
+    exports_enqueued = sum(wake_export(broker, export_id) for export_id in waiting)
+    return {"created": created, "enqueued": enqueued, "exports_enqueued": exports_enqueued}

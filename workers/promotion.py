@@ -12,11 +12,14 @@ from sqlalchemy import select, text
 
 from service import runs
 from service.db import repositories as repo
-from service.db.models import Adapter, RunState, TrainingRun
+from service.db.models import Adapter, AdapterVersion, RunState, TrainingRun
 from service.db.session import session_scope
+from service.embedded import resolve_broker_url
 from service.engine import swap as engine_swap
 from service.engine.vllm_admin import replica_admins
+from service.exports import ExportRefused, request_export
 from service.policy import Policy
+from service.wakeup import wake_export
 from workers.context import WorkerContext
 from workers.watch import RateComparison, judge
 
@@ -70,7 +73,29 @@ def deploy_step(ctx: WorkerContext, claim: runs.Claim) -> str:
         runs.transition(s, claim.run_id, claim.owner, to, metrics=metrics, progress=progress)
         if to == RunState.live:
             _supersede_others(s, adapter_id, claim.run_id)
+    if to == RunState.live:
+        queue_promotion_exports(ctx, version_id, policy)
     return to.value
+
+
+def queue_promotion_exports(ctx: WorkerContext, version_id: uuid.UUID, policy: Policy) -> list:
+    """Queue the exports the policy asks for on every promotion (export.on_promotion)."""
+    queued = []
+    for spec in policy.export.on_promotion:
+        with session_scope(ctx.sessions) as s:
+            try:
+                export, created = request_export(
+                    s, s.get(AdapterVersion, version_id), fmt=spec.format, quant=spec.quant,
+                    fallback=policy.export.fallback, actor="promotion",
+                    reason="export.on_promotion in the alias's policy")
+            except ExportRefused as exc:  # a promotion never fails for its exports
+                log.warning("export on promotion of %s refused: %s", version_id, exc)
+                continue
+            if created:
+                queued.append(export.id)
+    for export_id in queued:
+        wake_export(resolve_broker_url(ctx.settings), export_id)
+    return queued
 
 
 def _supersede_others(s, adapter_id: uuid.UUID, keep_run: uuid.UUID) -> None:
@@ -161,6 +186,8 @@ def _act(ctx, run_id, state, adapter_id, version_id, policy: Policy, decision) -
             repo.audit(s, tenant_id=tenant_id, actor="watch", action="canary.promoted" if result.ok
                        else "canary.promotion_failed", target_type="run", target_id=str(run_id),
                        reason=decision.reason)
+        if result.ok:
+            queue_promotion_exports(ctx, version_id, policy)
         return
     with session_scope(ctx.sessions) as s:  # keep a live version: close its window
         run = s.get(TrainingRun, run_id)

@@ -15,9 +15,17 @@ def advance_run(run_id: str) -> str:
     return pipeline.advance(context(), uuid.UUID(run_id))
 
 
+@app.task(name="flywheel.export_version")
+def export_version(export_id: str) -> str:
+    """Build and gate one export (duplicate deliveries find nothing to claim)."""
+    from workers.export_job import run_job
+
+    return run_job(context(), uuid.UUID(export_id))
+
+
 @app.task(name="flywheel.sweep")
 def sweep() -> dict:
-    """Re-check triggers and re-enqueue unclaimed runs (covers lost wake-ups and Redis outages)."""
+    """Re-check triggers; re-enqueue unclaimed runs and exports (lost wake-ups, Redis outages)."""
     return pipeline.sweep(context())
 
 

@@ -16,7 +16,7 @@ from service import __version__
 from service.api import errors
 from service.api.limits import BodyLimitMiddleware
 from service.api.observe import RequestMetricsMiddleware
-from service.api.routes import adapters, audit, feedback, gateway, health, runs
+from service.api.routes import adapters, audit, exports, feedback, gateway, health, runs
 from service.api.routes import ops_page
 from service.api.state import AppState, TTLCache
 from service.config import Settings, get_settings
@@ -92,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(feedback.router)
     app.include_router(runs.router)
     app.include_router(adapters.router)
+    app.include_router(exports.router)
     app.include_router(audit.router)
     app.include_router(health.router)
     app.include_router(ops_page.router)

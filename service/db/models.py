@@ -331,3 +331,64 @@ class EngineReplica(Base):
     loaded: Mapped[list[Any]] = mapped_column(JSONB, default=list)
     last_error: Mapped[str | None] = mapped_column(Text)
     checked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ExportStatus(str, enum.Enum):
+    queued = "queued"
+    running = "running"
+    passed = "passed"  # written and within the policy's consistency tolerance
+    failed = "failed"  # written, but outside the tolerance (numbers in metrics)
+    error = "error"  # could not be built or checked (reason in failure_reason)
+
+
+# An export in one of these states blocks a second identical request (same version/format/quant).
+ACTIVE_EXPORT_STATES = (ExportStatus.queued, ExportStatus.running)
+
+
+class Export(Base):
+    """An edge export of one adapter version: a merged model or a GGUF, behind a consistency gate."""
+
+    __tablename__ = "exports"
+    __table_args__ = (
+        Index("ix_exports_version", "version_id", "format", "quant"),
+        Index("ix_exports_tenant_created", "tenant_id", "created_at"),
+        # Two identical requests racing (API, CLI, a promotion) queue one job.
+        Index(
+            "uq_exports_one_active",
+            "version_id", "format", text("coalesce(quant, '')"),
+            unique=True,
+            postgresql_where=text("status IN ('queued','running')"),
+        ),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=_uuid)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    adapter_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("adapters.id", ondelete="CASCADE"))
+    version_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("adapter_versions.id", ondelete="CASCADE")
+    )
+    format: Mapped[str] = mapped_column(String(16))  # "merged" | "gguf"
+    # What was asked for; the delivered quant may be less aggressive after a fallback.
+    requested_quant: Mapped[str | None] = mapped_column(String(16))
+    quant: Mapped[str | None] = mapped_column(String(16))
+    fallback: Mapped[bool] = mapped_column(Boolean, default=False)
+    status: Mapped[str] = mapped_column(String(16), default=ExportStatus.queued.value)
+    requested_by: Mapped[str] = mapped_column(String(200))
+    # The delivered artifact: a directory (merged model, or model.gguf + Modelfile + lineage).
+    path: Mapped[str | None] = mapped_column(Text)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    bytes: Mapped[int | None] = mapped_column(BigInteger)
+    # [{name, bytes, sha256}] of the delivered directory: downloads are served from this list only.
+    files: Mapped[list[Any]] = mapped_column(JSONB, default=list)
+    lineage: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    progress: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    # Per attempt (merged gate, then each quantization tried): status, numbers, reasons.
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+    suggestion: Mapped[str | None] = mapped_column(String(16))
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

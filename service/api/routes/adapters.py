@@ -13,6 +13,7 @@ from sqlalchemy import select, text
 
 from service.api.deps import OpsCaller, State
 from service.api.errors import ApiError
+from service.api.export_views import ExportOut, list_for_adapter
 from service.api.schemas import AliasPath
 from service.db import repositories as repo
 from service.db.models import Adapter, AdapterVersion
@@ -48,6 +49,8 @@ class AdapterOut(BaseModel):
 
 class AdapterDetail(AdapterOut):
     versions: list[VersionOut]
+    # Newest first; each with its files, sha256 and status (see /v1/adapters/{alias}/exports).
+    exports: list[ExportOut] = []
 
 
 class AdapterCreate(BaseModel):
@@ -126,11 +129,13 @@ async def get_adapter(alias: AliasPath, caller: OpsCaller, state: State) -> Adap
         counts = {(r.version_id, r.rating): r.n for r in await session.execute(text(
             "SELECT version_id, rating, count(*) AS n FROM feedback WHERE adapter_id = :a "
             "GROUP BY version_id, rating"), {"a": adapter.id})}
+        exports = await list_for_adapter(session, adapter.id)
     names = {v.id: v.lora_name for v in versions}
     out = [VersionOut.model_validate(v, from_attributes=True).model_copy(update={
         "thumbs_up": counts.get((v.id, "up"), 0), "thumbs_down": counts.get((v.id, "down"), 0)})
         for v in versions]
-    return AdapterDetail(**_summary(adapter, names, state.settings.base_model_name), versions=out)
+    return AdapterDetail(**_summary(adapter, names, state.settings.base_model_name), versions=out,
+                         exports=exports)
 
 
 @router.get("/v1/adapters/{alias}/stats")

@@ -1,0 +1,129 @@
+"""Edge exports of an alias's versions (ops): request one as a background job, follow it,
+download its files with their checksums."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path
+from fastapi.responses import FileResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+
+from service import exports as domain
+from service.api.deps import OpsCaller, State
+from service.api.errors import ApiError
+from service.api.export_views import ExportOut, export_out, list_for_adapter
+from service.api.routes.adapters import _adapter
+from service.api.schemas import AliasPath, NoNul
+from service.db.models import AdapterVersion, Export, ExportStatus
+from service.policy import ExportFormat, ExportQuant
+from service.wakeup import wake_export
+
+router = APIRouter(tags=["exports"])
+
+# A manifest name: relative, no "..", no leading slash (it is only ever matched against the
+# manifest, but a clear 404 beats a lookup of a strange string).
+_FILE_NAME = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*")
+
+
+class ExportRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: ExportFormat
+    quant: ExportQuant | None = None
+    version: int | None = Field(default=None, ge=1, description="Version number; default: serving")
+    fallback: bool | None = Field(default=None, description="Default: the policy's export.fallback")
+    reason: Annotated[str, NoNul] | None = Field(default=None, max_length=2000)
+
+
+async def _export(session, adapter_id: uuid.UUID, export_id: uuid.UUID
+                  ) -> tuple[Export, AdapterVersion]:
+    row = (await session.execute(
+        select(Export, AdapterVersion).join(AdapterVersion, AdapterVersion.id == Export.version_id)
+        .where(Export.id == export_id, Export.adapter_id == adapter_id))).first()
+    if row is None:
+        raise ApiError(404, f"export {export_id} not found for this alias", param="export_id",
+                       code="export_not_found")
+    return row[0], row[1]
+
+
+@router.post("/v1/adapters/{alias}/exports", response_model=ExportOut, status_code=202,
+             responses={200: {"description": "An identical export is already queued, running or "
+                                             "passed: that one is returned"}})
+async def request_export(alias: AliasPath, body: ExportRequest, caller: OpsCaller,
+                         state: State) -> Any:
+    """Export a version (default: the serving one) as a merged model or a GGUF (ops).
+
+    Runs as a background job on a worker; poll the returned export for progress and result.
+    """
+    async with state.sessions() as session, session.begin():
+        adapter = await _adapter(session, caller.tenant_id, alias)
+        policy = state.policies.for_alias(alias, caller.tenant_id)
+        fallback = policy.export.fallback if body.fallback is None else body.fallback
+
+        def go(s):
+            version = domain.resolve_version(s, adapter, body.version)
+            export, created = domain.request_export(
+                s, version, fmt=body.format, quant=body.quant, fallback=fallback,
+                actor=f"key:{caller.key_id}", reason=body.reason)
+            return export, version, created
+
+        try:
+            export, version, created = await session.run_sync(go)
+        except domain.ExportRefused as exc:
+            raise ApiError(exc.status, exc.reason, param=exc.param, code=exc.code) from exc
+        out = export_out(export, version)
+    if created:
+        # After the commit: a worker must find the row. A lost wake-up is re-sent by the sweeper.
+        await asyncio.to_thread(wake_export, state.broker_url, export.id)
+    return JSONResponse(out.model_dump(mode="json"), status_code=202 if created else 200)
+
+
+@router.get("/v1/adapters/{alias}/exports", response_model=list[ExportOut])
+async def list_exports(alias: AliasPath, caller: OpsCaller, state: State) -> list[ExportOut]:
+    """The alias's exports, newest first (also in GET /v1/adapters/{alias})."""
+    async with state.sessions() as session:
+        adapter = await _adapter(session, caller.tenant_id, alias)
+        return await list_for_adapter(session, adapter.id)
+
+
+@router.get("/v1/adapters/{alias}/exports/{export_id}", response_model=ExportOut)
+async def get_export(alias: AliasPath, export_id: uuid.UUID, caller: OpsCaller,
+                     state: State) -> ExportOut:
+    """One export: progress while it runs; then its files, checksums, gate numbers and lineage."""
+    async with state.sessions() as session:
+        adapter = await _adapter(session, caller.tenant_id, alias)
+        export, version = await _export(session, adapter.id, export_id)
+    return export_out(export, version, detail=True)
+
+
+@router.get("/v1/adapters/{alias}/exports/{export_id}/files/{name:path}",
+            response_class=FileResponse,
+            responses={200: {"content": {"application/octet-stream": {}},
+                             "description": "The file; X-Checksum-Sha256 carries its sha256"}})
+async def download_export_file(alias: AliasPath, export_id: uuid.UUID,
+                               name: Annotated[str, Path(min_length=1, max_length=300)],
+                               caller: OpsCaller, state: State) -> FileResponse:
+    """Download one file of a passed export (model.gguf, Modelfile, lineage.json, ...)."""
+    async with state.sessions() as session:
+        adapter = await _adapter(session, caller.tenant_id, alias)
+        export, _ = await _export(session, adapter.id, export_id)
+    if export.status != ExportStatus.passed.value:
+        raise ApiError(409, f"export is {export.status}: only a passed export can be downloaded",
+                       param="export_id", code="export_not_passed")
+    entry = next((f for f in export.files or [] if f["name"] == name), None)
+    if entry is None or not _FILE_NAME.fullmatch(name):
+        names = ", ".join(f["name"] for f in export.files or [])
+        raise ApiError(404, f"export has no file {name!r} (it has: {names})", param="name",
+                       code="export_file_not_found")
+    path = domain.file_path(export, name)
+    if path is None:
+        raise ApiError(410, f"{name} is no longer on the artifact disk (or changed since it was "
+                       "exported): export again", param="name", code="export_file_gone")
+    return FileResponse(path, media_type="application/octet-stream", filename=path.name,
+                        headers={"X-Checksum-Sha256": entry["sha256"],
+                                 "ETag": f'"{entry["sha256"]}"'})

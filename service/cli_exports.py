@@ -1,0 +1,163 @@
+"""`flywheel export` and `flywheel exports`: edge exports from the command line.
+
+Same domain functions as the API (service.exports): the request is a row in Postgres and a
+worker builds it; --wait follows its progress until it settles.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+import uuid
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from sqlalchemy import select
+
+from service.config import get_settings
+from service.policy import EXPORT_FORMATS, EXPORT_QUANTS
+
+console = Console()
+err = Console(stderr=True)
+
+
+# Typer needs enums; these are the policy's choices (least aggressive quantization first).
+FormatChoice = enum.Enum("FormatChoice", {f: f for f in EXPORT_FORMATS}, type=str)
+QuantChoice = enum.Enum("QuantChoice", {q: q for q in reversed(EXPORT_QUANTS)}, type=str)
+
+
+def _sessions():
+    from service.cli_runs import _sessions
+
+    return _sessions()
+
+
+def _adapter(session, tenant: str, alias: str):
+    from service.db.models import Adapter
+
+    adapter = session.scalars(select(Adapter).where(Adapter.tenant_id == tenant,
+                                                    Adapter.alias == alias)).first()
+    if adapter is None:
+        err.print(f"[red]error:[/red] no alias {alias!r} for tenant {tenant!r}")
+        raise typer.Exit(2)
+    return adapter
+
+
+def export(
+    alias: Annotated[str, typer.Argument(help="The alias whose version to export.")],
+    tenant: Annotated[str, typer.Option(help="Owning tenant.")],
+    format: Annotated[FormatChoice, typer.Option("--format", help="merged (safetensors) or gguf.")],
+    quant: Annotated[QuantChoice | None, typer.Option(help="GGUF quantization.")] = None,
+    version: Annotated[int | None, typer.Option(min=1, help="Version number (default: serving).")] = None,
+    fallback: Annotated[bool | None, typer.Option(
+        "--fallback/--no-fallback",
+        help="On a failed gate try a less aggressive quant (default: the policy's).")] = None,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow progress to the end.")] = False,
+    reason: Annotated[str | None, typer.Option(help="Recorded in the audit log.")] = None,
+) -> None:
+    """Export a version as a merged model or a GGUF, behind the consistency gate.
+
+    Exit 0 when queued (or, with --wait, passed); 1 when the export failed or errored;
+    2 for bad arguments.
+    """
+    from service.db.session import session_scope
+    from service.embedded import resolve_broker_url
+    from service.exports import ExportRefused, request_export, resolve_version
+    from service.policy import PolicyStore
+    from service.wakeup import wake_export
+
+    settings = get_settings()
+    sessions = _sessions()
+    if fallback is None:
+        fallback = PolicyStore(settings.policy_dir).for_alias(alias, tenant).export.fallback
+    try:
+        with session_scope(sessions) as s:
+            adapter = _adapter(s, tenant, alias)
+            target = resolve_version(s, adapter, version)
+            row, created = request_export(s, target, fmt=format.value,
+                                          quant=quant.value if quant else None,
+                                          fallback=fallback, actor="cli", reason=reason)
+            export_id, lora_name = row.id, target.lora_name
+    except ExportRefused as exc:
+        err.print(f"[red]error:[/red] {exc.param + ': ' if exc.param else ''}{exc.reason}")
+        raise typer.Exit(2) from exc
+    if created:
+        wake_export(resolve_broker_url(settings), export_id)
+    console.print(f"export {export_id} of {lora_name}: "
+                  f"{'queued' if created else 'already ' + row.status + ' (same request)'}")
+    if wait:
+        _follow(sessions, export_id)
+    _show(sessions, export_id, exit_on_failure=wait)
+
+
+def _follow(sessions, export_id: uuid.UUID) -> None:
+    from service.db.models import Export
+
+    with Progress(TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.percentage:>3.0f}%"), TimeRemainingColumn(),
+                  console=console) as bar:
+        task = bar.add_task("queued", total=1.0)
+        while True:
+            with sessions() as s:
+                row = s.get(Export, export_id)
+            p = row.progress or {}
+            bar.update(task, description=f"{row.status}: {p.get('stage', '')}"[:60],
+                       completed=p.get("fraction", 0.0))
+            if row.status not in ("queued", "running"):
+                bar.update(task, completed=1.0)
+                return
+            time.sleep(0.5)
+
+
+def _show(sessions, export_id: uuid.UUID, *, exit_on_failure: bool) -> None:
+    from service.db.models import Export
+
+    with sessions() as s:
+        row = s.get(Export, export_id)
+    table = Table(show_header=False)
+    for label, value in [("status", row.status), ("format", row.format),
+                         ("quant", row.quant if row.quant == row.requested_quant
+                          else f"{row.quant} (asked {row.requested_quant})"),
+                         ("sha256", row.sha256), ("bytes", row.bytes), ("path", row.path),
+                         ("failure", row.failure_reason), ("suggestion", row.suggestion)]:
+        if value:
+            table.add_row(label, str(value))
+    for attempt in (row.metrics or {}).get("attempts", []):
+        m = attempt.get("metrics") or {}
+        if m:
+            table.add_row(f"gate {attempt['format']}{'/' + attempt['quant'] if attempt['quant'] else ''}",
+                          f"{attempt['status']}: agreement {m.get('decisive_agreement', 0):.3f}, "
+                          f"NLL delta {m.get('nll_delta', 0):+.4f}, exact {m.get('exact_match', 0):.2f}")
+    for f in row.files or []:
+        table.add_row(f"file {f['name']}", f"{f['bytes']} bytes sha256 {f['sha256']}")
+    console.print(table)
+    if exit_on_failure and row.status in ("failed", "error"):
+        raise typer.Exit(1)
+
+
+def exports_list(
+    alias: Annotated[str, typer.Argument(help="The alias.")],
+    tenant: Annotated[str, typer.Option(help="Owning tenant.")],
+) -> None:
+    """An alias's exports, newest first."""
+    from service.db.models import AdapterVersion, Export
+
+    table = Table("export", "version", "format", "quant", "status", "progress", "sha256", "bytes",
+                  "created")
+    with _sessions()() as s:
+        adapter = _adapter(s, tenant, alias)
+        rows = s.execute(select(Export, AdapterVersion.number)
+                         .join(AdapterVersion, AdapterVersion.id == Export.version_id)
+                         .where(Export.adapter_id == adapter.id)
+                         .order_by(Export.created_at.desc()).limit(50))
+        for e, number in rows:
+            p = e.progress or {}
+            progress = (f"{p.get('fraction', 0):.0%} {p.get('stage', '')}"
+                        if e.status == "running" else "")
+            table.add_row(str(e.id), str(number), e.format, e.quant or "", e.status, progress,
+                          (e.sha256 or "")[:12], str(e.bytes or ""),
+                          f"{e.created_at:%Y-%m-%d %H:%M:%S}")
+    console.print(table)
