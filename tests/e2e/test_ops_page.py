@@ -1,8 +1,10 @@
 """The ops page in real headless Chromium: a run gated through the real loop is approved from
-the page, and the page shows the alias switching to the new version. A product key sees nothing."""
+the page, and the page shows the alias switching to the new version; the new version is exported
+to GGUF from the page and downloaded. A product key sees nothing."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 UI_TIMEOUT_MS = 15_000
 TRAIN_TIMEOUT_MS = 240_000
 DEPLOY_TIMEOUT_MS = 120_000
+EXPORT_TIMEOUT_MS = 120_000
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +99,13 @@ def sign_in(page, key: str) -> None:
     page.get_by_role("button", name="Sign in").click()
 
 
+def expected_409(problem: str) -> bool:
+    """The export refused on purpose (the alias serves the base model): its 409 and the console
+    line Chromium writes for it."""
+    return ("409" in problem and "/exports" in problem) or (
+        problem.startswith("console:") and "status of 409" in problem)
+
+
 def expect_or_log(assertion, log: Path) -> None:
     """Run a Playwright expectation; on failure, show the worker's log tail with it."""
     try:
@@ -126,6 +136,26 @@ def test_review_and_approve_a_run_from_the_page(page_stack, page, make_key, make
     expect(page.get_by_test_id("auth-error")).to_be_hidden()
     alias_row = page.locator(f'[data-testid="alias-row"][data-alias="{alias}"]')
     expect(alias_row.get_by_test_id("alias-serving")).to_have_text("base")
+
+    # Exports: none yet, and the alias serves the base model, so there is nothing to export; the
+    # API's reason shows next to the form.
+    alias_row.get_by_role("button", name=re.compile("^Details")).click()
+    exports = page.get_by_test_id("exports-section")
+    expect(page.locator("#alias-detail-title")).to_contain_text(alias)
+    expect(exports).to_be_visible()
+    expect(exports.get_by_test_id("exports-table")).to_contain_text("No exports yet")
+    expect(page.get_by_test_id("export-quant")).to_be_enabled()
+    page.get_by_test_id("export-format").select_option("merged")
+    expect(page.get_by_test_id("export-quant")).to_be_disabled()
+    page.get_by_test_id("export-format").select_option("gguf")
+    page.get_by_test_id("export-quant").select_option("q8_0")
+    page.get_by_test_id("export-submit").click()
+    expect(page.get_by_test_id("export-error")).to_contain_text("serves the base model")
+    expect(page.get_by_test_id("export-error")).to_contain_text("HTTP 409")
+    expect(page.get_by_test_id("export-row")).to_have_count(0)
+    assert page.watched.problems and all(expected_409(p) for p in page.watched.problems), \
+        page.watched.problems
+    page.watched.problems.clear()
 
     # Ratings through the API start a run; the page picks it up and follows it live.
     with httpx.Client(base_url=api.url, timeout=60) as c:
@@ -175,6 +205,47 @@ def test_review_and_approve_a_run_from_the_page(page_stack, page, make_key, make
     expect(page.get_by_test_id("thumbs-chart").locator("svg")).to_have_count(1)
     with db_sessions() as s:
         assert s.get(AdapterVersion, run.candidate_version_id).status == "live"
+
+    # Export the served version to GGUF q8_0 from the page: the same worker builds and checks it;
+    # the row follows it to "passed" and its files download with their recorded sha256.
+    expect(page.get_by_test_id("export-error")).to_be_hidden()
+    page.get_by_test_id("export-format").select_option("gguf")
+    page.get_by_test_id("export-quant").select_option("q8_0")
+    page.get_by_test_id("export-reason").fill("edge build from the ops page")
+    page.get_by_test_id("export-submit").click()
+    expect(page.get_by_test_id("export-note")).to_contain_text("Export queued")
+    export_row = page.get_by_test_id("export-row")
+    expect(export_row).to_have_count(1)
+    expect(export_row).to_contain_text(lora_name)
+    expect(export_row.get_by_test_id("export-kind")).to_have_text("GGUF q8_0")
+    expect_or_log(lambda: expect(export_row).to_have_attribute(
+        "data-status", re.compile("^(passed|failed|error)$"), timeout=EXPORT_TIMEOUT_MS), worker.log)
+    if export_row.get_attribute("data-status") != "passed":
+        tail = worker.log.read_text()[-3000:] if worker.log.exists() else ""
+        raise AssertionError(f"the export did not pass: {export_row.inner_text()}\n"
+                             f"--- worker log tail ---\n{tail}")
+    expect(export_row.get_by_test_id("export-status")).to_have_text("passed")
+    export_id = export_row.get_attribute("data-export-id")
+    with httpx.Client(base_url=api.url, timeout=30) as c:
+        r = c.get(f"/v1/adapters/{alias}/exports/{export_id}",
+                  headers={"Authorization": f"Bearer {ops}"})
+        assert r.status_code == 200, r.text
+        files = {f["name"]: f for f in r.json()["files"]}
+    assert "model.gguf" in files, files
+    with page.expect_download() as info:
+        export_row.locator('[data-testid="export-download"][data-file="model.gguf"]').click()
+    download = info.value
+    assert download.suggested_filename == "model.gguf"
+    data = Path(download.path()).read_bytes()
+    assert len(data) == files["model.gguf"]["bytes"]
+    assert hashlib.sha256(data).hexdigest() == files["model.gguf"]["sha256"]
+    expect(page.get_by_test_id("export-note")).to_contain_text("sha256 checked in the browser")
+    export_row.get_by_test_id("export-details").click()
+    gate = page.get_by_test_id("export-detail").get_by_test_id("export-metrics")
+    expect(gate).to_contain_text("gguf q8_0")
+    expect(gate).to_contain_text("passed")
+    expect(page.locator('[data-testid="audit-row"][data-action="export.requested"]')).to_contain_text(
+        "edge build from the ops page")
 
     page.evaluate("window.scrollTo(0, 0)")  # the sticky header belongs at the top of the shot
     shot = tmp_path / "ops-page.png"

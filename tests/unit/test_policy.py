@@ -31,6 +31,9 @@ def test_alias_file_overrides_default_and_tenant_file_wins(tmp_path):
     ("trigger: {min_new_ratingz: 5}\n", "trigger.min_new_ratingz"),
     ("canary: {share: 1.5}\n", "canary.share"),
     ("approval: maybe\n", "approval"),
+    ("export: {on_promotion: [{format: gguf}]}\n", "export.on_promotion.0"),
+    ("export: {on_promotion: [{format: gguf, quant: q3}]}\n", "export.on_promotion.0.quant"),
+    ("export: {tolerance: {max_nll_delta: -1}}\n", "export.tolerance.max_nll_delta"),
 ])
 def test_bad_field_names_file_and_field(tmp_path, text, field):
     write(tmp_path, "default", "approval: manual\n")
@@ -66,3 +69,14 @@ def test_changed_file_takes_effect_without_restart_and_bad_edit_keeps_last_good(
 def test_repository_policies_are_valid():
     store = PolicyStore(os.path.join(os.path.dirname(__file__), "..", "..", "policies"))
     assert store.for_alias("anything").approval in ("auto", "manual")
+
+
+def test_export_policy_names_why_a_spec_is_refused(tmp_path):
+    write(tmp_path, "default", "export: {on_promotion: [{format: merged, quant: q8_0}]}\n")
+    with pytest.raises(PolicyError, match="merged export is not quantized"):
+        PolicyStore(tmp_path)
+    write(tmp_path, "default", "export: {on_promotion: [{format: gguf, quant: q8_0}], "
+                               "fallback: true}\n")
+    policy = PolicyStore(tmp_path).for_alias("x")
+    assert [(e.format, e.quant) for e in policy.export.on_promotion] == [("gguf", "q8_0")]
+    assert policy.export.fallback is True and policy.export.tolerance.min_token_agreement == 0.95

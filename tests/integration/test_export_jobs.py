@@ -1,0 +1,142 @@
+"""service.exports against the real Postgres: dedupe, the lease, a dead worker's job handed on,
+giving up on a job that keeps killing its worker; and the schema matches the models."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from sqlalchemy import select, text
+
+from service import exports
+from service.db import repositories as repo
+from service.db.models import Adapter, AdapterVersion, AuditEvent, Export, ExportStatus
+from service.db.session import session_scope
+
+
+@pytest.fixture()
+def version_id(db_sessions, make_alias, tenant) -> uuid.UUID:
+    alias = make_alias(tenant)
+    with session_scope(db_sessions) as s:
+        adapter = s.scalars(select(Adapter).where(Adapter.tenant_id == tenant,
+                                                  Adapter.alias == alias)).one()
+        return repo.create_version(s, adapter, artifact_path="/nowhere", sha256="0" * 64,
+                                   parent_version_id=None, run_id=None, lineage={}).id
+
+
+def _request(db_sessions, version_id, quant="q8_0", fallback=False):
+    with session_scope(db_sessions) as s:
+        export, created = exports.request_export(s, s.get(AdapterVersion, version_id), fmt="gguf",
+                                                 quant=quant, fallback=fallback, actor="test")
+        return export.id, created
+
+
+def _expire(db_sessions, export_id):
+    with session_scope(db_sessions) as s:
+        s.execute(text("UPDATE exports SET lease_expires_at = now() - interval '1 second' "
+                       "WHERE id = :id"), {"id": export_id})
+
+
+def test_one_job_per_identical_request_until_it_settles(db_sessions, version_id):
+    first, created = _request(db_sessions, version_id)
+    assert created
+    assert _request(db_sessions, version_id) == (first, False)
+    other, created = _request(db_sessions, version_id, quant="f16")
+    assert created and other != first
+    with session_scope(db_sessions) as s:
+        assert exports.claim(s, first, "w1", 30)
+        assert exports.finish(s, first, "w1", ExportStatus.failed, failure_reason="numbers")
+    again, created = _request(db_sessions, version_id)  # a failed export may be asked again
+    assert created and again != first
+    with session_scope(db_sessions) as s:
+        assert exports.claim(s, again, "w1", 30)
+        assert exports.finish(s, again, "w1", ExportStatus.passed, sha256="a" * 64)
+    assert _request(db_sessions, version_id) == (again, False)  # a passed one is reused
+
+
+def test_the_index_refuses_a_second_active_job_whatever_the_caller(db_sessions, version_id):
+    first, _ = _request(db_sessions, version_id)
+    with pytest.raises(Exception, match="uq_exports_one_active"), session_scope(db_sessions) as s:
+        s.execute(text("""INSERT INTO exports (id, tenant_id, adapter_id, version_id, format, quant,
+                          fallback, status, requested_by, files, lineage, progress, metrics,
+                          attempts) SELECT :id, tenant_id, adapter_id, version_id, format, quant,
+                          false, 'queued', 'x', '[]', '{}', '{}', '{}', 0 FROM exports
+                          WHERE id = :first"""), {"id": uuid.uuid4(), "first": first})
+
+
+def test_lease_keeps_a_second_worker_out_until_it_expires(db_sessions, version_id):
+    export_id, _ = _request(db_sessions, version_id)
+    with session_scope(db_sessions) as s:
+        assert exports.claim(s, export_id, "w1", 30)
+        assert not exports.claim(s, export_id, "w2", 30)  # a duplicate delivery finds nothing
+        assert exports.report(s, export_id, "w1", 30, {"stage": "merge: loading"})
+        assert not exports.report(s, export_id, "w2", 30, {"stage": "bogus"})
+        assert export_id not in exports.claimable_exports(s)
+    _expire(db_sessions, export_id)  # w1 died (kill -9): its lease runs out
+    with session_scope(db_sessions) as s:
+        assert export_id in exports.claimable_exports(s)
+        assert exports.claim(s, export_id, "w2", 30)
+        # The stalled first worker can neither report nor finish over the new owner.
+        assert not exports.report(s, export_id, "w1", 30, {"stage": "late"})
+        assert not exports.finish(s, export_id, "w1", ExportStatus.passed)
+        assert exports.finish(s, export_id, "w2", ExportStatus.passed, sha256="b" * 64)
+        row = s.get(Export, export_id)
+        assert (row.status, row.attempts, row.lease_owner) == ("passed", 2, None)
+        assert row.progress == {"stage": "merge: loading"} and row.finished_at is not None
+
+
+def test_a_job_that_keeps_killing_its_worker_is_given_up_with_a_reason(db_sessions, version_id):
+    export_id, _ = _request(db_sessions, version_id)
+    for i in range(exports.MAX_ATTEMPTS):
+        with session_scope(db_sessions) as s:
+            assert exports.claim(s, export_id, f"w{i}", 30)
+        _expire(db_sessions, export_id)
+    with session_scope(db_sessions) as s:
+        assert export_id not in exports.claimable_exports(s)
+        row = s.get(Export, export_id)
+        assert row.status == "error" and "gave up after 3 attempts" in row.failure_reason
+        assert not exports.claim(s, export_id, "w9", 30)
+        assert s.scalars(select(AuditEvent).where(AuditEvent.target_id == str(export_id),
+                                                  AuditEvent.action == "export.error")).one()
+
+
+def test_database_schema_matches_the_models(db_url):
+    """Migrations and models agree (0001 once lost four foreign keys this way)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+    from sqlalchemy import create_engine
+
+    from service.db.models import Base
+
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+    finally:
+        engine.dispose()
+
+
+def test_migrations_downgrade_and_upgrade_cleanly(db_url):
+    from alembic import command
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    from service.db import migrate
+
+    scratch = f"flywheel_mig_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(db_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{scratch}"'))
+    url = make_url(db_url).set(database=scratch).render_as_string(hide_password=False)
+    try:
+        migrate.upgrade(url)
+        command.downgrade(migrate.alembic_config(url), "0001")
+        command.downgrade(migrate.alembic_config(url), "base")
+        migrate.upgrade(url)
+        engine = create_engine(url)
+        migrate.check_migrated(engine, url)  # at head again
+        engine.dispose()
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE "{scratch}" WITH (FORCE)'))
+        admin.dispose()
