@@ -32,6 +32,10 @@ _QUERIES = {
     "rollbacks": """
         SELECT tenant_id, actor = 'watch' AS automatic, count(*) AS n FROM audit_events
         WHERE action = 'adapter.rollback' GROUP BY tenant_id, automatic""",
+    "exports": """
+        SELECT tenant_id, format, coalesce(quant, '') AS quant, status, count(*) AS n,
+               max(bytes) FILTER (WHERE status = 'passed') AS bytes
+        FROM exports GROUP BY tenant_id, format, coalesce(quant, ''), status""",
 }
 
 
@@ -69,13 +73,22 @@ async def render(session: AsyncSession, thresholds: dict[tuple[str, str], int],
     rollbacks = GaugeMetricFamily("flywheel_rollbacks", "Rollbacks", labels=["tenant", "kind"])
     for r in rows["rollbacks"]:
         rollbacks.add_metric([r.tenant_id, "automatic" if r.automatic else "manual"], r.n)
+    exports = GaugeMetricFamily("flywheel_exports", "Edge exports by outcome",
+                                labels=["tenant", "format", "quant", "status"])
+    export_bytes = GaugeMetricFamily("flywheel_export_bytes", "Largest passed export's size",
+                                     labels=["tenant", "format", "quant"])
+    for r in rows["exports"]:
+        exports.add_metric([r.tenant_id, r.format, r.quant, r.status], r.n)
+        if r.bytes is not None:
+            export_bytes.add_metric([r.tenant_id, r.format, r.quant], r.bytes)
     up = GaugeMetricFamily("flywheel_replica_up", "vLLM replica health as this API sees it",
                            labels=["replica"])
     for url, healthy in replicas:
         up.add_metric([url], 1 if healthy else 0)
 
     registry = CollectorRegistry()
-    families = [runs, buffer, threshold, seconds, tps, verdicts, swap, rollbacks, up]
+    families = [runs, buffer, threshold, seconds, tps, verdicts, swap, rollbacks, exports,
+                export_bytes, up]
 
     class _Fixed:
         def collect(self):

@@ -145,6 +145,9 @@ def test_gguf_export_passes_the_gate_and_downloads_by_checksum(
         reasons = [a.reason for a in s.scalars(select(AuditEvent).where(
             AuditEvent.target_id == queued["id"]))]
     assert actions == ["export.requested", "export.passed"] and "edge box" in reasons
+    scraped = client.get("/metrics").text
+    assert f'flywheel_exports{{format="gguf",quant="q8_0",status="passed",tenant="{tenant}"}} 1.0' \
+        in scraped
 
 
 @needs_llama_cpp
