@@ -162,15 +162,15 @@ def status() -> None:
     sessions = _sessions()
     table = Table("tenant", "alias", "serving", "canary", "versions")
     with sessions() as s:
-        names = dict(s.execute(select(AdapterVersion.id, AdapterVersion.lora_name)).tuples().all())
+        names = dict(s.execute(select(AdapterVersion.id, AdapterVersion.lora_name)).all())
         counts = dict(s.execute(select(AdapterVersion.adapter_id, func.count())
-                                .group_by(AdapterVersion.adapter_id)).tuples().all())
+                                .group_by(AdapterVersion.adapter_id)).all())
         for a in s.scalars(select(Adapter).order_by(Adapter.tenant_id, Adapter.alias)):
             canary = f"{names.get(a.canary_version_id)} ({a.canary_share:.0%})" if a.canary_version_id else ""
             table.add_row(a.tenant_id, a.alias, names.get(a.serving_version_id, "base"), canary,
                           str(counts.get(a.id, 0)))
         by_state = dict(s.execute(select(TrainingRun.state, func.count())
-                                  .group_by(TrainingRun.state)).tuples().all())
+                                  .group_by(TrainingRun.state)).all())
     console.print(table)
     console.print("runs: " + (", ".join(f"{k} {v}" for k, v in sorted(by_state.items())) or "none"))
     import httpx

@@ -139,6 +139,35 @@ class Demo:
         except RunFailed as exc:
             raise RuntimeError(str(exc)) from exc
         self._evaluate(client, run["candidate_version"])
+        t = time.monotonic()
+        self._export(client)
+        self.report.timings["export"] = time.monotonic() - t
+
+    def _export(self, client: ProductClient) -> None:
+        """Export the promoted version as GGUF for llama.cpp / Ollama; a failure is reported,
+        not fatal (the loop itself has closed)."""
+        self.step("edge export: the serving version as GGUF q8_0 "
+                  f"(POST /v1/adapters/{client.alias}/exports), checked against the served one")
+        r = client.api.post(f"/v1/adapters/{client.alias}/exports", headers=client.ops,
+                            json={"format": "gguf", "quant": "q8_0", "reason": "demo"})
+        r.raise_for_status()
+        url = f"/v1/adapters/{client.alias}/exports/{r.json()['id']}"
+        deadline = time.monotonic() + 300
+        export = r.json()
+        while export["status"] in ("queued", "running") and time.monotonic() < deadline:
+            self._alive()
+            time.sleep(0.5)
+            export = client.api.get(url, headers=client.ops).json()
+        if export["status"] != "passed":
+            self.step(f"[yellow]export {export['status']}:[/yellow] "
+                      f"{export.get('failure_reason') or 'timed out'}")
+            return
+        gate = export["metrics"]["attempts"][-1]["metrics"]
+        path = self.root / "artifacts" / "exports" / export["id"] / f"gguf-{export['quant']}"
+        self.step(f"export passed: {export['bytes'] / 1e6:.1f} MB, sha256 {export['sha256'][:12]}…, "
+                  f"greedy token agreement {gate['decisive_agreement']:.3f}, NLL delta "
+                  f"{gate['nll_delta']:+.4f} nats/token; run it with "
+                  f"`ollama create {client.alias} -f {path}/Modelfile`")
 
     def _alive(self) -> None:
         if self.sim and self.sim.dead_children():

@@ -140,7 +140,7 @@ def claim(session: Session, export_id: uuid.UUID, owner: str, lease_s: float) ->
 
 
 _RENEW = text("""
-UPDATE exports SET progress = CAST(:progress AS jsonb),
+UPDATE exports SET progress = coalesce(CAST(:progress AS jsonb), progress),
        lease_expires_at = now() + make_interval(secs => :lease_s)
 WHERE id = :id AND lease_owner = :owner AND status = 'running'
 RETURNING id
@@ -148,10 +148,12 @@ RETURNING id
 
 
 def report(session: Session, export_id: uuid.UUID, owner: str, lease_s: float,
-           progress: dict[str, Any]) -> bool:
-    """Record progress and extend the lease; False when this worker no longer holds the job."""
+           progress: dict[str, Any] | None) -> bool:
+    """Extend the lease (and record progress, if given); False when this worker no longer holds
+    the job."""
     return session.execute(_RENEW, {"id": export_id, "owner": owner, "lease_s": lease_s,
-                                    "progress": _json(progress)}).first() is not None
+                                    "progress": None if progress is None else _json(progress)}
+                           ).first() is not None
 
 
 def finish(session: Session, export_id: uuid.UUID, owner: str, status: ExportStatus,

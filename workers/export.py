@@ -1009,5 +1009,5 @@ def _outcome(attempts: list[Attempt], merged: Attempt, suggestion: str | None) -
         return ExportOutcome("succeeded", attempts, merged)
     reason = f"{final.format}{'/' + final.quant if final.quant else ''}: " + "; ".join(final.reasons)
     if suggestion:
-        reason += f" (try --quant {suggestion})"
+        reason += f" (try quant {suggestion}, less aggressive)"
     return ExportOutcome("failed", attempts, merged, suggestion, reason)

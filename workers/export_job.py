@@ -20,20 +20,15 @@ from service.db.session import session_scope
 from service.engine.artifact import ArtifactRejected, file_sha256, verify_artifact
 from service.policy import Policy
 from workers.context import WorkerContext
+from workers.lease import LeaseKeeper, LeaseLost
 
 log = logging.getLogger(__name__)
 
-# Progress is written at most this often (plus at every stage change); each write renews the lease.
-_REPORT_EVERY_S = 1.0
 # Share of the job each phase takes, for the overall fraction and the ETA (rough: on the tiny
 # model and on 7B alike, the merge and the GGUF gate dominate).
 _PHASES = {"merged": {"merge": (0.0, 0.6), "merge gate": (0.6, 1.0)},
            "gguf": {"merge": (0.0, 0.3), "merge gate": (0.3, 0.45), "convert": (0.45, 0.75),
                     "gate": (0.75, 1.0)}}
-
-
-class LeaseLost(RuntimeError):
-    """Another worker holds the export now (this one stalled past its lease): stop quietly."""
 
 
 def export_prompts(policy: Policy, heldout: list[dict[str, Any]]) -> list:
@@ -73,13 +68,12 @@ def _heldout(ctx: WorkerContext, session, version: AdapterVersion, limit: int) -
 
 
 class _Reporter:
-    """Turns workers.export's (stage, fraction) callbacks into throttled DB progress + ETA."""
+    """Turns workers.export's (stage, fraction) callbacks into progress with an ETA; the lease
+    keeper writes it (at most once a second) and renews the lease meanwhile."""
 
-    def __init__(self, ctx: WorkerContext, export_id: uuid.UUID, fmt: str) -> None:
-        self.ctx, self.export_id, self.fmt = ctx, export_id, fmt
+    def __init__(self, keeper: LeaseKeeper, fmt: str) -> None:
+        self.keeper, self.fmt = keeper, fmt
         self.t0 = time.monotonic()
-        self.last_write = 0.0
-        self.last_stage = ""
 
     def _overall(self, stage: str, fraction: float) -> float:
         head, _, detail = stage.partition(": ")
@@ -91,21 +85,11 @@ class _Reporter:
         return lo + (hi - lo) * min(max(fraction, 0.0), 1.0)
 
     def __call__(self, stage: str, fraction: float) -> None:
-        now = time.monotonic()
-        if stage == self.last_stage and now - self.last_write < _REPORT_EVERY_S:
-            return
-        self.last_stage, self.last_write = stage, now
         overall = self._overall(stage, fraction)
-        elapsed = now - self.t0
-        progress = {"stage": stage, "fraction": round(overall, 3), "elapsed_s": round(elapsed, 1),
-                    "eta_s": round(elapsed * (1 - overall) / overall, 1) if overall >= 0.05 else None}
-        self.write(progress)
-
-    def write(self, progress: dict[str, Any]) -> None:
-        with session_scope(self.ctx.sessions) as s:
-            if not exports.report(s, self.export_id, self.ctx.worker_id,
-                                  self.ctx.settings.run_lease_s, progress):
-                raise LeaseLost(f"export {self.export_id} is held by another worker now")
+        elapsed = time.monotonic() - self.t0
+        self.keeper.report({
+            "stage": stage, "fraction": round(overall, 3), "elapsed_s": round(elapsed, 1),
+            "eta_s": round(elapsed * (1 - overall) / overall, 1) if overall >= 0.05 else None})
 
 
 def run_job(ctx: WorkerContext, export_id: uuid.UUID) -> str:
@@ -125,9 +109,15 @@ def run_job(ctx: WorkerContext, export_id: uuid.UUID) -> str:
                            "version": version.number, "version_id": str(version.id),
                            "lora_name": version.lora_name, "export_id": str(export_id),
                            "requested_by": export.requested_by}}
-    reporter = _Reporter(ctx, export_id, job["fmt"])
+    owner, lease_s, t0 = ctx.worker_id, ctx.settings.run_lease_s, time.monotonic()
+    keeper = LeaseKeeper(ctx.sessions, export_id, owner, lease_s,
+                         renew=lambda s, p: exports.report(s, export_id, owner, lease_s, p))
     try:
-        status, fields = _build(ctx, export_id, job, policy, heldout, reporter)
+        with keeper:
+            status, fields = _build(ctx, export_id, job, policy, heldout,
+                                    _Reporter(keeper, job["fmt"]))
+        if keeper.lost:
+            raise LeaseLost(f"export {export_id}: lease lost to another worker")
     except LeaseLost as exc:
         log.warning("%s; leaving it", exc)
         return "lease lost"
@@ -140,6 +130,8 @@ def run_job(ctx: WorkerContext, export_id: uuid.UUID) -> str:
             reason = f"export crashed: {type(exc).__name__}: {exc}"
         status, fields = ExportStatus.error, {"failure_reason": reason[:2000]}
         shutil.rmtree(_out_root(ctx, export_id), ignore_errors=True)
+    fields["progress"] = {"stage": status.value, "fraction": 1.0,
+                          "elapsed_s": round(time.monotonic() - t0, 1), "eta_s": 0.0}
     with session_scope(ctx.sessions) as s:
         if not exports.finish(s, export_id, ctx.worker_id, status, **fields):
             return "lease lost"
@@ -165,8 +157,8 @@ def _build(ctx: WorkerContext, export_id: uuid.UUID, job: dict[str, Any], policy
     if not base_model:
         return ExportStatus.error, {"failure_reason": "FLYWHEEL_BASE_MODEL is not set: nothing "
                                                       "to merge the adapter into"}
-    reporter.write({"stage": "verifying the adapter artifact", "fraction": 0.0, "elapsed_s": 0.0,
-                    "eta_s": None})
+    reporter.keeper.report({"stage": "verifying the adapter artifact", "fraction": 0.0,
+                            "elapsed_s": 0.0, "eta_s": None})
     try:
         # The export loads these weights: only after their checksum matches the record.
         verify_artifact(job["artifact"], expected_sha256=job["sha256"],

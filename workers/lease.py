@@ -1,4 +1,5 @@
-"""Keeps a run's lease alive from a background thread while a long step runs."""
+"""Keeps a lease (a run's, or an export job's) alive from a background thread while long work
+runs, and carries the latest progress into the row."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from service import runs
 from service.db.session import session_scope
@@ -16,14 +18,23 @@ log = logging.getLogger(__name__)
 
 
 class LeaseLost(RuntimeError):
-    """Another worker took the run over (our lease expired): stop working on it."""
+    """Another worker took the job over (our lease expired): stop working on it."""
+
+
+# (session, progress or None) -> whether this worker still holds the lease.
+Renew = Callable[[Session, dict | None], bool]
 
 
 class LeaseKeeper:
-    """Renews the lease every lease_s/3 and carries the latest progress into the run row."""
+    """Renews the lease every lease_s/3 and carries the latest progress into the row.
 
-    def __init__(self, sessions: sessionmaker, run_id: uuid.UUID, owner: str, lease_s: float) -> None:
+    ``renew`` defaults to a training run's (service.runs.renew); export jobs pass their own.
+    """
+
+    def __init__(self, sessions: sessionmaker, run_id: uuid.UUID, owner: str, lease_s: float,
+                 renew: Renew | None = None) -> None:
         self.sessions, self.run_id, self.owner, self.lease_s = sessions, run_id, owner, lease_s
+        self._renew = renew or (lambda s, p: runs.renew(s, run_id, owner, lease_s, p))
         self.lost = False
         self._progress: dict | None = None
         self._history: list[list[float]] = []  # [step, loss] for the ops page's loss chart
@@ -44,7 +55,7 @@ class LeaseKeeper:
     def report(self, progress: dict) -> None:
         """Record progress; written at most once a second. Raises LeaseLost if the run was taken."""
         if self.lost:
-            raise LeaseLost(f"run {self.run_id}: lease lost")
+            raise LeaseLost(f"{self.run_id}: lease lost to another worker")
         if isinstance(progress.get("loss"), (int, float)):
             self._history.append([progress.get("step", 0), round(float(progress["loss"]), 5)])
             if len(self._history) > 400:  # keep the chart light: drop every other point
@@ -61,7 +72,7 @@ class LeaseKeeper:
         progress, self._progress = self._progress, None
         try:
             with session_scope(self.sessions) as s:
-                if not runs.renew(s, self.run_id, self.owner, self.lease_s, progress):
+                if not self._renew(s, progress):
                     self.lost = True
             self._last_write = time.monotonic()
         except Exception as exc:  # noqa: BLE001 - a DB blip must not kill training; retry next tick

@@ -60,4 +60,4 @@ async def list_for_adapter(session, adapter_id: uuid.UUID, limit: int = 50) -> l
     rows = await session.execute(
         select(Export, AdapterVersion).join(AdapterVersion, AdapterVersion.id == Export.version_id)
         .where(Export.adapter_id == adapter_id).order_by(Export.created_at.desc()).limit(limit))
-    return [export_out(e, v) for e, v in rows.tuples()]
+    return [export_out(e, v) for e, v in rows]

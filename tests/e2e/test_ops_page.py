@@ -208,12 +208,12 @@ def test_review_and_approve_a_run_from_the_page(page_stack, page, make_key, make
 
     # Export the served version to GGUF q8_0 from the page: the same worker builds and checks it;
     # the row follows it to "passed" and its files download with their recorded sha256.
-    expect(page.get_by_test_id("export-error")).to_be_hidden()
     page.get_by_test_id("export-format").select_option("gguf")
     page.get_by_test_id("export-quant").select_option("q8_0")
     page.get_by_test_id("export-reason").fill("edge build from the ops page")
     page.get_by_test_id("export-submit").click()
     expect(page.get_by_test_id("export-note")).to_contain_text("Export queued")
+    expect(page.get_by_test_id("export-error")).to_be_hidden()  # the earlier 409 is gone
     export_row = page.get_by_test_id("export-row")
     expect(export_row).to_have_count(1)
     expect(export_row).to_contain_text(lora_name)

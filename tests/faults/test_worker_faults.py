@@ -125,3 +125,68 @@ def test_redis_down_during_ingestion_loses_nothing_and_run_starts_after(fault_en
         worker.stop()
         api.stop()
         stop_redis(broker_root)
+
+
+def test_kill9_worker_mid_export_hands_the_job_to_another(fault_env, stack_root, db_sessions,
+                                                          make_alias, tenant, tiny_model, tmp_path,
+                                                          broker_url):
+    """A worker dies (kill -9) while exporting: its lease runs out, the sweeper re-sends the job,
+    a second worker builds it from the start, and exactly one passed export is recorded."""
+    from service import exports
+    from service.db import repositories as repo
+    from service.db.models import Adapter, AuditEvent, Export
+    from service.db.session import session_scope
+    from service.engine.artifact import artifact_sha256
+    from service.wakeup import wake_export
+    from tests.helpers.vllm import make_random_lora
+
+    alias = make_alias(tenant)
+    (Path(fault_env["policy_dir"]) / f"{tenant}--{alias}.yaml").write_text(
+        'gate: {golden: [{prompt: "Where is Paris?"}, {prompt: "My order is late."}]}\n'
+        "export: {max_new_tokens: 8}\n")
+    artifact = make_random_lora(tiny_model, tmp_path / "v1", seed=4)
+    with session_scope(db_sessions) as s:
+        adapter = s.scalars(select(Adapter).where(Adapter.tenant_id == tenant,
+                                                  Adapter.alias == alias)).one()
+        version = repo.create_version(s, adapter, artifact_path=str(artifact),
+                                      sha256=artifact_sha256(artifact), parent_version_id=None,
+                                      run_id=None, lineage={})
+        export, _ = exports.request_export(s, version, fmt="merged", quant=None, fallback=False,
+                                           actor="test")
+        export_id = export.id
+    env = flywheel_env(**fault_env)
+    worker = WorkerProcess(env=env, log=stack_root / "worker-export-kill9-a.log", name="wxa").start()
+    second = None
+    try:
+        assert wake_export(broker_url, export_id)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with db_sessions() as s:
+                row = s.get(Export, export_id)
+            if row.status != "queued":
+                break
+            time.sleep(0.05)
+        assert row.status == "running" and row.attempts == 1, worker.log.read_text()[-2000:]
+        worker.kill9()
+
+        second = WorkerProcess(env=env, log=stack_root / "worker-export-kill9-b.log", name="wxb",
+                               beat=True).start()
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            with db_sessions() as s:
+                row = s.get(Export, export_id)
+            if row.status not in ("queued", "running"):
+                break
+            time.sleep(0.3)
+        assert row.status == "passed", (row.status, row.failure_reason,
+                                        second.log.read_text()[-2000:])
+        assert row.attempts == 2 and Path(row.path, "model.safetensors").is_file()
+        with db_sessions() as s:
+            assert len(s.scalars(select(Export).where(Export.version_id == version.id)).all()) == 1
+            assert [a.action for a in s.scalars(select(AuditEvent).where(
+                AuditEvent.target_id == str(export_id)).order_by(AuditEvent.id))] == [
+                "export.requested", "export.passed"]
+    finally:
+        if second:
+            second.stop()
+        worker.stop()

@@ -131,7 +131,7 @@ def test_canary_share_is_within_a_binomial_bound_and_feedback_follows_the_versio
             rows = s.execute(select(Interaction.id, Interaction.served_model, Interaction.version_id)
                              .where(Interaction.id.in_(ids))).all()
             fb = dict(s.execute(select(Feedback.interaction_id, Feedback.version_id)
-                                .where(Feedback.interaction_id.in_(ids))).tuples().all())
+                                .where(Feedback.interaction_id.in_(ids))).all())
         canaried = sum(1 for r in rows if r.served_model == v2_name)
         # Binomial(240, 0.3): mean 72, sd 7.1; 4 sd either side fails by chance ~6e-5 of the time.
         assert 72 - 29 <= canaried <= 72 + 29, canaried

@@ -164,7 +164,7 @@ def test_too_aggressive_quant_fails_with_numbers_then_fallback_finds_one_that_pa
     assert m["decisive_agreement"] < 0.95
     assert f"{m['decisive_agreement']:.3f}" in failed["failure_reason"]
     assert f"{m['nll_delta']:+.4f}" in failed["failure_reason"]
-    assert "--quant q2_k" in failed["failure_reason"]
+    assert "try quant q2_k" in failed["failure_reason"]
     r = client.get(f"/v1/adapters/{alias}/exports/{failed['id']}/files/model.gguf",
                    headers=bearer(ops))
     assert r.status_code == 409 and r.json()["error"]["code"] == "export_not_passed"

@@ -345,7 +345,7 @@ def test_run_export_without_fallback_suggests_a_less_aggressive_quant(tiny_model
                             prompts=_prompts(tokenizer)[:2], max_new_tokens=8)
     assert outcome.status == "failed" and len(outcome.attempts) == 1
     assert outcome.suggestion == "q2_k"
-    assert "tq2_0" in outcome.failure_reason and "--quant q2_k" in outcome.failure_reason
+    assert "tq2_0" in outcome.failure_reason and "try quant q2_k" in outcome.failure_reason
 
 
 def test_without_llama_cpp_the_gguf_is_an_error_not_a_quality_failure(tiny_model, adapter,

@@ -98,7 +98,7 @@ async def list_adapters(caller: OpsCaller, state: State) -> list[AdapterOut]:
         names = dict((await session.execute(
             select(AdapterVersion.id, AdapterVersion.lora_name)
             .join(Adapter, Adapter.id == AdapterVersion.adapter_id)
-            .where(Adapter.tenant_id == caller.tenant_id))).tuples().all())
+            .where(Adapter.tenant_id == caller.tenant_id))).all())
     return [AdapterOut(**_summary(a, names, state.settings.base_model_name)) for a in adapters]
 
 

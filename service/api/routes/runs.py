@@ -73,7 +73,7 @@ async def _version_names(session, *ids) -> dict:
         return {}
     rows = await session.execute(select(AdapterVersion.id, AdapterVersion.lora_name)
                                  .where(AdapterVersion.id.in_(ids)))
-    return dict(rows.tuples().all())
+    return dict(rows.all())
 
 
 def _out(run: TrainingRun, alias: str, names: dict) -> dict:

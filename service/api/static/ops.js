@@ -453,6 +453,12 @@
     return i === 0 ? `${v} B` : `${v.toFixed(v < 10 ? 2 : 1)} ${units[i]}`;
   }
 
+  function signed(v, digits) {
+    if (v === null || v === undefined) return "—";
+    const t = Number(v).toFixed(digits);
+    return Number(t) === 0 ? (0).toFixed(digits) : `${Number(t) > 0 ? "+" : ""}${t}`;
+  }
+
   function exportFormat(e) {
     if (e.format !== "gguf") return e.format;
     const quant = e.quant || e.requested_quant;
@@ -554,7 +560,8 @@
         const busy = downloading.has(key);
         return h("li", {},
           h("button", { type: "button", class: "download", "data-testid": "export-download",
-                        "data-file": f.name, "data-focus": `dl-${key}`, disabled: busy,
+                        "data-file": f.name, "data-focus": `dl-${key}`,
+                        "aria-disabled": busy ? "true" : null,
                         title: `sha256 ${f.sha256}`, onclick: () => downloadFile(alias, e, f) },
             busy ? "Downloading… " : "⬇ ", h("code", { text: f.name }), srOnly(` of v${e.version}, ${exportFormat(e)}`)),
           h("span", { class: "muted small", text: ` ${bytes(f.bytes)}` }));
@@ -636,8 +643,7 @@
             h("th", { scope: "row", text: a.name }),
             h("td", {}, h("span", { class: a.status === "passed" ? "ok" : "bad", text: a.status })),
             cell(x.decisive_agreement, 3), cell(x.token_agreement, 3), cell(x.exact_match, 2),
-            h("td", { class: "num", text: x.nll_delta === undefined || x.nll_delta === null ? "—"
-                                                   : `${x.nll_delta >= 0 ? "+" : ""}${Number(x.nll_delta).toFixed(4)}` }),
+            h("td", { class: "num", text: signed(x.nll_delta, 4) }),
             cell(x.ppl_ratio, 3),
             h("td", { class: "small" }, (a.reasons || []).length
               ? h("ul", { class: "reasons" }, a.reasons.map((r) => h("li", { text: r }))) : "—"));
@@ -1217,6 +1223,8 @@
     $("stats-range").addEventListener("change", () => { if (S.alias) loadAlias(S.alias).catch(() => {}); });
     $("export-form").addEventListener("submit", onExportSubmit);
     $("export-format").addEventListener("change", syncExportForm);
+    // An answer to the previous request goes stale as soon as the form changes.
+    $("export-form").addEventListener("input", () => showExportError(""));
     syncExportForm();
     const saved = sessionStorage.getItem(KEY_STORE);
     if (saved) login(saved);
