@@ -35,20 +35,24 @@ def _sessions():
     return _sessions()
 
 
-def _adapter(session, tenant: str, alias: str):
+def _adapter(session, tenant: str | None, alias: str):
+    """The alias's adapter; without --tenant, the alias must be unique across tenants."""
     from service.db.models import Adapter
 
-    adapter = session.scalars(select(Adapter).where(Adapter.tenant_id == tenant,
-                                                    Adapter.alias == alias)).first()
-    if adapter is None:
-        err.print(f"[red]error:[/red] no alias {alias!r} for tenant {tenant!r}")
+    q = select(Adapter).where(Adapter.alias == alias)
+    found = session.scalars(q.where(Adapter.tenant_id == tenant) if tenant else q).all()
+    if not found:
+        err.print(f"[red]error:[/red] no alias {alias!r}" + (f" for tenant {tenant!r}" if tenant else ""))
         raise typer.Exit(2)
-    return adapter
+    if len(found) > 1:
+        tenants = ", ".join(sorted(a.tenant_id for a in found))
+        err.print(f"[red]error:[/red] alias {alias!r} exists for tenants {tenants}: pass --tenant")
+        raise typer.Exit(2)
+    return found[0]
 
 
 def export(
     alias: Annotated[str, typer.Argument(help="The alias whose version to export.")],
-    tenant: Annotated[str, typer.Option(help="Owning tenant.")],
     format: Annotated[FormatChoice, typer.Option("--format", help="merged (safetensors) or gguf.")],
     quant: Annotated[QuantChoice | None, typer.Option(help="GGUF quantization.")] = None,
     version: Annotated[int | None, typer.Option(min=1, help="Version number (default: serving).")] = None,
@@ -57,6 +61,8 @@ def export(
         help="On a failed gate try a less aggressive quant (default: the policy's).")] = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow progress to the end.")] = False,
     reason: Annotated[str | None, typer.Option(help="Recorded in the audit log.")] = None,
+    tenant: Annotated[str | None, typer.Option(help="Owning tenant (needed when the alias name "
+                                                    "exists in several).")] = None,
 ) -> None:
     """Export a version as a merged model or a GGUF, behind the consistency gate.
 
@@ -71,11 +77,12 @@ def export(
 
     settings = get_settings()
     sessions = _sessions()
-    if fallback is None:
-        fallback = PolicyStore(settings.policy_dir).for_alias(alias, tenant).export.fallback
     try:
         with session_scope(sessions) as s:
             adapter = _adapter(s, tenant, alias)
+            if fallback is None:
+                fallback = PolicyStore(settings.policy_dir).for_alias(
+                    alias, adapter.tenant_id).export.fallback
             target = resolve_version(s, adapter, version)
             row, created = request_export(s, target, fmt=format.value,
                                           quant=quant.value if quant else None,
@@ -140,7 +147,8 @@ def _show(sessions, export_id: uuid.UUID, *, exit_on_failure: bool) -> None:
 
 def exports_list(
     alias: Annotated[str, typer.Argument(help="The alias.")],
-    tenant: Annotated[str, typer.Option(help="Owning tenant.")],
+    tenant: Annotated[str | None, typer.Option(help="Owning tenant (needed when the alias name "
+                                                    "exists in several).")] = None,
 ) -> None:
     """An alias's exports, newest first."""
     from service.db.models import AdapterVersion, Export

@@ -246,7 +246,7 @@ def test_export_requests_are_validated_and_scoped(client, make_key, tenant, make
 
 
 def test_concurrent_identical_requests_queue_one_job(client, make_key, tenant, alias_with_version,
-                                                     db_sessions, api):
+                                                     db_sessions, api, export_worker):
     alias, _ = alias_with_version
     ops = make_key(tenant, "ops")
 
@@ -261,6 +261,8 @@ def test_concurrent_identical_requests_queue_one_job(client, make_key, tenant, a
     assert len({r.json()["id"] for r in results}) == 1
     with db_sessions() as s:
         assert len(s.scalars(select(Export).where(Export.tenant_id == tenant)).all()) == 1
+    # Settled here, so no job is left queued for another module's worker.
+    wait_export(client, ops, alias, results[0].json()["id"], export_worker)
 
 
 def test_a_tampered_adapter_is_refused_before_it_is_loaded(client, export_worker, make_key, tenant,
@@ -402,3 +404,18 @@ def test_cli_export_refuses_bad_arguments(args, needle, api_settings, tenant, al
     r = _cli(flywheel_env(**api_settings), "export", "no-such-alias", "--tenant", tenant,
              "--format", "merged")
     assert r.returncode == 2 and "no alias" in r.stderr
+
+
+def test_cli_export_needs_the_tenant_only_when_the_alias_is_ambiguous(api_settings, tenant,
+                                                                      make_alias, export_worker,
+                                                                      alias_with_version):
+    alias, _ = alias_with_version
+    env = flywheel_env(**api_settings)
+    # A unique name implies the tenant (version 1 is named: the alias serves the base model).
+    r = _cli(env, "export", alias, "--format", "merged", "--version", "1", "--wait")
+    assert r.returncode == 0 and "passed" in r.stdout, r.stdout + r.stderr
+    make_alias(f"{tenant}-b", alias)
+    r = _cli(env, "export", alias, "--format", "merged")
+    assert r.returncode == 2 and "pass --tenant" in r.stderr and f"{tenant}-b" in r.stderr
+    r = _cli(env, "exports", alias, "--tenant", tenant)
+    assert r.returncode == 0 and "merged" in r.stdout
