@@ -49,6 +49,13 @@ class TrainingPolicy(_Strict):
     batch_size: int = Field(8, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     beta: float = Field(0.1, gt=0)
+    # DPO: an SFT term on the chosen answers beside the preference loss (RPO), so DPO cannot
+    # win by making both answers unlikely. 0 = plain DPO.
+    dpo_sft_weight: float = Field(1.0, ge=0)
+    # Each round continues the serving adapter with a fresh optimizer: a warm-up keeps the
+    # first steps from jolting it at the peak learning rate.
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_steps: int = Field(0, ge=0)
     max_length: int = Field(256, ge=16)
     quantization: Literal["none", "qlora"] = "none"
     checkpoint_every_steps: int = Field(20, ge=1)

@@ -77,6 +77,8 @@ def _training_config(policy: Policy, method: str, built):
         target_modules=tuple(t.lora.target_modules), learning_rate=t.learning_rate,
         epochs=t.epochs, max_steps=t.max_steps, per_device_batch_size=t.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps, beta=t.beta,
+        dpo_sft_weight=t.dpo_sft_weight, lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps,
         desirable_weight=built.kto_desirable_weight,
         undesirable_weight=built.kto_undesirable_weight, max_length=t.max_length,
         checkpoint_every_steps=t.checkpoint_every_steps, quantization=t.quantization, seed=t.seed,

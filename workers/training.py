@@ -108,6 +108,10 @@ class TrainingConfig:
         lr_scheduler_type: transformers scheduler name ("linear", "cosine", "constant"...).
         warmup_steps: linear warm-up steps.
         beta: DPO/KTO temperature: higher keeps the adapter closer to the reference.
+        dpo_sft_weight: DPO only: weight of an SFT (NLL) term on the chosen answers added to
+            the sigmoid preference loss (RPO). Plain DPO can lower both answers' likelihood and
+            still win on preference (it degenerated on small data here); the SFT term anchors
+            the chosen answer. 0 = plain DPO.
         desirable_weight: KTO weight of desirable (thumbs-up) examples.
         undesirable_weight: KTO weight of undesirable (thumbs-down) examples.
         max_length: tokens per example (prompt + completion), truncated from the end; with
@@ -149,6 +153,7 @@ class TrainingConfig:
     lr_scheduler_type: str = "linear"
     warmup_steps: int = 0
     beta: float = 0.1
+    dpo_sft_weight: float = 0.0
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
     max_length: int = 1024
@@ -676,6 +681,9 @@ def _trainer_args(config: TrainingConfig, ckpt_dir: Path, precision: str):
             common["max_length"] = None
         return SFTConfig(**common, packing=config.packing, padding_free=config.padding_free)
     if config.method == "dpo":
+        if config.dpo_sft_weight > 0:
+            return DPOConfig(**common, beta=config.beta, loss_type=["sigmoid", "sft"],
+                             loss_weights=[1.0, config.dpo_sft_weight])
         return DPOConfig(**common, beta=config.beta)
     return KTOConfig(**common, beta=config.beta, desirable_weight=config.desirable_weight,
                      undesirable_weight=config.undesirable_weight)

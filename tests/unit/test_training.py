@@ -323,3 +323,56 @@ def test_config_validation_and_round_trip():
         TrainingConfig(method="kto", per_device_batch_size=1)
     with pytest.raises(ValueError):
         TrainingConfig(quantization="int8")
+
+
+def _mean_logp(base: Path, adapter: Path, tok, pairs: list[tuple[str, str]]) -> float:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+    total = 0.0
+    for prompt, completion in pairs:
+        p = tok(prompt, add_special_tokens=False)["input_ids"]
+        c = tok(completion, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([p + c])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        total += float(logp[len(p) - 1:].gather(1, ids[0, len(p):, None]).sum()) / len(c)
+    return total / len(pairs)
+
+
+def test_dpo_sft_term_keeps_the_chosen_answers_likely(tiny_model, tokenizer, tmp_path):
+    """Plain DPO may push both answers down and still win on preference; the SFT term (RPO)
+    anchors the chosen answer, so it ends up more likely than under plain DPO."""
+    records = make_records(tokenizer, "dpo")
+    results = {}
+    for weight in (0.0, 1.0):
+        results[weight] = train_adapter(
+            base_model_dir=tiny_model, data={"train": records},
+            config=_config("dpo", max_steps=12, dpo_sft_weight=weight, warmup_steps=2,
+                           lr_scheduler_type="cosine"),
+            out_dir=tmp_path / f"w{weight}", work_dir=tmp_path / f"work{weight}")
+    chosen = [(r["prompt"], r["chosen"]) for r in records]
+    plain = _mean_logp(tiny_model, results[0.0].artifact_dir, tokenizer, chosen)
+    anchored = _mean_logp(tiny_model, results[1.0].artifact_dir, tokenizer, chosen)
+    assert anchored > plain + 0.05, (plain, anchored)
+
+
+def test_policy_training_knobs_reach_the_trainer_config(tmp_path):
+    from types import SimpleNamespace
+
+    from service.policy import Policy
+    from workers.steps import _training_config
+    from workers.training import _trainer_args
+
+    policy = Policy.model_validate({"training": {"dpo_sft_weight": 0.5, "lr_scheduler": "cosine",
+                                                 "warmup_steps": 3}})
+    built = SimpleNamespace(kto_desirable_weight=1.0, kto_undesirable_weight=1.0)
+    config = _training_config(policy, "dpo", built)
+    args = _trainer_args(config, tmp_path, "fp32")
+    assert args.loss_type == ["sigmoid", "sft"] and args.loss_weights == [1.0, 0.5]
+    assert args.lr_scheduler_type == "cosine" and args.warmup_steps == 3
+    plain = _trainer_args(_training_config(Policy.model_validate(
+        {"training": {"dpo_sft_weight": 0}}), "dpo", built), tmp_path, "fp32")
+    assert plain.loss_type == ["sigmoid"]
