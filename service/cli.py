@@ -23,7 +23,7 @@ app.add_typer(adapters_app, name="adapters")
 
 def _register_ops_commands() -> None:
     # Kept in their own modules; registered here so `flywheel --help` lists them all.
-    from service.cli_exports import export, exports_list
+    from service.cli_exports import export, exports_delete, exports_list
     from service.cli_runs import policies_app, runs_app, status
     from service.cli_stack import demo, up
 
@@ -34,6 +34,7 @@ def _register_ops_commands() -> None:
     app.command()(demo)
     app.command("export")(export)
     app.command("exports")(exports_list)
+    app.command("export-delete")(exports_delete)
 
 console = Console()
 err = Console(stderr=True)

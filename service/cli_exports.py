@@ -169,3 +169,32 @@ def exports_list(
                           (e.sha256 or "")[:12], str(e.bytes or ""),
                           f"{e.created_at:%Y-%m-%d %H:%M:%S}")
     console.print(table)
+
+
+def exports_delete(
+    export_id: Annotated[str, typer.Argument(help="Export id.")],
+    reason: Annotated[str | None, typer.Option(help="Recorded in the audit log.")] = None,
+) -> None:
+    """Delete a settled export's files (the record stays, marked deleted)."""
+    from service.db.models import Export
+    from service.db.session import session_scope
+    from service.exports import ExportRefused, delete_export, remove_files
+
+    try:
+        eid = uuid.UUID(export_id)
+    except ValueError as exc:
+        raise typer.BadParameter(f"{export_id!r} is not an export id (a UUID)",
+                                 param_hint="EXPORT_ID") from exc
+    try:
+        with session_scope(_sessions()) as s:
+            row = s.get(Export, eid)
+            if row is None:
+                err.print(f"[red]error:[/red] no export {export_id}")
+                raise typer.Exit(2)
+            freed = row.bytes or 0
+            doomed = delete_export(s, row, actor="cli", reason=reason)
+    except ExportRefused as exc:
+        err.print(f"[red]error:[/red] {exc.reason}")
+        raise typer.Exit(1) from exc
+    remove_files(doomed)
+    console.print(f"export {export_id} deleted ({freed} bytes freed)")

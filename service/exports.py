@@ -24,7 +24,6 @@ from service.runs import _json
 
 # A job whose worker died this many times is given up (it would likely kill the next one too).
 MAX_ATTEMPTS = 3
-FINISHED = (ExportStatus.passed.value, ExportStatus.failed.value, ExportStatus.error.value)
 
 
 @dataclass
@@ -214,3 +213,34 @@ def file_path(export: Export, name: str) -> Path | None:
     if not path.is_relative_to(root) or not path.is_file() or path.stat().st_size != entry["bytes"]:
         return None
     return path
+
+
+def delete_export(session: Session, export: Export, *, actor: str, reason: str | None) -> list[Path]:
+    """Mark a settled export deleted (the row stays for the audit trail); returns the directories
+    to remove with :func:`remove_files` once this transaction has committed, so a failed commit
+    never leaves a "passed" export without its files. Refused while a worker is building it."""
+    if export.status in (ExportStatus.queued.value, ExportStatus.running.value):
+        raise ExportRefused(409, "export_in_progress",
+                            f"export is {export.status}: wait for it to finish, then delete it",
+                            "export_id")
+    if export.status == ExportStatus.deleted.value:
+        return []
+    doomed = []
+    if export.path:
+        doomed.append(Path(export.path))
+        # The job's directory (exports/<id>) holds only this delivered artifact.
+        if Path(export.path).parent.name == str(export.id):
+            doomed.append(Path(export.path).parent)
+    export.status, export.path, export.files = ExportStatus.deleted.value, None, []
+    repo.audit(session, tenant_id=export.tenant_id, actor=actor, action="export.deleted",
+               target_type="export", target_id=str(export.id), reason=reason,
+               detail={"sha256": export.sha256, "bytes": export.bytes})
+    return doomed
+
+
+def remove_files(paths: list[Path]) -> None:
+    """Remove what delete_export returned (after its commit)."""
+    import shutil
+
+    for path in paths:
+        shutil.rmtree(path, ignore_errors=True)

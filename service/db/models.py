@@ -339,6 +339,7 @@ class ExportStatus(str, enum.Enum):
     passed = "passed"  # written and within the policy's consistency tolerance
     failed = "failed"  # written, but outside the tolerance (numbers in metrics)
     error = "error"  # could not be built or checked (reason in failure_reason)
+    deleted = "deleted"  # files removed by ops; the row stays for the audit trail
 
 
 # An export in one of these states blocks a second identical request (same version/format/quant).

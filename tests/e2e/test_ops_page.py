@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import re
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
 
-from service.db.models import AdapterVersion
+from service.db.models import AdapterVersion, Export
 from tests.helpers.loop import chat_and_rate
 from tests.helpers.runs import wait_first_run, wait_run
 from tests.helpers.stack import ApiProcess, WorkerProcess, flywheel_env
@@ -246,6 +247,14 @@ def test_review_and_approve_a_run_from_the_page(page_stack, page, make_key, make
     expect(gate).to_contain_text("passed")
     expect(page.locator('[data-testid="audit-row"][data-action="export.requested"]')).to_contain_text(
         "edge build from the ops page")
+
+    # Ops free the disk from the page (after confirming): the row stays, marked deleted.
+    page.once("dialog", lambda dialog: dialog.accept())
+    export_row.get_by_test_id("export-delete").click()
+    expect(export_row.get_by_test_id("export-status")).to_have_text(re.compile("deleted", re.I))
+    expect(export_row.get_by_test_id("export-download")).to_have_count(0)
+    with db_sessions() as s:
+        assert s.get(Export, uuid.UUID(export_id)).status == "deleted"
 
     page.evaluate("window.scrollTo(0, 0)")  # the sticky header belongs at the top of the shot
     shot = tmp_path / "ops-page.png"

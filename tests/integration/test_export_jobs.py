@@ -20,8 +20,12 @@ def version_id(db_sessions, make_alias, tenant) -> uuid.UUID:
     with session_scope(db_sessions) as s:
         adapter = s.scalars(select(Adapter).where(Adapter.tenant_id == tenant,
                                                   Adapter.alias == alias)).one()
-        return repo.create_version(s, adapter, artifact_path="/nowhere", sha256="0" * 64,
-                                   parent_version_id=None, run_id=None, lineage={}).id
+        vid = repo.create_version(s, adapter, artifact_path="/nowhere", sha256="0" * 64,
+                                  parent_version_id=None, run_id=None, lineage={}).id
+    yield vid
+    with session_scope(db_sessions) as s:  # leave no job for a later module's sweeper
+        s.execute(text("UPDATE exports SET status = 'error' WHERE version_id = :v "
+                       "AND status IN ('queued', 'running')"), {"v": vid})
 
 
 def _request(db_sessions, version_id, quant="q8_0", fallback=False):
@@ -83,6 +87,35 @@ def test_lease_keeps_a_second_worker_out_until_it_expires(db_sessions, version_i
         row = s.get(Export, export_id)
         assert (row.status, row.attempts, row.lease_owner) == ("passed", 2, None)
         assert row.progress == {"stage": "merge: loading"} and row.finished_at is not None
+
+
+def test_delete_frees_the_files_keeps_the_record_and_waits_for_running_jobs(db_sessions,
+                                                                            version_id, tmp_path):
+    export_id, _ = _request(db_sessions, version_id)
+    with session_scope(db_sessions) as s:
+        with pytest.raises(exports.ExportRefused, match="wait for it to finish"):
+            exports.delete_export(s, s.get(Export, export_id), actor="test", reason=None)
+    job_dir = tmp_path / str(export_id)
+    (job_dir / "gguf-q8_0").mkdir(parents=True)
+    (job_dir / "gguf-q8_0" / "model.gguf").write_bytes(b"GGUF")
+    with session_scope(db_sessions) as s:
+        assert exports.claim(s, export_id, "w1", 30)
+        assert exports.finish(s, export_id, "w1", ExportStatus.passed, bytes=4,
+                              path=str(job_dir / "gguf-q8_0"),
+                              files=[{"name": "model.gguf", "bytes": 4, "sha256": "x"}])
+    with session_scope(db_sessions) as s:
+        row = s.get(Export, export_id)
+        doomed = exports.delete_export(s, row, actor="test", reason="disk")
+        assert (row.status, row.path, row.files) == ("deleted", None, [])
+        assert job_dir.exists()  # nothing removed before the commit
+    exports.remove_files(doomed)
+    assert not job_dir.exists()
+    with db_sessions() as s:
+        event = s.scalars(select(AuditEvent).where(AuditEvent.target_id == str(export_id),
+                                                   AuditEvent.action == "export.deleted")).one()
+    assert event.reason == "disk" and event.detail["bytes"] == 4
+    # A deleted export does not count as the passed copy of the same request.
+    assert _request(db_sessions, version_id)[1] is True
 
 
 def test_a_job_that_keeps_killing_its_worker_is_given_up_with_a_reason(db_sessions, version_id):

@@ -184,7 +184,7 @@ def test_too_aggressive_quant_fails_with_numbers_then_fallback_finds_one_that_pa
 
 
 def test_merged_export_is_a_standalone_model_that_matches_the_served_version(
-        client, export_worker, make_key, tenant, alias_with_version, tiny_model):
+        client, export_worker, make_key, tenant, alias_with_version, tiny_model, db_sessions):
     alias, version = alias_with_version
     ops = make_key(tenant, "ops")
     r = client.post(f"/v1/adapters/{alias}/exports", headers=bearer(ops),
@@ -196,6 +196,19 @@ def test_merged_export_is_a_standalone_model_that_matches_the_served_version(
     assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)  # safetensors only
     [attempt] = done["metrics"]["attempts"]
     assert attempt["metrics"]["exact_match"] == 1.0 and attempt["metrics"]["token_agreement"] == 1.0
+
+    # Ops free the disk: the files go, the record stays (deleted) and downloads say so.
+    url = f"/v1/adapters/{alias}/exports/{done['id']}"
+    assert client.delete(url, headers=bearer(make_key(tenant, "product"))).status_code == 403
+    with db_sessions() as s:
+        path = Path(s.get(Export, uuid.UUID(done["id"])).path)
+    assert path.is_dir()
+    r = client.request("DELETE", url, headers=bearer(ops), json={"reason": "disk"})
+    assert r.status_code == 200 and r.json()["status"] == "deleted" and r.json()["files"] == []
+    assert not path.exists() and not path.parent.exists()
+    r = client.get(f"{url}/files/config.json", headers=bearer(ops))
+    assert r.status_code == 409 and "deleted" in r.json()["error"]["message"]
+    assert client.delete(url, headers=bearer(ops)).status_code == 200  # idempotent
 
 
 def test_export_requests_are_validated_and_scoped(client, make_key, tenant, make_alias,
@@ -383,6 +396,11 @@ def test_cli_export_waits_for_the_gate_and_reports_it(export_worker, api_setting
     assert "gate gguf/f16" in r.stdout and "agreement" in r.stdout
     listing = _cli(env, "exports", alias, "--tenant", tenant)
     assert listing.returncode == 0 and "gguf" in listing.stdout and "passed" in listing.stdout
+    export_id = r.stdout.split()[1]
+    r = _cli(env, "export-delete", export_id, "--reason", "disk")
+    assert r.returncode == 0 and "deleted" in r.stdout and "bytes freed" in r.stdout
+    assert "deleted" in _cli(env, "exports", alias).stdout
+    assert _cli(env, "export-delete", "nope").returncode == 2
 
     # A failing gate exits 1 with the numbers and the suggestion.
     r = _cli(env, "export", alias, "--tenant", tenant, "--version", "1", "--format", "gguf",

@@ -101,6 +101,31 @@ async def get_export(alias: AliasPath, export_id: uuid.UUID, caller: OpsCaller,
     return export_out(export, version, detail=True)
 
 
+class DeleteBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: Annotated[str, NoNul] | None = Field(default=None, max_length=2000)
+
+
+@router.delete("/v1/adapters/{alias}/exports/{export_id}", response_model=ExportOut)
+async def delete_export(alias: AliasPath, export_id: uuid.UUID, caller: OpsCaller, state: State,
+                        body: DeleteBody | None = None) -> ExportOut:
+    """Delete a settled export's files (ops); the record stays, marked deleted, for the audit."""
+    async with state.sessions() as session, session.begin():
+        adapter = await _adapter(session, caller.tenant_id, alias)
+        export, version = await _export(session, adapter.id, export_id)
+        try:
+            doomed = await session.run_sync(lambda s: domain.delete_export(
+                s, export, actor=f"key:{caller.key_id}",
+                reason=body.reason if body else None))
+        except domain.ExportRefused as exc:
+            raise ApiError(exc.status, exc.reason, param=exc.param, code=exc.code) from exc
+        await session.flush()
+        out = export_out(export, version, detail=True)
+    await asyncio.to_thread(domain.remove_files, doomed)
+    return out
+
+
 @router.get("/v1/adapters/{alias}/exports/{export_id}/files/{name:path}",
             response_class=FileResponse,
             responses={200: {"content": {"application/octet-stream": {}},

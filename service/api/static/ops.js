@@ -524,7 +524,32 @@
                       "aria-expanded": open ? "true" : "false",
                       "aria-controls": open ? `export-detail-${e.id}` : null,
                       onclick: () => toggleExport(e.id) },
-          open ? "Hide" : "Details", srOnly(` of the ${exportFormat(e)} export of v${e.version}`)))));
+          open ? "Hide" : "Details", srOnly(` of the ${exportFormat(e)} export of v${e.version}`)),
+        ["passed", "failed", "error"].includes(e.status)
+          ? h("button", { type: "button", class: "danger", "data-testid": "export-delete",
+                          "data-focus": `delete-${e.id}`, onclick: () => deleteExport(alias, e) },
+              "Delete files", srOnly(` of the ${exportFormat(e)} export of v${e.version}`))
+          : null)));
+  }
+
+  // Frees the artifact disk; the record stays (status "deleted") for the audit trail.
+  async function deleteExport(alias, e) {
+    const what = `${exportFormat(e)} of v${e.version}`;
+    if (!window.confirm(`Delete the files of the ${what} export (${bytes(e.bytes)})?`)) return;
+    const session = S.session;
+    showExportError("");
+    try {
+      await api(exportPath(alias, e.id), { method: "DELETE", body: { reason: "deleted from the ops page" } });
+      if (session !== S.session) return;
+      exportDetails.delete(e.id);
+      $("export-note").textContent = `Deleted the files of the ${what} export.`;
+    } catch (err) {
+      if (session !== S.session) return;
+      if (err.status === 401) return signOut(authMessage(err));
+      showExportError(`The API refused to delete the export: ${err.message}` +
+                      `${err.status ? ` (HTTP ${err.status})` : ""}`);
+    }
+    refresh();
   }
 
   function exportProgress(e) {
