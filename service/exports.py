@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from service.db import repositories as repo
@@ -167,12 +167,8 @@ def finish(session: Session, export_id: uuid.UUID, owner: str, status: ExportSta
         setattr(export, name, value)
     export.status = status.value
     export.lease_owner = export.lease_expires_at = None
-    export.finished_at = _now(session)
+    export.finished_at = func.now()  # one UPDATE with the rest at flush
     return True
-
-
-def _now(session: Session):
-    return session.execute(text("SELECT now()")).scalar()
 
 
 _CLAIMABLE = text("""

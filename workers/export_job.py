@@ -178,13 +178,18 @@ def _build(ctx: WorkerContext, export_id: uuid.UUID, job: dict[str, Any], policy
                          fallback=job["fallback"], max_new_tokens=policy.export.max_new_tokens,
                          lineage=job["lineage"], progress=reporter)
     final = outcome.final
-    # Keep only the delivered (or last failed) artifact: a merged intermediate is as large as
-    # the base model.
+    passed = outcome.status == "succeeded"
+    # Only a passed export stays on disk, and only what it delivers: the merged intermediate of
+    # a GGUF is as large as the base model, and a failed export cannot be downloaded (its
+    # numbers, sizes and sha256 stay in metrics).
+    delivered = None
+    if passed:
+        delivered = Path(final.path).parent if final.format == "gguf" else Path(final.path)
+    if delivered is None:
+        shutil.rmtree(out_root, ignore_errors=True)
     for child in out_root.iterdir() if out_root.is_dir() else []:
-        if final.path is None or not Path(final.path).is_relative_to(child):
+        if child != delivered:
             shutil.rmtree(child, ignore_errors=True)
-    delivered = Path(final.path).parent if final.path and final.format == "gguf" else (
-        Path(final.path) if final.path else None)
     fields: dict[str, Any] = {
         "quant": final.quant, "suggestion": outcome.suggestion,
         "failure_reason": outcome.failure_reason,
@@ -192,12 +197,12 @@ def _build(ctx: WorkerContext, export_id: uuid.UUID, job: dict[str, Any], policy
                     "merged": _attempt(outcome.merged) if outcome.merged else None,
                     "prompts": len(prompts), "tolerance": policy.export.tolerance.model_dump()},
     }
-    if delivered is not None and delivered.is_dir():
+    if delivered is not None:
         lineage_file, files = delivered / "lineage.json", _manifest(delivered)
         fields.update(path=str(delivered), sha256=final.sha256, files=files,
                       bytes=sum(f["bytes"] for f in files),
                       lineage=json.loads(lineage_file.read_text()) if lineage_file.is_file() else {})
-    if outcome.status == "succeeded":
+    if passed:
         return ExportStatus.passed, fields
     return (ExportStatus.failed if final.status == "failed" else ExportStatus.error), fields
 

@@ -152,7 +152,7 @@ def test_gguf_export_passes_the_gate_and_downloads_by_checksum(
 
 @needs_llama_cpp
 def test_too_aggressive_quant_fails_with_numbers_then_fallback_finds_one_that_passes(
-        client, export_worker, make_key, tenant, alias_with_version):
+        client, export_worker, make_key, tenant, alias_with_version, stack_root):
     alias, _ = alias_with_version
     ops = make_key(tenant, "ops")
     r = client.post(f"/v1/adapters/{alias}/exports", headers=bearer(ops),
@@ -168,6 +168,9 @@ def test_too_aggressive_quant_fails_with_numbers_then_fallback_finds_one_that_pa
     r = client.get(f"/v1/adapters/{alias}/exports/{failed['id']}/files/model.gguf",
                    headers=bearer(ops))
     assert r.status_code == 409 and r.json()["error"]["code"] == "export_not_passed"
+    # A failed export keeps its numbers, not its files (a merged intermediate is base-sized).
+    assert failed["files"] == [] and attempt["sha256"] and attempt["bytes"]
+    assert not (stack_root / "export-artifacts" / "exports" / failed["id"]).exists()
 
     # A failed export does not block asking again; with fallback the gate walks up the order.
     r = client.post(f"/v1/adapters/{alias}/exports", headers=bearer(ops),
@@ -181,6 +184,8 @@ def test_too_aggressive_quant_fails_with_numbers_then_fallback_finds_one_that_pa
     assert passed["requested_quant"] == "tq2_0"
     # Only the delivered quantization stays on disk.
     assert {f["name"] for f in passed["files"]} >= {"model.gguf", "Modelfile"}
+    job_dir = stack_root / "export-artifacts" / "exports" / passed["id"]
+    assert [p.name for p in job_dir.iterdir()] == [f"gguf-{passed['quant']}"]
 
 
 def test_merged_export_is_a_standalone_model_that_matches_the_served_version(
