@@ -70,10 +70,23 @@ def _dir_bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
 
 
+# A worker exports many versions of one base: its hash is read once per (path, size, mtime).
+_BASE_SHA_CACHE: dict[tuple, str] = {}
+
+
 def _weights_sha256(model_dir: Path) -> str:
     """sha256 over the model's safetensors files in name order (as service.tiny_model does)."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    key = (str(model_dir.resolve()), *((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                                        for p in files))
+    if key not in _BASE_SHA_CACHE:
+        _BASE_SHA_CACHE[key] = _hash_files(files)
+    return _BASE_SHA_CACHE[key]
+
+
+def _hash_files(files: list[Path]) -> str:
     digest = hashlib.sha256()
-    for path in sorted(model_dir.glob("*.safetensors")):
+    for path in files:
         with open(path, "rb") as fh:
             while chunk := fh.read(1 << 20):
                 digest.update(chunk)

@@ -358,3 +358,14 @@ def test_without_llama_cpp_the_gguf_is_an_error_not_a_quality_failure(tiny_model
     assert [a.status for a in outcome.attempts] == ["error"]
     assert "llama-cpp-python is not installed" in outcome.failure_reason
     assert Path(outcome.final.path).is_file()  # the file itself was written and hashed
+
+
+def test_base_weights_hash_is_cached_until_a_file_changes(tmp_path):
+    import hashlib
+
+    (tmp_path / "model.safetensors").write_bytes(b"one")
+    first = ex._weights_sha256(tmp_path)
+    assert first == hashlib.sha256(b"one").hexdigest()
+    assert ex._weights_sha256(tmp_path) == first
+    (tmp_path / "model.safetensors").write_bytes(b"other")  # new size and mtime: hashed again
+    assert ex._weights_sha256(tmp_path) == hashlib.sha256(b"other").hexdigest()
