@@ -58,16 +58,37 @@ def _no_progress(stage: str, fraction: float) -> None:
 # --- identity ---------------------------------------------------------------------------------
 
 
-def export_sha256(directory: str | Path) -> str:
-    """Manifest hash over every file except lineage.json: "relpath:sha256\\n", sorted by path."""
+def file_manifest(directory: str | Path) -> list[dict[str, Any]]:
+    """{name, bytes, sha256} of every file under ``directory``, sorted by relative path: each
+    byte is read once, and the export's own sha256 is derived from it."""
     root = Path(directory)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != LINEAGE_FILE)
-    manifest = "".join(f"{p.relative_to(root).as_posix()}:{file_sha256(p)}\n" for p in files)
-    return hashlib.sha256(manifest.encode()).hexdigest()
+    return [{"name": p.relative_to(root).as_posix(), "bytes": p.stat().st_size,
+             "sha256": file_sha256(p)} for p in sorted(root.rglob("*")) if p.is_file()]
 
 
-def _dir_bytes(directory: Path) -> int:
-    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+def manifest_sha256(files: Sequence[dict[str, Any]]) -> str:
+    """The export sha256 from a manifest: "relpath:sha256\n" of every file but lineage.json."""
+    lines = "".join(f"{f['name']}:{f['sha256']}\n" for f in sorted(files, key=lambda f: f["name"])
+                    if f["name"] != LINEAGE_FILE)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def export_sha256(directory: str | Path) -> str:
+    """Manifest hash over every file except lineage.json: "relpath:sha256\n", sorted by path."""
+    return manifest_sha256(file_manifest(directory))
+
+
+def _seal(tmp: Path, lineage: Callable[[str, list[dict[str, Any]]], dict[str, Any]]
+          ) -> tuple[str, list[dict[str, Any]]]:
+    """Hash the staged files once, write lineage.json (which records that hash), and return
+    (export sha256, the manifest including lineage.json)."""
+    files = file_manifest(tmp)
+    sha = manifest_sha256(files)
+    _write_json(tmp / LINEAGE_FILE, lineage(sha, files))
+    p = tmp / LINEAGE_FILE
+    files = sorted([*files, {"name": LINEAGE_FILE, "bytes": p.stat().st_size,
+                             "sha256": file_sha256(p)}], key=lambda f: f["name"])
+    return sha, files
 
 
 # A worker exports many versions of one base: its hash is read once per (path, size, mtime).
@@ -122,6 +143,7 @@ class MergedResult:
     base_sha256: str
     bytes: int
     seconds: float
+    files: list[dict[str, Any]] = field(default_factory=list)  # file_manifest, lineage included
 
 
 def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *,
@@ -149,9 +171,8 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
         merged.save_pretrained(tmp, safe_serialization=True)
         progress("writing", 0.8)
         _copy_tokenizer(base_dir, tmp)
-        sha = export_sha256(tmp)
         adapter_sha, base_sha = artifact_sha256(adapter_dir), _weights_sha256(base_dir)
-        _write_json(tmp / LINEAGE_FILE, {
+        sha, files = _seal(tmp, lambda sha, _: {
             "format": "merged", "sha256": sha,
             "base": {"path": str(base_dir), "weights_sha256": base_sha},
             "adapter": {"sha256": adapter_sha, "lineage": _read_lineage(adapter_dir)},
@@ -161,8 +182,8 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     progress("done", 1.0)
-    return MergedResult(out_dir, sha, adapter_sha, base_sha, _dir_bytes(out_dir),
-                        time.perf_counter() - t0)
+    return MergedResult(out_dir, sha, adapter_sha, base_sha, sum(f["bytes"] for f in files),
+                        time.perf_counter() - t0, files)
 
 
 def _copy_tokenizer(base_dir: Path, out_dir: Path) -> None:
@@ -193,6 +214,7 @@ class GgufResult:
     bytes: int  # size of model.gguf
     seconds: float
     tensor_types: dict[str, int]  # ggml type name -> tensor count, as written
+    files: list[dict[str, Any]] = field(default_factory=list)  # file_manifest, lineage included
 
 
 def to_gguf(merged_dir: str | Path, out_path: str | Path, quant: str, *,
@@ -459,19 +481,22 @@ def export_gguf(merged: MergedResult, out_dir: str | Path, quant: str, *,
         template = chat_template(merged.path)
         tokenizer_cfg = json.loads((merged.path / "tokenizer_config.json").read_text())
         (tmp / MODELFILE).write_text(write_modelfile(f"./{GGUF_FILE}", template, tokenizer_cfg))
-        gguf_sha, sha = file_sha256(tmp / GGUF_FILE), export_sha256(tmp)
         merged_lineage = _read_lineage(merged.path) or {}
-        _write_json(tmp / LINEAGE_FILE, {
-            **merged_lineage, "format": "gguf", "quant": quant, "sha256": sha,
-            "gguf_sha256": gguf_sha, "tensor_types": types,
-            "parent": {"format": "merged", "sha256": merged.sha256},
-        })
+
+        def lineage(sha: str, files: list[dict[str, Any]]) -> dict[str, Any]:
+            gguf_sha = next(f["sha256"] for f in files if f["name"] == GGUF_FILE)
+            return {**merged_lineage, "format": "gguf", "quant": quant, "sha256": sha,
+                    "gguf_sha256": gguf_sha, "tensor_types": types,
+                    "parent": {"format": "merged", "sha256": merged.sha256}}
+
+        sha, files = _seal(tmp, lineage)
         _swap_in(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     path = out_dir / GGUF_FILE
+    gguf_sha = next(f["sha256"] for f in files if f["name"] == GGUF_FILE)
     return GgufResult(out_dir, path, quant, sha, gguf_sha, path.stat().st_size,
-                      time.perf_counter() - t0, types)
+                      time.perf_counter() - t0, types, files)
 
 
 # --- Ollama Modelfile -------------------------------------------------------------------------
@@ -903,6 +928,7 @@ class Attempt:
     gate_seconds: float | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
+    files: list[dict[str, Any]] = field(default_factory=list)  # of the artifact's directory
 
 
 @dataclass
@@ -969,7 +995,7 @@ def _gate_merged(served: Memo, merged: MergedResult, ids: list[list[int]], tol: 
     reasons = judge(metrics, tol, "merged")
     return Attempt("merged", None, "failed" if reasons else "passed", str(merged.path),
                    merged.sha256, merged.bytes, merged.seconds, time.perf_counter() - t0,
-                   metrics, reasons)
+                   metrics, reasons, merged.files)
 
 
 def _gguf_attempt(served: Memo, merged: MergedResult, out_dir: Path, quant: str,
@@ -980,7 +1006,7 @@ def _gguf_attempt(served: Memo, merged: MergedResult, out_dir: Path, quant: str,
     except Exception as exc:  # noqa: BLE001 - recorded on the attempt, the job decides
         return Attempt("gguf", quant, "error", reasons=[f"conversion failed: {exc}"])
     attempt = Attempt("gguf", quant, "failed", str(result.gguf_path), result.sha256,
-                      result.bytes, result.seconds)
+                      result.bytes, result.seconds, files=result.files)
     if not llama_cpp_available():
         # Not a quality verdict, so no less aggressive quantization is suggested.
         attempt.status = "error"

@@ -17,7 +17,7 @@ from service import exports
 from service.db import repositories as repo
 from service.db.models import Adapter, AdapterVersion, Export, ExportStatus, TrainingRun
 from service.db.session import session_scope
-from service.engine.artifact import ArtifactRejected, file_sha256, verify_artifact
+from service.engine.artifact import ArtifactRejected, verify_artifact
 from service.policy import Policy
 from workers.context import WorkerContext
 from workers.lease import LeaseKeeper, LeaseLost
@@ -198,7 +198,8 @@ def _build(ctx: WorkerContext, export_id: uuid.UUID, job: dict[str, Any], policy
                     "prompts": len(prompts), "tolerance": policy.export.tolerance.model_dump()},
     }
     if delivered is not None:
-        lineage_file, files = delivered / "lineage.json", _manifest(delivered)
+        # Hashed once, as the export was sealed (a 7B GGUF is gigabytes to re-read).
+        lineage_file, files = delivered / "lineage.json", final.files
         fields.update(path=str(delivered), sha256=final.sha256, files=files,
                       bytes=sum(f["bytes"] for f in files),
                       lineage=json.loads(lineage_file.read_text()) if lineage_file.is_file() else {})
@@ -213,9 +214,3 @@ def _attempt(a) -> dict[str, Any]:
     return {"format": a.format, "quant": a.quant, "status": a.status, "sha256": a.sha256,
             "bytes": a.bytes, "export_seconds": a.export_seconds, "gate_seconds": a.gate_seconds,
             "metrics": metrics, "reasons": a.reasons}
-
-
-def _manifest(directory: Path) -> list[dict[str, Any]]:
-    return [{"name": p.relative_to(directory).as_posix(), "bytes": p.stat().st_size,
-             "sha256": file_sha256(p)}
-            for p in sorted(directory.rglob("*")) if p.is_file()]

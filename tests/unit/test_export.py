@@ -369,3 +369,13 @@ def test_base_weights_hash_is_cached_until_a_file_changes(tmp_path):
     assert ex._weights_sha256(tmp_path) == first
     (tmp_path / "model.safetensors").write_bytes(b"other")  # new size and mtime: hashed again
     assert ex._weights_sha256(tmp_path) == hashlib.sha256(b"other").hexdigest()
+
+
+def test_results_carry_the_manifest_they_were_sealed_with(merged, ggufs):
+    """Each file is hashed once, when the export is sealed; the manifest matches the disk."""
+    for result in (merged, ggufs["q8_0"]):
+        assert result.files == ex.file_manifest(result.path)
+        assert ex.manifest_sha256(result.files) == result.sha256 == ex.export_sha256(result.path)
+        assert "lineage.json" in {f["name"] for f in result.files}
+    gguf = next(f for f in ggufs["q8_0"].files if f["name"] == "model.gguf")
+    assert gguf["sha256"] == ggufs["q8_0"].gguf_sha256 == file_sha256(ggufs["q8_0"].gguf_path)
