@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     feedback_rate_per_tenant: int = 20_000
     feedback_rate_per_rater: int = 120
 
+    # How long a download link for an export file stays valid (it needs no key while it does).
+    download_link_ttl_s: int = Field(300, ge=10, le=86_400)
+
     # Feedback marks its adapter; the trigger runs for marked adapters this often.
     trigger_debounce_s: float = 0.25
 

@@ -241,6 +241,13 @@ def test_review_and_approve_a_run_from_the_page(page_stack, page, make_key, make
     assert len(data) == files["model.gguf"]["bytes"]
     assert hashlib.sha256(data).hexdigest() == files["model.gguf"]["sha256"]
     expect(page.get_by_test_id("export-note")).to_contain_text("sha256 checked in the browser")
+    # A file too big to hold in the page goes through a short-lived link the browser streams.
+    page.evaluate("window.FLYWHEEL_VERIFY_MAX_BYTES = 1")
+    with page.expect_download() as info:
+        export_row.locator('[data-testid="export-download"][data-file="model.gguf"]').click()
+    streamed = Path(info.value.path()).read_bytes()
+    assert hashlib.sha256(streamed).hexdigest() == files["model.gguf"]["sha256"]
+    expect(page.get_by_test_id("export-note")).to_contain_text("through a link valid")
     export_row.get_by_test_id("export-details").click()
     gate = page.get_by_test_id("export-detail").get_by_test_id("export-metrics")
     expect(gate).to_contain_text("gguf q8_0")

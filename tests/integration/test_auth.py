@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 
@@ -26,6 +27,7 @@ def routes(iid: str, alias: str) -> list[tuple[str, str, dict | None]]:
         ("GET", "/v1/audit", None),
         ("GET", "/v1/runs", None),
         ("GET", f"/v1/adapters/{alias}", None),
+        ("GET", f"/v1/adapters/{alias}/exports", None),
     ]
 
 
@@ -56,12 +58,12 @@ def test_missing_or_invalid_key_is_401_on_every_route(client, world, headers):
 def test_role_and_tenant_matrix(client, world):
     keys, alias, iid = world
     expected = {
-        # key: (chat, models, feedback, interaction, audit, runs, adapter)
-        "a_product": (200, 200, 201, 200, 403, 403, 403),
-        "a_product2": (200, 200, 404, 404, 403, 403, 403),  # product keys: only own interactions
-        "a_ops": (200, 200, 201, 200, 200, 200, 200),
-        "b_product": (404, 200, 404, 404, 403, 403, 403),  # another tenant's alias, interaction: 404
-        "b_ops": (404, 200, 404, 404, 200, 200, 404),
+        # key: (chat, models, feedback, interaction, audit, runs, adapter, exports)
+        "a_product": (200, 200, 201, 200, 403, 403, 403, 403),
+        "a_product2": (200, 200, 404, 404, 403, 403, 403, 403),  # only own interactions
+        "a_ops": (200, 200, 201, 200, 200, 200, 200, 200),
+        "b_product": (404, 200, 404, 404, 403, 403, 403, 403),  # another tenant's alias: 404
+        "b_ops": (404, 200, 404, 404, 200, 200, 404, 404),
     }
     for who, statuses in expected.items():
         got = tuple(client.request(m, p, json=b, headers=bearer(keys[who])).status_code
@@ -96,3 +98,24 @@ def test_ops_audit_lists_only_own_tenant(client, db_sessions, world, tenant):
     theirs = client.get("/v1/audit", headers=bearer(keys["b_ops"])).json()
     assert [e["action"] for e in mine] == ["probe"]
     assert theirs == []
+
+
+# Routes that answer without a key, and why: probes and scrapes, the ops page's static shell (it
+# asks for a key itself), and export download links (the short-lived link is the credential).
+PUBLIC = {"/healthz", "/readyz", "/metrics", "/ops", "/v1/downloads/{token}"}
+
+
+def test_every_other_route_in_the_schema_needs_a_key(client):
+    """A new route cannot ship without auth by accident: every operation in the OpenAPI schema
+    outside PUBLIC answers 401 without a key."""
+    schema = client.get("/openapi.json").json()
+    checked = 0
+    for path, ops in schema["paths"].items():
+        if path in PUBLIC:
+            continue
+        concrete = re.sub(r"\{[^}]+\}", "x", path).replace("/x/", f"/{uuid.uuid4()}/")
+        for method in ops:
+            r = client.request(method.upper(), concrete, json={})
+            assert r.status_code == 401, (method, path, r.status_code, r.text[:200])
+            checked += 1
+    assert checked >= 20

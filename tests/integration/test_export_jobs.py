@@ -173,3 +173,29 @@ def test_migrations_downgrade_and_upgrade_cleanly(db_url):
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE "{scratch}" WITH (FORCE)'))
         admin.dispose()
+
+
+def test_download_links_expire_and_are_stored_hashed(broker_url):
+    import asyncio
+    import hashlib
+
+    from redis.asyncio import Redis
+
+    from service import download_links as links
+
+    async def go():
+        redis = Redis.from_url(broker_url)
+        try:
+            target = links.LinkTarget(uuid.uuid4(), "model.gguf", "t-1")
+            token = await links.create_link(redis, target, ttl_s=1)
+            assert await links.resolve_link(redis, token) == target
+            stored = await redis.keys("fw:dl:*")
+            assert token.encode() not in b"".join(stored)  # only the token's hash is kept
+            assert f"fw:dl:{hashlib.sha256(token.encode()).hexdigest()}".encode() in stored
+            await asyncio.sleep(1.2)
+            assert await links.resolve_link(redis, token) is None
+            assert await links.resolve_link(redis, "not-a-token") is None
+        finally:
+            await redis.aclose()
+
+    asyncio.run(go())

@@ -135,6 +135,25 @@ def test_gguf_export_passes_the_gate_and_downloads_by_checksum(
     assert lineage["adapter"]["sha256"] == version.sha256
     assert lineage["gguf_sha256"] == digest and lineage["sha256"] == done["sha256"]
 
+    # A short-lived link streams the file without a key (curl, a browser's own download).
+    links = f"/v1/adapters/{alias}/exports/{queued['id']}/links"
+    assert client.post(links, headers=bearer(make_key(tenant, "product")),
+                       json={"name": "model.gguf"}).status_code == 403
+    r = client.post(links, headers=bearer(make_key(f"{tenant}-x", "ops")), json={"name": "model.gguf"})
+    assert r.status_code == 404
+    r = client.post(links, headers=bearer(ops), json={"name": "../../etc/passwd"})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "name"
+    link = client.post(links, headers=bearer(ops), json={"name": "model.gguf"})
+    assert link.status_code == 201 and link.json()["sha256"] == digest
+    url = link.json()["url"]
+    assert url.startswith("/v1/downloads/") and link.json()["expires_in_s"] == 300
+    streamed = client.get(url)  # no Authorization header
+    assert streamed.status_code == 200 and hashlib.sha256(streamed.content).hexdigest() == digest
+    assert streamed.headers["x-checksum-sha256"] == digest
+    assert client.get(url[:-4] + "abcd").status_code == 404
+    r = client.get("/v1/downloads/" + "x" * 43)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "link_not_found"
+
     # Listed with the alias, newest first.
     detail = client.get(f"/v1/adapters/{alias}", headers=bearer(ops)).json()
     assert [e["id"] for e in detail["exports"]] == [queued["id"]]
@@ -208,11 +227,15 @@ def test_merged_export_is_a_standalone_model_that_matches_the_served_version(
     with db_sessions() as s:
         path = Path(s.get(Export, uuid.UUID(done["id"])).path)
     assert path.is_dir()
+    link = client.post(f"{url}/links", headers=bearer(ops), json={"name": "config.json"}).json()
+    assert client.get(link["url"]).status_code == 200
     r = client.request("DELETE", url, headers=bearer(ops), json={"reason": "disk"})
     assert r.status_code == 200 and r.json()["status"] == "deleted" and r.json()["files"] == []
     assert not path.exists() and not path.parent.exists()
     r = client.get(f"{url}/files/config.json", headers=bearer(ops))
     assert r.status_code == 409 and "deleted" in r.json()["error"]["message"]
+    gone = client.get(link["url"])  # a link made before the delete opens nothing now
+    assert gone.status_code == 409 and gone.json()["error"]["code"] == "export_not_passed"
     assert client.delete(url, headers=bearer(ops)).status_code == 200  # idempotent
 
 

@@ -11,8 +11,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from redis.exceptions import RedisError
 from sqlalchemy import select
 
+from service import download_links as links
 from service import exports as domain
 from service.api.deps import OpsCaller, State
 from service.api.errors import ApiError
@@ -137,6 +139,11 @@ async def download_export_file(alias: AliasPath, export_id: uuid.UUID,
     async with state.sessions() as session:
         adapter = await _adapter(session, caller.tenant_id, alias)
         export, _ = await _export(session, adapter.id, export_id)
+    return _file_response(export, name)
+
+
+def _entry(export: Export, name: str) -> dict[str, Any]:
+    """The manifest entry of a downloadable file, or the error that says why not."""
     if export.status != ExportStatus.passed.value:
         raise ApiError(409, f"export is {export.status}: only a passed export can be downloaded",
                        param="export_id", code="export_not_passed")
@@ -145,6 +152,11 @@ async def download_export_file(alias: AliasPath, export_id: uuid.UUID,
         names = ", ".join(f["name"] for f in export.files or [])
         raise ApiError(404, f"export has no file {name!r} (it has: {names})", param="name",
                        code="export_file_not_found")
+    return entry
+
+
+def _file_response(export: Export, name: str) -> FileResponse:
+    entry = _entry(export, name)
     path = domain.file_path(export, name)
     if path is None:
         raise ApiError(410, f"{name} is no longer on the artifact disk (or changed since it was "
@@ -152,3 +164,65 @@ async def download_export_file(alias: AliasPath, export_id: uuid.UUID,
     return FileResponse(path, media_type="application/octet-stream", filename=path.name,
                         headers={"X-Checksum-Sha256": entry["sha256"],
                                  "ETag": f'"{entry["sha256"]}"'})
+
+
+class LinkRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=300, description="A file of the export's manifest")
+
+
+class LinkOut(BaseModel):
+    url: str
+    expires_in_s: int
+    name: str
+    bytes: int
+    sha256: str
+
+
+def _redis_down(state, exc: Exception) -> ApiError:
+    return ApiError(503, f"download links need Redis, which is unreachable ({type(exc).__name__})",
+                    code="broker_unavailable",
+                    headers={"Retry-After": str(state.settings.retry_after_s)})
+
+
+@router.post("/v1/adapters/{alias}/exports/{export_id}/links", response_model=LinkOut,
+             status_code=201)
+async def create_download_link(alias: AliasPath, export_id: uuid.UUID, body: LinkRequest,
+                               caller: OpsCaller, state: State) -> LinkOut:
+    """A short-lived URL for one file (ops): it needs no Authorization header, so a browser or
+    curl streams a multi-GB GGUF straight to disk. Anyone holding it can download until it
+    expires (FLYWHEEL_DOWNLOAD_LINK_TTL_S)."""
+    async with state.sessions() as session:
+        adapter = await _adapter(session, caller.tenant_id, alias)
+        export, _ = await _export(session, adapter.id, export_id)
+    entry = _entry(export, body.name)
+    ttl = state.settings.download_link_ttl_s
+    try:
+        token = await links.create_link(
+            state.redis, links.LinkTarget(export.id, body.name, caller.tenant_id), ttl)
+    except (RedisError, OSError) as exc:
+        raise _redis_down(state, exc) from exc
+    return LinkOut(url=f"/v1/downloads/{token}", expires_in_s=ttl, name=body.name,
+                   bytes=entry["bytes"], sha256=entry["sha256"])
+
+
+@router.get("/v1/downloads/{token}", response_class=FileResponse,
+            responses={200: {"content": {"application/octet-stream": {}}}})
+async def download_by_link(token: Annotated[str, Path(min_length=20, max_length=100)],
+                           state: State) -> FileResponse:
+    """Download the file a link opens (no key: the link is the credential, until it expires)."""
+    try:
+        target = await links.resolve_link(state.redis, token)
+    except (RedisError, OSError) as exc:
+        raise _redis_down(state, exc) from exc
+    if target is None:
+        raise ApiError(404, "download link unknown or expired: ask for a new one", param="token",
+                       code="link_not_found")
+    async with state.sessions() as session:
+        export = (await session.scalars(select(Export).where(
+            Export.id == target.export_id, Export.tenant_id == target.tenant_id))).first()
+    if export is None:
+        raise ApiError(404, "the export of this link no longer exists", code="export_not_found")
+    # Checked again: the export may have been deleted since the link was made.
+    return _file_response(export, target.name)

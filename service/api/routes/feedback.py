@@ -23,7 +23,6 @@ router = APIRouter(tags=["feedback"])
 async def post_feedback(body: FeedbackRequest, caller: Caller, state: State):
     """Rate an interaction; posting again for the same (interaction, rater) replaces the rating."""
     # Without a rater_id, each key rates as one anonymous rater.
-    # Without a rater_id, each key rates as one anonymous rater.
     rater = body.rater_id or f"key:{caller.key_id}"
     settings = state.settings
     verdict = await ratelimit.check_feedback(

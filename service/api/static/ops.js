@@ -439,6 +439,8 @@
   const EXPORT_COLS = 8;
   // Above this a download is not hashed in the browser (the whole file would sit in memory twice).
   const VERIFY_MAX_BYTES = 512 * 1024 * 1024;
+  // Overridable from the console (and by the browser test, to take the link path on a tiny file).
+  const verifyMax = () => window.FLYWHEEL_VERIFY_MAX_BYTES ?? VERIFY_MAX_BYTES;
   const exportsCache = new Map();   // alias -> its exports (newest first), from the alias detail
   const exportDetails = new Map();  // export id -> GET .../exports/{id} (finished exports only)
   const detailLoading = new Set();
@@ -761,7 +763,7 @@
   }
 
   async function sha256Hex(blob) {
-    if (!window.crypto || !crypto.subtle || blob.size > VERIFY_MAX_BYTES) return null;
+    if (!window.crypto || !crypto.subtle || blob.size > verifyMax()) return null;
     const digest = await crypto.subtle.digest("SHA-256", await blob.arrayBuffer());
     return [...new Uint8Array(digest)].map((b) => b.toString(16).padStart(2, "0")).join("");
   }
@@ -776,6 +778,7 @@
     rerenderExports();
     showExportError("");
     $("export-note").textContent = `Downloading ${f.name}…`;
+    if (f.bytes > verifyMax()) return streamFile(alias, e, f, key, session);
     try {
       const path = `${exportPath(alias, e.id)}/files/${f.name.split("/").map(encodeURIComponent).join("/")}`;
       let r;
@@ -811,6 +814,29 @@
         (got ? "sha256 checked in the browser." : `check its sha256 yourself: ${f.sha256}.`);
     } catch (err) {
       if (session !== S.session) return;
+      $("export-note").textContent = "";
+      showExportError(`Could not download ${f.name}: ${err.message}` +
+                      `${err.status ? ` (HTTP ${err.status})` : ""}`);
+    } finally {
+      downloading.delete(key);
+      if (session === S.session) rerenderExports();
+    }
+  }
+
+  // Too big to hold in the page: a short-lived link lets the browser stream it to disk itself.
+  async function streamFile(alias, e, f, key, session) {
+    try {
+      const link = await api(`${exportPath(alias, e.id)}/links`, { method: "POST", body: { name: f.name } });
+      if (session !== S.session) return;
+      const a = h("a", { href: link.url, download: f.name.split("/").pop(), hidden: true });
+      document.body.append(a);
+      a.click();
+      a.remove();
+      $("export-note").textContent = `Downloading ${f.name} (${bytes(f.bytes)}) through a link valid ` +
+        `${duration(link.expires_in_s)}; check its sha256 when it lands: ${f.sha256}.`;
+    } catch (err) {
+      if (session !== S.session) return;
+      if (err.status === 401) return signOut(authMessage(err));
       $("export-note").textContent = "";
       showExportError(`Could not download ${f.name}: ${err.message}` +
                       `${err.status ? ` (HTTP ${err.status})` : ""}`);
