@@ -24,7 +24,7 @@ from service.db.session import session_scope
 from service.engine.artifact import artifact_sha256
 from service.wakeup import wake_run
 from tests.conftest import bearer
-from tests.helpers.stack import WorkerProcess, flywheel_env
+from tests.helpers.stack import ApiProcess, WorkerProcess, flywheel_env
 from tests.helpers.vllm import make_random_lora
 from workers.export import llama_cpp_available
 
@@ -94,7 +94,8 @@ needs_llama_cpp = pytest.mark.skipif(not llama_cpp_available(),
 
 @needs_llama_cpp
 def test_gguf_export_passes_the_gate_and_downloads_by_checksum(
-        client, export_worker, make_key, tenant, alias_with_version, db_sessions):
+        client, export_worker, make_key, tenant, alias_with_version, db_sessions, api_settings,
+        stack_root):
     alias, version = alias_with_version
     ops = make_key(tenant, "ops")
     r = client.post(f"/v1/adapters/{alias}/exports", headers=bearer(ops),
@@ -153,6 +154,21 @@ def test_gguf_export_passes_the_gate_and_downloads_by_checksum(
     assert client.get(url[:-4] + "abcd").status_code == 404
     r = client.get("/v1/downloads/" + "x" * 43)
     assert r.status_code == 404 and r.json()["error"]["code"] == "link_not_found"
+
+    # With Redis down, links cannot be made or opened: 503 with a reason, never a traceback.
+    no_redis = ApiProcess(env=flywheel_env(**{**api_settings, "broker_url": "redis://127.0.0.1:9/0"}),
+                          log=stack_root / "api-exports-no-redis.log").start()
+    try:
+        with httpx.Client(base_url=no_redis.url, timeout=30) as c:
+            r = c.post(links, headers=bearer(ops), json={"name": "model.gguf"})
+            assert r.status_code == 503 and "Redis" in r.json()["error"]["message"]
+            assert r.headers["retry-after"]
+            assert c.get(url).status_code == 503
+            # The keyed download does not need Redis.
+            assert c.get(f"/v1/adapters/{alias}/exports/{queued['id']}/files/Modelfile",
+                         headers=bearer(ops)).status_code == 200
+    finally:
+        no_redis.stop()
 
     # Listed with the alias, newest first.
     detail = client.get(f"/v1/adapters/{alias}", headers=bearer(ops)).json()
