@@ -805,22 +805,35 @@
                         "nothing was saved");
       }
       const url = URL.createObjectURL(blob);
-      const a = h("a", { href: url, download: f.name.split("/").pop(), hidden: true });
-      document.body.append(a);
-      a.click();
-      a.remove();
+      saveAs(url, f.name);
       setTimeout(() => URL.revokeObjectURL(url), 60000);
       $("export-note").textContent = `Downloaded ${f.name} (${bytes(blob.size)}); ` +
         (got ? "sha256 checked in the browser." : `check its sha256 yourself: ${f.sha256}.`);
     } catch (err) {
-      if (session !== S.session) return;
-      $("export-note").textContent = "";
-      showExportError(`Could not download ${f.name}: ${err.message}` +
-                      `${err.status ? ` (HTTP ${err.status})` : ""}`);
+      downloadFailed(f, err, session);
     } finally {
-      downloading.delete(key);
-      if (session === S.session) rerenderExports();
+      downloadDone(key, session);
     }
+  }
+
+  function saveAs(href, name) {
+    const a = h("a", { href, download: name.split("/").pop(), hidden: true });
+    document.body.append(a);
+    a.click();
+    a.remove();
+  }
+
+  function downloadFailed(f, err, session) {
+    if (session !== S.session) return;
+    if (err.status === 401) return signOut(authMessage(err));
+    $("export-note").textContent = "";
+    showExportError(`Could not download ${f.name}: ${err.message}` +
+                    `${err.status ? ` (HTTP ${err.status})` : ""}`);
+  }
+
+  function downloadDone(key, session) {
+    downloading.delete(key);
+    if (session === S.session) rerenderExports();
   }
 
   // Too big to hold in the page: a short-lived link lets the browser stream it to disk itself.
@@ -828,21 +841,13 @@
     try {
       const link = await api(`${exportPath(alias, e.id)}/links`, { method: "POST", body: { name: f.name } });
       if (session !== S.session) return;
-      const a = h("a", { href: link.url, download: f.name.split("/").pop(), hidden: true });
-      document.body.append(a);
-      a.click();
-      a.remove();
+      saveAs(link.url, f.name);
       $("export-note").textContent = `Downloading ${f.name} (${bytes(f.bytes)}) through a link valid ` +
         `${duration(link.expires_in_s)}; check its sha256 when it lands: ${f.sha256}.`;
     } catch (err) {
-      if (session !== S.session) return;
-      if (err.status === 401) return signOut(authMessage(err));
-      $("export-note").textContent = "";
-      showExportError(`Could not download ${f.name}: ${err.message}` +
-                      `${err.status ? ` (HTTP ${err.status})` : ""}`);
+      downloadFailed(f, err, session);
     } finally {
-      downloading.delete(key);
-      if (session === S.session) rerenderExports();
+      downloadDone(key, session);
     }
   }
 
