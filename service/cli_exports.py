@@ -17,6 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from sqlalchemy import select
 
+from service.cli_runs import _sessions
 from service.config import get_settings
 from service.policy import EXPORT_FORMATS, EXPORT_QUANTS
 
@@ -27,12 +28,6 @@ err = Console(stderr=True)
 # Typer needs enums; these are the policy's choices (least aggressive quantization first).
 FormatChoice = enum.Enum("FormatChoice", {f: f for f in EXPORT_FORMATS}, type=str)
 QuantChoice = enum.Enum("QuantChoice", {q: q for q in reversed(EXPORT_QUANTS)}, type=str)
-
-
-def _sessions():
-    from service.cli_runs import _sessions
-
-    return _sessions()
 
 
 def _adapter(session, tenant: str | None, alias: str):

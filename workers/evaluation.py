@@ -4,10 +4,8 @@ data (transformers + PEFT), run the golden suite through vLLM, and decide."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
-from pathlib import Path
 from typing import Any
 
 from service import runs
@@ -20,12 +18,6 @@ from workers.context import WorkerContext
 from workers.gate import check_golden_output, decide
 
 log = logging.getLogger(__name__)
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def completion_logprobs(model, tokenizer, items: list[tuple[str, str]]) -> list[tuple[float, int]]:
@@ -164,9 +156,9 @@ def evaluate_step(ctx: WorkerContext, claim: runs.Claim) -> str:
 
             raise StepFailed(f"serving version {ref[2]} failed verification: {exc.reason}") from exc
 
-    from workers.steps import run_dir
+    from workers.steps import heldout_raw
 
-    heldout = _read_jsonl(run_dir(ctx, claim.run_id) / "data" / "heldout_raw.jsonl")
+    heldout = heldout_raw(ctx, claim.run_id)
     metrics = offline_metrics(settings.base_model, cand[1], ref_dir, heldout)
     golden = None
     if policy.gate.golden:

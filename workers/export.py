@@ -1015,7 +1015,8 @@ def _gguf_attempt(served: Memo, merged: MergedResult, out_dir: Path, quant: str,
     t0 = time.perf_counter()
     progress("gate", 0.0)
     try:
-        metrics = _gguf_metrics(served, result.gguf_path, ids, texts, tol, max_new_tokens)
+        metrics = gguf_consistency(served, result.gguf_path, ids, texts,
+                                   max_new_tokens=max_new_tokens, tie_margin=tol.tie_margin)
     except Exception as exc:  # noqa: BLE001 - a GGUF llama.cpp cannot run is a failed export
         attempt.status, attempt.reasons = "error", [f"llama.cpp could not run the GGUF: {exc}"]
         return attempt
@@ -1026,12 +1027,15 @@ def _gguf_attempt(served: Memo, merged: MergedResult, out_dir: Path, quant: str,
     return attempt
 
 
-def _gguf_metrics(served: Memo, path: Path, ids: list[list[int]], texts: list[str],
-                  tol: Tolerance, max_new_tokens: int) -> dict[str, Any]:
+def gguf_consistency(served: LanguageModel, path: str | Path, ids: list[list[int]],
+                     texts: list[str], *, max_new_tokens: int, tie_margin: float
+                     ) -> dict[str, Any]:
+    """:func:`consistency` of a GGUF run through llama.cpp's bindings against the served version,
+    plus :func:`tokenizer_parity` on the rendered prompts."""
     lm = LlamaCppLM.load(path, n_ctx=_ctx_for(ids, max_new_tokens), stop_ids=served.stop_ids)
     try:
         metrics = consistency(served, lm, ids, max_new_tokens=max_new_tokens,
-                              tie_margin=tol.tie_margin)
+                              tie_margin=tie_margin)
         metrics.update(tokenizer_parity(lm, texts, ids))
     finally:
         lm.close()

@@ -51,7 +51,7 @@ def export_prompts(policy: Policy, heldout: list[dict[str, Any]]) -> list:
 def _heldout(ctx: WorkerContext, session, version: AdapterVersion, limit: int) -> list[dict]:
     """Held-out records of the version's own run, then of the alias's other runs, newest first
     (a version registered by hand has no run of its own)."""
-    from workers.steps import run_dir
+    from workers.steps import heldout_raw
 
     run_ids = [version.run_id] if version.run_id else []
     run_ids += [r for r in session.scalars(
@@ -59,9 +59,7 @@ def _heldout(ctx: WorkerContext, session, version: AdapterVersion, limit: int) -
         .order_by(TrainingRun.created_at.desc()).limit(20)) if r != version.run_id]
     records: list[dict] = []
     for run_id in run_ids:
-        path = run_dir(ctx, run_id) / "data" / "heldout_raw.jsonl"
-        if path.is_file():
-            records += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records += heldout_raw(ctx, run_id)
         if len(records) >= limit:
             break
     return records

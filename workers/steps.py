@@ -44,6 +44,15 @@ def run_dir(ctx: WorkerContext, run_id: uuid.UUID) -> Path:
     return ctx.settings.resolved_artifact_dir / "runs" / str(run_id)
 
 
+def heldout_raw(ctx: WorkerContext, run_id: uuid.UUID) -> list[dict]:
+    """The run's held-out interactions as its dataset step wrote them ([] when it wrote none):
+    what the eval gate scores and an export is compared on."""
+    from workers.training import read_jsonl
+
+    path = run_dir(ctx, run_id) / "data" / "heldout_raw.jsonl"
+    return read_jsonl(path) if path.is_file() else []
+
+
 _RATED = text("""
 SELECT i.id, i.messages, i.response_text, i.served_model, f.rating, f.correction, f.rater_id,
        f.created_at

@@ -272,14 +272,8 @@ needs_llama_cpp = pytest.mark.skipif(not ex.llama_cpp_available(),
 
 
 def _gguf_metrics(served, result, prompt_ids, texts):
-    lm = ex.LlamaCppLM.load(result.gguf_path, n_ctx=128, n_threads=2, stop_ids=served.stop_ids)
-    try:
-        metrics = ex.consistency(served, lm, prompt_ids, max_new_tokens=MAX_NEW,
-                                 tie_margin=ex.Tolerance().tie_margin)
-        metrics.update(ex.tokenizer_parity(lm, texts, prompt_ids))
-    finally:
-        lm.close()
-    return metrics
+    return ex.gguf_consistency(served, result.gguf_path, prompt_ids, texts,
+                               max_new_tokens=MAX_NEW, tie_margin=ex.Tolerance().tie_margin)
 
 
 @needs_llama_cpp
