@@ -50,6 +50,19 @@ async def _wait_for(admin: VllmAdmin, names: set[str], timeout: float = 30.0) ->
         await asyncio.sleep(0.2)
 
 
+async def _wait_for_row(db_sessions, url: str, names: set[str], timeout: float = 10.0
+                        ) -> EngineReplica:
+    t0 = time.monotonic()
+    while True:
+        with session_scope(db_sessions) as s:
+            row = s.get(EngineReplica, url)
+        if row is not None and row.healthy and names <= set(row.loaded or ()):
+            return row
+        if time.monotonic() - t0 > timeout:
+            return row
+        await asyncio.sleep(0.2)
+
+
 async def _chat(api_url: str, key: str, alias: str) -> str:
     async with httpx.AsyncClient(base_url=api_url, timeout=60) as c:
         r = await c.post("/v1/chat/completions", headers=bearer(key), json={
@@ -77,9 +90,9 @@ async def test_replica_restarted_at_rest_gets_its_adapters_back(
     # No operator action: the API's own reconciler (every 1 s) reloads live and warm versions.
     took = await _wait_for(admins[0], {name1, name2})
     print(f"\nadapters back on the restarted replica {took:.1f}s after it was healthy")
-    with session_scope(db_sessions) as s:
-        row = s.get(EngineReplica, down_url)
-        assert row.healthy and {name1, name2} <= set(row.loaded)
+    # The round records what it saw only after its loads finish, so the row may trail the replica.
+    row = await _wait_for_row(db_sessions, down_url, {name1, name2})
+    assert row.healthy and {name1, name2} <= set(row.loaded)
     await asyncio.sleep(0.5)
     ids = [await _chat(swap_api.url, key, alias) for _ in range(6)]
     assert {r for _, r in served_models(db_sessions, ids).values()} == {down_url, up_url}
