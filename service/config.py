@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     broker_visibility_timeout_s: int = 6 * 3600
     run_lease_s: float = 60.0
     sweep_interval_s: float = 10.0
+    # The sweeper re-sends a wake-up no worker has taken after this long (a worker that died
+    # holding an unstarted message); sooner once a worker took it.
+    wake_resend_after_s: float = 600.0
     watch_interval_s: float = 15.0
     training_device: str = "auto"
 

@@ -92,7 +92,8 @@ def _broker(ctx: WorkerContext) -> str:
 
 
 def sweep(ctx: WorkerContext) -> dict:
-    """Create runs for aliases over their threshold; re-enqueue every unclaimed run and export."""
+    """Create runs for aliases over their threshold; re-enqueue unclaimed runs and exports that
+    have no wake-up waiting in the queue."""
     from service.exports import claimable_exports
 
     created = 0
@@ -106,8 +107,10 @@ def sweep(ctx: WorkerContext) -> dict:
     with session_scope(ctx.sessions) as s:
         pending = runs.claimable_runs(s, WORK_STATES)
     broker = _broker(ctx)
-    enqueued = sum(wake_run(broker, run_id) for run_id in pending)
+    resend = ctx.settings.wake_resend_after_s
+    enqueued = sum(wake_run(broker, run_id, resend_after_s=resend) for run_id in pending)
     with session_scope(ctx.sessions) as s:
         waiting = claimable_exports(s)
-    exports_enqueued = sum(wake_export(broker, export_id) for export_id in waiting)
+    exports_enqueued = sum(wake_export(broker, export_id, resend_after_s=resend)
+                           for export_id in waiting)
     return {"created": created, "enqueued": enqueued, "exports_enqueued": exports_enqueued}

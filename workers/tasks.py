@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import uuid
 
+from service import wakeup
+from service.embedded import resolve_broker_url
 from workers import pipeline
 from workers.celery_app import app
 from workers.context import context
 
 
+def _taken(what: str, ident: str) -> None:
+    wakeup.taken(resolve_broker_url(context().settings), what, ident)
+
+
 @app.task(name="flywheel.advance_run")
 def advance_run(run_id: str) -> str:
     """Claim the run and perform its next step (duplicate deliveries find nothing to claim)."""
+    _taken(wakeup.RUN, run_id)
     return pipeline.advance(context(), uuid.UUID(run_id))
 
 
@@ -20,6 +27,7 @@ def export_version(export_id: str) -> str:
     """Build and gate one export (duplicate deliveries find nothing to claim)."""
     from workers.export_job import run_job
 
+    _taken(wakeup.EXPORT, export_id)
     return run_job(context(), uuid.UUID(export_id))
 
 
