@@ -9,11 +9,15 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from sqlalchemy import select
 
-from service.db.models import AdapterVersion, Export
+from service.db import repositories as repo
+from service.db.models import Adapter, AdapterVersion, Export
+from service.db.session import session_scope
 from tests.helpers.loop import chat_and_rate
 from tests.helpers.runs import wait_first_run, wait_run
 from tests.helpers.stack import ApiProcess, WorkerProcess, flywheel_env
@@ -123,6 +127,15 @@ def test_review_and_approve_a_run_from_the_page(page_stack, page, make_key, make
     api, worker = page_stack
     key, ops = make_key(tenant, "product"), make_key(tenant, "ops")
     alias = make_alias(tenant)
+    # A second alias with more versions than the list shows; it sorts after `alias`, so the page
+    # never selects it. Candidates are never loaded, so the fake artifacts are never read.
+    other = make_alias(tenant, f"zz-{uuid.uuid4().hex[:8]}")
+    with session_scope(db_sessions) as s:
+        idle = s.scalars(select(Adapter).where(Adapter.tenant_id == tenant,
+                                               Adapter.alias == other)).one()
+        for n in range(1, 9):
+            repo.create_version(s, idle, artifact_path=f"/nowhere/v{n}", sha256="0" * 64,
+                                parent_version_id=None, run_id=None, lineage={})
     page.goto(f"{api.url}/ops")
 
     # A product key: a clear message, and no data on the page.
@@ -137,6 +150,15 @@ def test_review_and_approve_a_run_from_the_page(page_stack, page, make_key, make
     expect(page.get_by_test_id("auth-error")).to_be_hidden()
     alias_row = page.locator(f'[data-testid="alias-row"][data-alias="{alias}"]')
     expect(alias_row.get_by_test_id("alias-serving")).to_have_text("base")
+    expect(alias_row.get_by_test_id("alias-versions")).to_have_text("base only")
+    # The other alias's chips come from the list alone: the newest six, and a note for the rest.
+    other_row = page.locator(f'[data-testid="alias-row"][data-alias="{other}"]')
+    chips = other_row.get_by_test_id("alias-versions").locator("li.chip")
+    expect(chips).to_have_count(6)
+    expect(chips.first).to_contain_text("v8 candidate · 0 up · 0 down")
+    expect(chips.last).to_contain_text("v3 candidate")
+    expect(other_row.get_by_test_id("alias-versions-older")).to_have_text("+2 older")
+    expect(other_row.get_by_test_id("alias-previous")).to_have_text("—")
 
     # Exports: none yet, and the alias serves the base model, so there is nothing to export; the
     # API's reason shows next to the form.
@@ -200,6 +222,8 @@ def test_review_and_approve_a_run_from_the_page(page_stack, page, make_key, make
     expect_or_log(lambda: expect(alias_row.get_by_test_id("alias-serving")).to_have_text(
         lora_name, timeout=DEPLOY_TIMEOUT_MS), worker.log)
     expect(row).to_have_attribute("data-state", "live")
+    expect(alias_row.get_by_test_id("alias-versions")).to_contain_text("v1 live")
+    expect(alias_row.get_by_test_id("alias-previous")).to_have_text("base")
     expect(page.get_by_test_id("approve-button")).to_be_hidden()
     expect(page.locator('[data-testid="audit-row"][data-action="run.approved"]')).to_contain_text(
         "approved from the ops page")
@@ -277,6 +301,12 @@ def test_review_and_approve_a_run_from_the_page(page_stack, page, make_key, make
     expect(alias_row.get_by_test_id("alias-serving")).to_have_text("base")
     expect(page.locator('[data-testid="audit-row"][data-action="adapter.rollback"]')).to_contain_text(
         "rolled back from the ops page")
+
+    # Refreshes fetch the list and the selected alias only, never another alias's detail.
+    paths = [urlsplit(u).path for u in page.watched.urls]
+    assert paths.count("/v1/adapters") > 3
+    assert paths.count(f"/v1/adapters/{alias}") > 3
+    assert not [p for p in paths if p.startswith(f"/v1/adapters/{other}")], paths
 
     # The key only ever travels in headers, and nothing on the page failed.
     assert not [u for u in page.watched.urls if ops in u or key in u]

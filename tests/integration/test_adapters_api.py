@@ -6,15 +6,17 @@ import asyncio
 import uuid
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
+from service.api.routes.adapters import RECENT_VERSIONS
 from service.db import repositories as repo
-from service.db.models import Adapter, AuditEvent
+from service.db.models import Adapter, AuditEvent, Interaction
 from service.db.session import session_scope
 from service.engine.artifact import artifact_sha256
 from service.engine.swap import SwapConfig, swap
 from service.engine.vllm_admin import VllmAdmin
 from tests.conftest import bearer
+from tests.helpers.data import seed_interactions
 from tests.helpers.vllm import make_random_lora
 
 pytestmark = pytest.mark.vllm
@@ -63,6 +65,60 @@ def test_adapter_listing_and_detail(client, make_key, tenant, live_alias):
     assert client.get("/v1/adapters/nope", headers=bearer(ops)).status_code == 404
 
 
+def test_listing_carries_the_newest_versions_with_ratings(client, make_key, make_alias, tenant,
+                                                          live_alias, db_sessions):
+    """The list's per-alias version summary is bounded: the newest few, with their ratings."""
+    alias, v1_name, adapter_id = live_alias  # v1 serves; the versions added here are candidates
+    idle = make_alias(tenant)
+    other_tenant = f"{tenant}-x"
+    other = make_alias(other_tenant)
+    ops = make_key(tenant, "ops")
+    with session_scope(db_sessions) as s:
+        adapter = s.get(Adapter, adapter_id)
+        ids = {1: adapter.serving_version_id}
+        for n in range(2, 9):  # never loaded: candidates are not desired on the engine
+            ids[n] = repo.create_version(s, adapter, artifact_path=f"/nowhere/v{n}",
+                                         sha256="0" * 64, parent_version_id=None, run_id=None,
+                                         lineage={}).id
+        adapter.previous_version_id = ids[2]  # older than the versions the list shows
+        other_adapter = s.scalars(select(Adapter).where(Adapter.tenant_id == other_tenant)).one()
+        repo.create_version(s, other_adapter, artifact_path="/nowhere/x", sha256="0" * 64,
+                            parent_version_id=None, run_id=None, lineage={})
+    # (version number or None for the base model, rating): v2 and v1 are outside the window.
+    ratings = [(8, "up"), (8, "up"), (8, "down"), (5, "down"), (2, "up"), (1, "up"), (None, "up")]
+    interactions = seed_interactions(db_sessions, tenant, alias, None, len(ratings))
+    with session_scope(db_sessions) as s:
+        for iid, (n, _) in zip(interactions, ratings):
+            s.execute(update(Interaction).where(Interaction.id == uuid.UUID(iid))
+                      .values(version_id=ids.get(n)))
+    for iid, (_, rating) in zip(interactions, ratings):
+        r = client.post("/v1/feedback", headers=bearer(ops), json={"interaction_id": iid,
+                                                                   "rating": rating})
+        assert r.status_code == 201, r.text
+
+    listed = {a["alias"]: a for a in client.get("/v1/adapters", headers=bearer(ops)).json()}
+    assert set(listed) == {alias, idle}  # another tenant's alias is not listed
+    a = listed[alias]
+    assert a["serving"] == v1_name and a["version_count"] == 8
+    assert a["previous"] == repo.lora_name_for(tenant, alias, 2)
+    assert a["previous_version_id"] == str(ids[2])
+    thumbs = {8: (2, 1), 5: (0, 1)}
+    assert RECENT_VERSIONS == 6  # so v8..v3 are shown, newest first
+    assert [(v["number"], v["id"], v["lora_name"], v["status"], v["thumbs_up"], v["thumbs_down"])
+            for v in a["recent_versions"]] == [
+        (n, str(ids[n]), repo.lora_name_for(tenant, alias, n), "candidate", *thumbs.get(n, (0, 0)))
+        for n in range(8, 2, -1)]
+    assert (listed[idle]["version_count"], listed[idle]["recent_versions"],
+            listed[idle]["previous"]) == (0, [], None)
+    # The detail agrees with the list, and still carries every version.
+    detail = client.get(f"/v1/adapters/{alias}", headers=bearer(ops)).json()
+    assert [v["number"] for v in detail["versions"]] == list(range(1, 9))
+    assert {k: detail[k] for k in ("previous", "version_count", "recent_versions")} == {
+        k: a[k] for k in ("previous", "version_count", "recent_versions")}
+    other_listed = client.get("/v1/adapters", headers=bearer(make_key(other_tenant, "ops"))).json()
+    assert [(x["alias"], x["version_count"]) for x in other_listed] == [(other, 1)]
+
+
 def test_manual_rollback_is_ops_only_and_audited(client, make_key, tenant, live_alias, db_sessions):
     alias, lora_name, adapter_id = live_alias
     product, ops = make_key(tenant, "product"), make_key(tenant, "ops")
@@ -87,6 +143,8 @@ def test_create_alias_validates_and_is_ops_only(client, make_key, tenant):
     assert r.status_code == 422 and r.json()["error"]["param"] == "alias"
     r = client.post("/v1/adapters", headers=bearer(ops), json={"alias": "faq-bot"})
     assert r.status_code == 201 and r.json()["serving"] == "base"
+    created = r.json()
+    assert (created["version_count"], created["recent_versions"], created["previous"]) == (0, [], None)
     assert client.post("/v1/adapters", headers=bearer(ops), json={"alias": "faq-bot"}).status_code == 409
 
 

@@ -20,6 +20,9 @@ from service.db.models import Adapter, AdapterVersion
 
 router = APIRouter(tags=["adapters"])
 
+# Versions the alias list carries per alias: an alias retrained daily has hundreds of them.
+RECENT_VERSIONS = 6
+
 
 class VersionOut(BaseModel):
     id: uuid.UUID
@@ -36,6 +39,17 @@ class VersionOut(BaseModel):
     thumbs_down: int = 0
 
 
+class VersionBrief(BaseModel):
+    """A version as the alias list shows it, with its ratings."""
+
+    id: uuid.UUID
+    number: int
+    lora_name: str
+    status: str
+    thumbs_up: int = 0
+    thumbs_down: int = 0
+
+
 class AdapterOut(BaseModel):
     alias: str
     description: str
@@ -45,6 +59,9 @@ class AdapterOut(BaseModel):
     canary: str | None
     canary_share: float
     created_at: datetime
+    previous: str | None  # lora_name of previous_version_id
+    version_count: int
+    recent_versions: list[VersionBrief]  # newest first, at most RECENT_VERSIONS
 
 
 class AdapterDetail(AdapterOut):
@@ -81,25 +98,70 @@ async def _adapter(session, tenant_id: str, alias: str) -> Adapter:
     return adapter
 
 
-def _summary(a: Adapter, names: dict, base: str) -> dict[str, Any]:
+def _summary(a: Adapter, names: dict, base: str, recent: list[VersionBrief],
+             count: int) -> dict[str, Any]:
     return dict(alias=a.alias, description=a.description or "",
                 serving=names.get(a.serving_version_id, base),
                 serving_version_id=a.serving_version_id, previous_version_id=a.previous_version_id,
                 canary=names.get(a.canary_version_id), canary_share=a.canary_share or 0.0,
-                created_at=a.created_at)
+                created_at=a.created_at, previous=names.get(a.previous_version_id),
+                version_count=count, recent_versions=recent)
+
+
+async def _version_names(session, adapters: list[Adapter]) -> dict[uuid.UUID, str]:
+    """lora_names of the versions the adapters point at (serving, previous, canary)."""
+    ids = {i for a in adapters for i in (a.serving_version_id, a.previous_version_id,
+                                          a.canary_version_id) if i is not None}
+    if not ids:
+        return {}
+    return dict((await session.execute(select(AdapterVersion.id, AdapterVersion.lora_name)
+                                       .where(AdapterVersion.id.in_(ids)))).all())
+
+
+async def _recent_versions(session, adapter_ids: list[uuid.UUID]
+                           ) -> tuple[dict[uuid.UUID, list[VersionBrief]], dict[uuid.UUID, int]]:
+    """Each adapter's newest RECENT_VERSIONS versions with ratings, and its version count.
+
+    Two queries whatever the number of aliases or versions."""
+    if not adapter_ids:
+        return {}, {}
+    rows = (await session.execute(text("""
+        SELECT adapter_id, id, number, lora_name, status, total FROM (
+            SELECT adapter_id, id, number, lora_name, status,
+                   row_number() OVER (PARTITION BY adapter_id ORDER BY number DESC) AS rank,
+                   count(*) OVER (PARTITION BY adapter_id) AS total
+            FROM adapter_versions WHERE adapter_id = ANY(:adapters)) v
+        WHERE rank <= :k ORDER BY adapter_id, number DESC"""),
+        {"adapters": adapter_ids, "k": RECENT_VERSIONS})).all()
+    counts: dict[tuple[uuid.UUID, str], int] = {}
+    if rows:
+        # adapter_id narrows the scan to ix_feedback_adapter_seq; version_id has no index.
+        counts = {(r.version_id, r.rating): r.n for r in await session.execute(text(
+            "SELECT version_id, rating, count(*) AS n FROM feedback "
+            "WHERE adapter_id = ANY(:adapters) AND version_id = ANY(:ids) "
+            "GROUP BY version_id, rating"),
+            {"adapters": adapter_ids, "ids": [r.id for r in rows]})}
+    recent: dict[uuid.UUID, list[VersionBrief]] = {}
+    totals: dict[uuid.UUID, int] = {}
+    for r in rows:
+        totals[r.adapter_id] = r.total
+        recent.setdefault(r.adapter_id, []).append(VersionBrief(
+            id=r.id, number=r.number, lora_name=r.lora_name, status=r.status,
+            thumbs_up=counts.get((r.id, "up"), 0), thumbs_down=counts.get((r.id, "down"), 0)))
+    return recent, totals
 
 
 @router.get("/v1/adapters", response_model=list[AdapterOut])
 async def list_adapters(caller: OpsCaller, state: State) -> list[AdapterOut]:
-    """The tenant's aliases with what each serves."""
+    """The tenant's aliases with what each serves and its newest versions."""
     async with state.sessions() as session:
         adapters = (await session.scalars(select(Adapter).where(Adapter.tenant_id == caller.tenant_id)
                                           .order_by(Adapter.alias))).all()
-        names = dict((await session.execute(
-            select(AdapterVersion.id, AdapterVersion.lora_name)
-            .join(Adapter, Adapter.id == AdapterVersion.adapter_id)
-            .where(Adapter.tenant_id == caller.tenant_id))).all())
-    return [AdapterOut(**_summary(a, names, state.settings.base_model_name)) for a in adapters]
+        names = await _version_names(session, adapters)
+        recent, totals = await _recent_versions(session, [a.id for a in adapters])
+    base = state.settings.base_model_name
+    return [AdapterOut(**_summary(a, names, base, recent.get(a.id, []), totals.get(a.id, 0)))
+            for a in adapters]
 
 
 @router.post("/v1/adapters", response_model=AdapterOut, status_code=201)
@@ -116,7 +178,7 @@ async def create_adapter(body: AdapterCreate, caller: OpsCaller, state: State) -
         await session.run_sync(lambda s: repo.audit(
             s, tenant_id=caller.tenant_id, actor=f"key:{caller.key_id}", action="adapter.create",
             target_type="adapter", target_id=str(adapter.id)))
-    return AdapterOut(**_summary(adapter, {}, state.settings.base_model_name))
+    return AdapterOut(**_summary(adapter, {}, state.settings.base_model_name, [], 0))
 
 
 @router.get("/v1/adapters/{alias}", response_model=AdapterDetail)
@@ -134,8 +196,10 @@ async def get_adapter(alias: AliasPath, caller: OpsCaller, state: State) -> Adap
     out = [VersionOut.model_validate(v, from_attributes=True).model_copy(update={
         "thumbs_up": counts.get((v.id, "up"), 0), "thumbs_down": counts.get((v.id, "down"), 0)})
         for v in versions]
-    return AdapterDetail(**_summary(adapter, names, state.settings.base_model_name), versions=out,
-                         exports=exports)
+    recent = [VersionBrief(**v.model_dump(include=set(VersionBrief.model_fields)))
+              for v in out[::-1][:RECENT_VERSIONS]]
+    return AdapterDetail(**_summary(adapter, names, state.settings.base_model_name, recent,
+                                    len(out)), versions=out, exports=exports)
 
 
 @router.get("/v1/adapters/{alias}/stats")

@@ -189,9 +189,7 @@
     clearTimeout(S.timer);
     sessionStorage.removeItem(KEY_STORE);
     // Nothing fetched with the old key stays on the page.
-    versionCache.clear();
     lossSeen.clear();
-    exportsCache.clear();
     exportDetails.clear();
     downloading.clear();
     resetExportForm();
@@ -220,10 +218,9 @@
 
   function anyActive() {
     if (S.runs.some((r) => ACTIVE.has(r.state))) return true;
-    for (const list of exportsCache.values()) {
-      if (list.some((e) => EXPORT_ACTIVE.has(e.status))) return true;
-    }
-    return false;
+    // Only the selected alias's exports are on screen (and fetched).
+    const exports = S.detail && S.detail.alias === S.alias ? S.detail.exports : null;
+    return Array.isArray(exports) && exports.some((e) => EXPORT_ACTIVE.has(e.status));
   }
 
   function refresh() {
@@ -300,7 +297,7 @@
         h("td", {}, h("code", { "data-testid": "alias-serving", text: a.serving })),
         h("td", {}, a.canary ? [h("code", { text: a.canary }), ` ${pct(a.canary_share)}`] : "—"),
         h("td", { "data-testid": "alias-previous" }, previousName(a)),
-        h("td", { "data-testid": "alias-versions" }, versionChips(a.alias)),
+        h("td", { "data-testid": "alias-versions" }, versionChips(a)),
         h("td", { class: "actions-cell" }, h("div", { class: "actions" },
           h("button", { type: "button", "aria-pressed": selected ? "true" : "false",
                         onclick: () => selectAlias(a.alias) }, "Details", srOnly(` of ${a.alias}`)),
@@ -320,44 +317,35 @@
     loadAlias(alias).catch((err) => showBanner(`Could not load ${alias}: ${err.message}`));
   }
 
-  // The list view carries version ids only; the detail (when loaded) knows their names.
-  const versionCache = new Map();
-
   function previousName(a) {
     if (!a.previous_version_id) return a.serving_version_id ? h("code", { text: "base" }) : "—";
-    const v = (versionCache.get(a.alias) || []).find((x) => x.id === a.previous_version_id);
-    return v ? h("code", { text: v.lora_name }) : h("span", { class: "muted", text: short(a.previous_version_id) });
+    return a.previous ? h("code", { text: a.previous })
+                      : h("span", { class: "muted", text: short(a.previous_version_id) });
   }
 
-  function versionChips(alias) {
-    const versions = versionCache.get(alias);
-    if (!versions) return h("span", { class: "muted", text: "…" });
+  // The list carries each alias's newest versions (newest first) and how many it has in all.
+  function versionChips(a) {
+    const versions = a.recent_versions || [];
     if (!versions.length) return h("span", { class: "muted", text: "base only" });
+    const older = (a.version_count || 0) - versions.length;
     return h("ul", { class: "chips" }, versions.map((v) =>
       h("li", { class: `chip vs-${v.status}`, title: `${v.lora_name}: ${v.status}` },
         `v${v.number} `, h("span", { class: "small", text: v.status }),
-        ` · ${v.thumbs_up} up · ${v.thumbs_down} down`)));
+        ` · ${v.thumbs_up} up · ${v.thumbs_down} down`)),
+      older > 0 ? h("li", { class: "muted small", "data-testid": "alias-versions-older",
+                            title: "Details lists every version", text: `+${older} older` })
+                : null);
   }
 
-  function loadAliasDetails() {
-    // Every alias's versions, for the chips: a handful of aliases per tenant, so one call each.
-    return Promise.all(S.adapters.map((a) => api(`/v1/adapters/${encodeURIComponent(a.alias)}`)));
-  }
-
+  // Only the selected alias's detail is fetched: its versions table, charts and exports.
   async function loadAlias(alias) {
     const [range, bucket] = $("stats-range").value.split(":");
     const enc = encodeURIComponent(alias);
     const session = S.session;
-    const [details, stats] = await Promise.all([
-      loadAliasDetails(), api(`/v1/adapters/${enc}/stats?hours=${range}&bucket_minutes=${bucket}`)]);
+    const [detail, stats] = await Promise.all([
+      api(`/v1/adapters/${enc}`),
+      api(`/v1/adapters/${enc}/stats?hours=${range}&bucket_minutes=${bucket}`)]);
     if (!S.key || session !== S.session || S.alias !== alias) return;
-    for (const d of details) {
-      versionCache.set(d.alias, d.versions);
-      exportsCache.set(d.alias, Array.isArray(d.exports) ? d.exports : []);
-    }
-    const detail = details.find((d) => d.alias === alias);
-    if (!detail) return;
-    renderAliases();
     renderAliasDetail(detail, stats);
   }
 
@@ -441,7 +429,6 @@
   const VERIFY_MAX_BYTES = 512 * 1024 * 1024;
   // Overridable from the console (and by the browser test, to take the link path on a tiny file).
   const verifyMax = () => window.FLYWHEEL_VERIFY_MAX_BYTES ?? VERIFY_MAX_BYTES;
-  const exportsCache = new Map();   // alias -> its exports (newest first), from the alias detail
   const exportDetails = new Map();  // export id -> GET .../exports/{id} (finished exports only)
   const detailLoading = new Set();
   const downloading = new Set();    // "exportId/name" while a download runs
