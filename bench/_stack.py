@@ -24,8 +24,10 @@ RESULTS = Path(__file__).parent / "results"
 class BenchStack(ExitStack):
     """Services for one benchmark run; everything stops on exit."""
 
-    def __init__(self, *, with_vllm: bool, api_workers: int = 1) -> None:
+    def __init__(self, *, with_vllm: bool, api_workers: int = 1,
+                 api_settings: dict[str, str] | None = None) -> None:
         self.api_workers = api_workers
+        self.api_settings = api_settings or {}
         super().__init__()
         self.root = Path(tempfile.mkdtemp(prefix="fwbench-"))
         self.with_vllm = with_vllm
@@ -41,7 +43,8 @@ class BenchStack(ExitStack):
         self.callback(stop_redis, emb)
         self.sessions = sessionmaker(make_sync_engine(self.db_url))
         settings = {"database_url": self.db_url, "broker_url": self.broker_url,
-                    "data_dir": str(self.root / "data"), "vllm_urls": "http://127.0.0.1:9"}
+                    "data_dir": str(self.root / "data"), "vllm_urls": "http://127.0.0.1:9",
+                    **self.api_settings}
         if self.with_vllm:
             from service.engine.managed import ManagedVllm
             from service.tiny_model import build_tiny_model

@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
 
 
 def require_wrk() -> str:
@@ -23,7 +23,9 @@ def require_wrk() -> str:
 
 
 def _ms(text: str) -> float:
-    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text.strip())
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text.strip())
+    if m is None:
+        raise ValueError(f"unexpected wrk latency {text!r}")
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
@@ -43,9 +45,12 @@ def run_wrk(url: str, *, bodies: list[dict], path: str, headers: dict[str, str],
     out = subprocess.run([require_wrk(), "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
                           "-s", f.name, url], capture_output=True, text=True, check=True).stdout
     Path(f.name).unlink()
+    if "Requests/sec" not in out or "50%" not in out:
+        raise RuntimeError(f"wrk printed no figures:\n{out}")
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))
-    p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))
+    # Anchored: the stdev column ("75.50%") also ends in "50%".
+    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))
+    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))
     non2xx, sock = (int(x) for x in re.search(r"ERRORS (\d+) (\d+)", out).groups())
     return {"throughput_rps": rps, "p50_ms": round(p50, 2), "p99_ms": round(p99, 2),
             "non_2xx": non2xx, "socket_errors": sock}

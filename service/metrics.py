@@ -35,6 +35,10 @@ GATEWAY_TTFT = Histogram(
 )
 INTERACTIONS = Counter("flywheel_interactions_total", "Interactions stored", ["alias"])
 FEEDBACK = Counter("flywheel_feedback_total", "Feedback received", ["alias", "rating"])
+FEEDBACK_BATCH = Histogram(
+    "flywheel_feedback_batch_size", "Ratings written per statement (group commit)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
 STORAGE_FAILURES = Counter(
     "flywheel_storage_failures_total", "Interactions the gateway answered but could not store",
     ["kind"],

@@ -8,11 +8,14 @@ the dataset's per-rater cap still bounds any one rater's share of a training set
 from __future__ import annotations
 
 import time
+from collections import Counter as Tally
 from dataclasses import dataclass
 
 from prometheus_client import Counter
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+
+from service.batching import Batcher
 
 RATE_LIMITED = Counter("flywheel_feedback_rate_limited_total", "Feedback refused by a rate limit",
                        ["scope"])
@@ -28,8 +31,36 @@ class Verdict:
     retry_after_s: int = 0
 
 
-async def check_feedback(redis: Redis, tenant_id: str, rater_id: str, *, per_tenant: int,
-                         per_rater: int, now: float | None = None) -> Verdict:
+def window_counter(redis: Redis) -> Batcher[tuple[str, ...], list[int]]:
+    """Counts one hit on each of a call's keys, for many concurrent calls in one pipeline.
+
+    Each call gets the counts it would have got from its own INCRs in arrival order, so the
+    limits stay exact across API processes; only the round trips are shared.
+    """
+
+    async def run(calls: list[tuple[str, ...]]) -> list[list[int]]:
+        hits = Tally(k for keys in calls for k in keys)
+        async with redis.pipeline(transaction=False) as pipe:
+            for key, n in hits.items():
+                pipe.incrby(key, n)
+                pipe.expire(key, 120)
+            replies = await pipe.execute()
+        seen = {key: replies[2 * i] - n for i, (key, n) in enumerate(hits.items())}
+        out = []
+        for keys in calls:
+            counts = []
+            for key in keys:
+                seen[key] += 1
+                counts.append(seen[key])
+            out.append(counts)
+        return out
+
+    return Batcher(run, max_batch=512, max_inflight=1)
+
+
+async def check_feedback(counter: Batcher[tuple[str, ...], list[int]], tenant_id: str,
+                         rater_id: str, *, per_tenant: int, per_rater: int,
+                         now: float | None = None) -> Verdict:
     """Count this feedback in the current minute; refuse it if either window is full."""
     now = time.time() if now is None else now
     window = int(now // 60)
@@ -37,12 +68,7 @@ async def check_feedback(redis: Redis, tenant_id: str, rater_id: str, *, per_ten
     tenant_key = f"fw:rl:t:{tenant_id}:{window}"
     rater_key = f"fw:rl:r:{tenant_id}:{rater_id}:{window}"
     try:
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.incr(tenant_key)
-            pipe.expire(tenant_key, 120)
-            pipe.incr(rater_key)
-            pipe.expire(rater_key, 120)
-            tenant_n, _, rater_n, _ = await pipe.execute()
+        tenant_n, rater_n = await counter.submit((tenant_key, rater_key))
     except (RedisError, OSError):
         LIMITER_UNAVAILABLE.inc()
         return Verdict(True)

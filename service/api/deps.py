@@ -12,7 +12,9 @@ from service.db.repositories import Principal
 from service.security import hash_key
 
 
-def get_state(request: Request) -> AppState:
+# async, though it awaits nothing: FastAPI runs a sync dependency in its thread pool, a
+# thread hop on every request (measured in bench/bench_feedback.py).
+async def get_state(request: Request) -> AppState:
     return request.app.state.fw
 
 

@@ -13,16 +13,24 @@ from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
+from service import ratelimit
+from service.batching import Batcher
 from service.config import Settings
 from service.db import hotpath
 from service.db import repositories as repo
 from service.engine.replicas import ReplicaPool
-from service.metrics import INTERACTIONS, STORAGE_FAILURES
+from service.metrics import FEEDBACK_BATCH, INTERACTIONS, STORAGE_FAILURES
 from service.policy import PolicyStore
 from service.runs import maybe_trigger_async
 from service.wakeup import wake_run
 
 log = logging.getLogger(__name__)
+
+# Up to this many ratings per statement, and this many statements out at once per process:
+# a lone rating goes at once, a burst waits for the statement out and shares the next one.
+# One out at a time measured faster than four (bigger batches; BENCHMARKS.md section 2).
+FEEDBACK_BATCH_MAX = 256
+FEEDBACK_BATCHES_INFLIGHT = 1
 
 
 class TTLCache:
@@ -65,6 +73,16 @@ class AppState:
     # Adapters with new feedback since the last trigger check: id -> (alias, tenant).
     dirty: dict[uuid.UUID, tuple[str, str]] = field(default_factory=dict)
     _sync_sessions: Any = None
+    # Group commit for ratings and their rate-limit counters (see service.batching).
+    feedback_writer: Batcher = field(init=False)
+    rate_counter: Batcher = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.feedback_writer = Batcher(
+            lambda writes: hotpath.upsert_feedback_many(self.fast_pool, writes),
+            max_batch=FEEDBACK_BATCH_MAX, max_inflight=FEEDBACK_BATCHES_INFLIGHT,
+            on_batch=FEEDBACK_BATCH.observe)
+        self.rate_counter = ratelimit.window_counter(self.redis)
 
     async def principal(self, key_hash: str) -> repo.Principal | None:
         found, principal = self.auth_cache.get(key_hash)

@@ -1,4 +1,7 @@
-"""The two statements on the request hot path, on a raw psycopg pool: one round trip each.
+"""The two statements on the request hot path, on a raw psycopg pool.
+
+Storing an interaction is one round trip; ratings go in batches (see service.batching), one
+statement for every rating that arrived while the previous batch was out.
 
 SQLAlchemy's async layer costs more than the statements themselves here (measured in
 bench/bench_feedback.py), so these bypass it. Everything else uses SQLAlchemy.
@@ -7,8 +10,11 @@ bench/bench_feedback.py), so these bypass it. Everything else uses SQLAlchemy.
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
+import psycopg
+from psycopg import AsyncConnection
 from psycopg.rows import namedtuple_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
@@ -23,22 +29,43 @@ VALUES (%(id)s, %(tenant_id)s, %(api_key_id)s, %(alias)s, %(adapter_id)s, %(vers
     %(stream)s, now())
 """
 
-# The interaction must exist and be visible to the caller, else nothing is written.
-# A replaced rating draws a new seq, so it counts as new feedback for the trigger.
+# One statement for a batch of ratings (group commit): each must name an interaction that
+# exists and is visible to its caller, else nothing is written for it. A replaced rating draws
+# a new seq, so it counts as new feedback for the trigger.
 _UPSERT_FEEDBACK = """
 INSERT INTO feedback (id, interaction_id, tenant_id, adapter_id, version_id, rater_id, rating,
                       correction, comment, api_key_id, created_at, updated_at)
-SELECT %(id)s, i.id, i.tenant_id, i.adapter_id, i.version_id, %(rater_id)s, %(rating)s,
-       %(correction)s, %(comment)s, %(api_key_id)s, now(), now()
-FROM interactions i
-WHERE i.id = %(interaction_id)s AND i.tenant_id = %(tenant_id)s
-  AND (%(owner_key)s::uuid IS NULL OR i.api_key_id = %(owner_key)s::uuid)
+SELECT b.id, i.id, i.tenant_id, i.adapter_id, i.version_id, b.rater_id, b.rating,
+       b.correction, b.comment, b.api_key_id, now(), now()
+FROM unnest(%(id)s::uuid[], %(interaction_id)s::uuid[], %(tenant_id)s::text[],
+            %(owner_key)s::uuid[], %(rater_id)s::text[], %(rating)s::text[],
+            %(correction)s::text[], %(comment)s::text[], %(api_key_id)s::uuid[])
+     AS b(id, interaction_id, tenant_id, owner_key, rater_id, rating, correction, comment,
+          api_key_id)
+JOIN interactions i ON i.id = b.interaction_id AND i.tenant_id = b.tenant_id
+                   AND (b.owner_key IS NULL OR i.api_key_id = b.owner_key)
 ON CONFLICT (interaction_id, rater_id) DO UPDATE
 SET rating = EXCLUDED.rating, correction = EXCLUDED.correction, comment = EXCLUDED.comment,
     api_key_id = EXCLUDED.api_key_id, updated_at = now(), seq = nextval('feedback_seq_seq')
-RETURNING id, seq, adapter_id, (xmax <> 0) AS replaced, created_at, updated_at,
-          (SELECT alias FROM interactions WHERE id = %(interaction_id)s) AS alias
+RETURNING id, interaction_id, rater_id, seq, adapter_id, (xmax <> 0) AS replaced, created_at,
+          updated_at, (SELECT alias FROM interactions WHERE id = feedback.interaction_id) AS alias
 """
+_FEEDBACK_COLUMNS = ("id", "interaction_id", "tenant_id", "owner_key", "rater_id", "rating",
+                     "correction", "comment", "api_key_id")
+
+
+@dataclass(frozen=True)
+class FeedbackWrite:
+    """One rating to upsert; owner_key limits a product key to its own interactions."""
+
+    interaction_id: uuid.UUID
+    tenant_id: str
+    owner_key: uuid.UUID | None
+    rater_id: str
+    rating: str
+    correction: str | None
+    comment: str | None
+    api_key_id: uuid.UUID
 
 
 def _strip_nul(value: Any) -> Any:
@@ -61,20 +88,69 @@ async def insert_interaction(pool: AsyncConnectionPool, values: dict[str, Any]) 
         await conn.execute(_INSERT_INTERACTION, params)
 
 
-async def upsert_feedback(pool: AsyncConnectionPool, *, interaction_id: uuid.UUID, tenant_id: str,
-                          owner_key: uuid.UUID | None, rater_id: str, rating: str,
-                          correction: str | None, comment: str | None,
-                          api_key_id: uuid.UUID) -> Any | None:
-    """Insert or replace the (interaction, rater) rating; None when the interaction is not visible."""
+def _rounds(writes: list[FeedbackWrite]) -> list[list[int]]:
+    """Indexes of the writes split so no (interaction, rater) repeats within a statement
+    (Postgres refuses to update a row twice in one); later posts land in later rounds."""
+    rounds: list[list[int]] = []
+    seen: dict[tuple[uuid.UUID, str], int] = {}
+    for n, w in enumerate(writes):
+        key = (w.interaction_id, w.rater_id)
+        r = seen[key] = seen.get(key, -1) + 1
+        if r == len(rounds):
+            rounds.append([])
+        rounds[r].append(n)
+    return rounds
+
+
+async def _upsert(conn: AsyncConnection, writes: list[FeedbackWrite]) -> list[Any | None]:
+    params: dict[str, list] = {c: [] for c in _FEEDBACK_COLUMNS}
+    for w in writes:
+        params["id"].append(uuid.uuid4())
+        params["interaction_id"].append(w.interaction_id)
+        params["tenant_id"].append(w.tenant_id)
+        params["owner_key"].append(w.owner_key)
+        params["rater_id"].append(_strip_nul(w.rater_id))
+        params["rating"].append(w.rating)
+        params["correction"].append(_strip_nul(w.correction))
+        params["comment"].append(_strip_nul(w.comment))
+        params["api_key_id"].append(w.api_key_id)
+    cur = conn.cursor(row_factory=namedtuple_row)
+    await cur.execute(_UPSERT_FEEDBACK, params)
+    found = {(r.interaction_id, r.rater_id): r for r in await cur.fetchall()}
+    return [found.get((w.interaction_id, _strip_nul(w.rater_id))) for w in writes]
+
+
+async def upsert_feedback_many(pool: AsyncConnectionPool, writes: list[FeedbackWrite]
+                               ) -> list[Any | BaseException | None]:
+    """Insert or replace each (interaction, rater) rating, in as few statements as the batch
+    allows. Per write: the stored row, None when the interaction is not visible to the caller,
+    or the error that write alone caused (a batch that fails on its data is retried one by one,
+    so one bad rating fails only its own request). Lost connections raise for the whole batch."""
+    out: list[Any | BaseException | None] = [None] * len(writes)
     async with pool.connection() as conn:
-        cur = conn.cursor(row_factory=namedtuple_row)
-        await cur.execute(_UPSERT_FEEDBACK, {
-            "id": uuid.uuid4(), "interaction_id": interaction_id, "tenant_id": tenant_id,
-            "owner_key": owner_key, "rater_id": _strip_nul(rater_id), "rating": rating,
-            "correction": _strip_nul(correction), "comment": _strip_nul(comment),
-            "api_key_id": api_key_id,
-        })
-        return await cur.fetchone()
+        for idx in _rounds(writes):
+            part = [writes[n] for n in idx]
+            try:
+                rows: list[Any] = await _upsert(conn, part)
+            except psycopg.OperationalError:
+                raise
+            except psycopg.Error as exc:
+                if len(part) == 1:
+                    rows = [exc]
+                else:
+                    rows = [await _upsert_alone(conn, w) for w in part]
+            for n, row in zip(idx, rows, strict=True):
+                out[n] = row
+    return out
+
+
+async def _upsert_alone(conn: AsyncConnection, write: FeedbackWrite) -> Any | BaseException | None:
+    try:
+        return (await _upsert(conn, [write]))[0]
+    except psycopg.OperationalError:
+        raise
+    except psycopg.Error as exc:
+        return exc
 
 
 def make_pool(sqlalchemy_url: str, *, size: int, timeout_s: float) -> AsyncConnectionPool:

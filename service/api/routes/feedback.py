@@ -26,7 +26,7 @@ async def post_feedback(body: FeedbackRequest, caller: Caller, state: State):
     rater = body.rater_id or f"key:{caller.key_id}"
     settings = state.settings
     verdict = await ratelimit.check_feedback(
-        state.redis, caller.tenant_id, rater, per_tenant=settings.feedback_rate_per_tenant,
+        state.rate_counter, caller.tenant_id, rater, per_tenant=settings.feedback_rate_per_tenant,
         per_rater=settings.feedback_rate_per_rater)
     if not verdict.allowed:
         who = f"rater {rater!r}" if verdict.scope == "rater" else f"tenant {caller.tenant_id!r}"
@@ -34,11 +34,10 @@ async def post_feedback(body: FeedbackRequest, caller: Caller, state: State):
                        param="rater_id" if verdict.scope == "rater" else None,
                        code=f"{verdict.scope}_rate_limited",
                        headers={"Retry-After": str(verdict.retry_after_s)})
-    row = await hotpath.upsert_feedback(
-        state.fast_pool, interaction_id=body.interaction_id, tenant_id=caller.tenant_id,
+    row = await state.feedback_writer.submit(hotpath.FeedbackWrite(
+        interaction_id=body.interaction_id, tenant_id=caller.tenant_id,
         owner_key=owner_filter(caller), rater_id=rater, rating=body.rating,
-        correction=body.correction, comment=body.comment, api_key_id=caller.key_id,
-    )
+        correction=body.correction, comment=body.comment, api_key_id=caller.key_id))
     if row is None:
         raise ApiError(404, f"interaction {body.interaction_id} not found", param="interaction_id",
                        code="interaction_not_found")
