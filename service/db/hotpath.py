@@ -9,9 +9,11 @@ bench/bench_feedback.py), so these bypass it. Everything else uses SQLAlchemy.
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import psycopg
 from psycopg import AsyncConnection
@@ -153,6 +155,23 @@ async def _upsert_alone(conn: AsyncConnection, write: FeedbackWrite) -> Any | Ba
         return exc
 
 
+# A connection back in the pool less than this long ago is handed out unchecked: under load
+# that saves a round trip per request, and after a Postgres restart (which takes longer than
+# this) every connection is idle long enough to be checked first.
+FRESH_S = 1.0
+_returned_at: WeakKeyDictionary[AsyncConnection, float] = WeakKeyDictionary()
+
+
+async def _note_return(conn: AsyncConnection) -> None:
+    _returned_at[conn] = time.monotonic()
+
+
+async def _check_unless_fresh(conn: AsyncConnection) -> None:
+    returned = _returned_at.get(conn)
+    if returned is None or time.monotonic() - returned > FRESH_S:
+        await AsyncConnectionPool.check_connection(conn)
+
+
 def make_pool(sqlalchemy_url: str, *, size: int, timeout_s: float) -> AsyncConnectionPool:
     """An autocommit psycopg pool for the same database as the SQLAlchemy URL (opened later)."""
     from sqlalchemy.engine import make_url
@@ -162,6 +181,6 @@ def make_pool(sqlalchemy_url: str, *, size: int, timeout_s: float) -> AsyncConne
     return AsyncConnectionPool(
         conninfo, min_size=min(4, size), max_size=size, timeout=timeout_s, open=False,
         kwargs={"autocommit": True, "connect_timeout": max(1, int(timeout_s))},
-        # A restarted Postgres leaves dead connections: check before handing one out.
-        check=AsyncConnectionPool.check_connection,
+        # A restarted Postgres leaves dead connections: check those that sat idle.
+        check=_check_unless_fresh, reset=_note_return,
     )
