@@ -7,14 +7,13 @@ import uuid
 
 import pytest
 from redis import Redis
-from sqlalchemy import select, text
 
 from service import exports, wakeup
 from service.config import Settings
-from service.db import repositories as repo
-from service.db.models import Adapter, AdapterVersion
+from service.db.models import AdapterVersion
 from service.db.session import session_scope
 from service.policy import PolicyStore
+from tests.integration.test_export_jobs import version_id  # noqa: F401 - a fixture
 from workers.context import WorkerContext
 from workers.pipeline import sweep
 
@@ -27,19 +26,12 @@ def queue(broker_url) -> Redis:
 
 
 @pytest.fixture()
-def export_id(db_sessions, make_alias, tenant) -> uuid.UUID:
-    alias = make_alias(tenant)
+def export_id(db_sessions, version_id) -> uuid.UUID:
+    # version_id's teardown settles the export, so no later module's sweeper finds it.
     with session_scope(db_sessions) as s:
-        adapter = s.scalars(select(Adapter).where(Adapter.tenant_id == tenant,
-                                                  Adapter.alias == alias)).one()
-        version = repo.create_version(s, adapter, artifact_path="/nowhere", sha256="0" * 64,
-                                      parent_version_id=None, run_id=None, lineage={})
-        export, _ = exports.request_export(s, s.get(AdapterVersion, version.id), fmt="gguf",
+        export, _ = exports.request_export(s, s.get(AdapterVersion, version_id), fmt="gguf",
                                            quant="q8_0", fallback=False, actor="test")
-        eid = export.id
-    yield eid
-    with session_scope(db_sessions) as s:  # leave no job for a later module's sweeper
-        s.execute(text("UPDATE exports SET status = 'error' WHERE id = :id"), {"id": eid})
+        return export.id
 
 
 def _waiting(queue: Redis) -> int:
