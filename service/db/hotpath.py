@@ -96,7 +96,7 @@ def _rounds(writes: list[FeedbackWrite]) -> list[list[int]]:
     rounds: list[list[int]] = []
     seen: dict[tuple[uuid.UUID, str], int] = {}
     for n, w in enumerate(writes):
-        key = (w.interaction_id, w.rater_id)
+        key = (w.interaction_id, _strip_nul(w.rater_id))  # as the unique index sees it
         r = seen[key] = seen.get(key, -1) + 1
         if r == len(rounds):
             rounds.append([])
