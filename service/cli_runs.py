@@ -197,3 +197,26 @@ def policies_check() -> None:
     names = sorted(p.stem for p in settings.policy_dir.glob("*.yaml"))
     console.print(f"{len(names)} policy file(s) valid in {settings.policy_dir}: {', '.join(names)}")
     console.print(f"default approval: {store.for_alias('*').approval}")
+
+
+@policies_app.command("show")
+def policies_show(
+    alias: Annotated[str, typer.Argument(help="the alias whose policy to show")],
+    tenant: Annotated[str | None, typer.Option(help="tenant, for a <tenant>--<alias>.yaml")] = None,
+) -> None:
+    """Print the policy in effect for an alias (YAML) and the files merged into it."""
+    import yaml
+
+    from service.policy import PolicyError, PolicyStore
+
+    settings = get_settings()
+    try:
+        store = PolicyStore(settings.policy_dir)
+    except PolicyError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from exc
+    sources = store.source_for(alias, tenant)
+    console.print(f"# {alias}: {' + '.join(sources) if sources else 'built-in defaults'} "
+                  f"(in {settings.policy_dir})", markup=False, highlight=False)
+    policy = store.for_alias(alias, tenant).model_dump(mode="json")
+    console.print(yaml.safe_dump(policy, sort_keys=False), markup=False, highlight=False)

@@ -260,11 +260,25 @@ class PolicyStore:
         self._cache[(alias, tenant_id)] = policy
         return policy
 
+    def source_for(self, alias: str, tenant_id: str | None = None) -> list[str]:
+        """The files that make up an alias's policy, most general first (none: built-in)."""
+        self._maybe_reload()
+        with self._lock:
+            own = self._own_file(self._raw, alias, tenant_id)
+            general = ["default.yaml"] if "default" in self._raw else []
+        return general + ([f"{own}.yaml"] if own else [])
+
+    @staticmethod
+    def _own_file(raw: dict[str, dict], alias: str, tenant_id: str | None) -> str | None:
+        for name in ([f"{tenant_id}--{alias}"] if tenant_id else []) + [alias]:
+            if name in raw and name != "default":
+                return name
+        return None
+
     def _resolve(self, alias: str, tenant_id: str | None) -> Policy:
         with self._lock:
             raw = self._raw
-            default_raw = raw.get("default", {})
-            for name in ([f"{tenant_id}--{alias}"] if tenant_id else []) + [alias]:
-                if name in raw and name != "default":
-                    return Policy.model_validate(_merge(default_raw, raw[name]))
-            return self._default
+            own = self._own_file(raw, alias, tenant_id)
+            if own is None:
+                return self._default
+            return Policy.model_validate(_merge(raw.get("default", {}), raw[own]))

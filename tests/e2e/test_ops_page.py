@@ -34,6 +34,7 @@ gate: {min_preference_accuracy: 0.0, max_nll_regression: 10.0}
 approval: manual
 watch: {window_minutes: 60, min_samples: 10, max_drop: 0.1, alpha: 0.05}
 rollback: {automatic: false}
+export: {fallback: true}
 """
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -167,6 +168,14 @@ def test_review_and_approve_a_run_from_the_page(page_stack, page, make_key, make
     expect(page.locator("#alias-detail-title")).to_contain_text(alias)
     expect(exports).to_be_visible()
     expect(exports.get_by_test_id("exports-table")).to_contain_text("No exports yet")
+    # The alias's policy, and the export form starting from its fallback choice; once the
+    # operator unticks it, refreshes leave it unticked.
+    policy_line = page.get_by_test_id("alias-policy")
+    expect(policy_line).to_contain_text("retrain after 16 new ratings")
+    expect(policy_line).to_contain_text("approval manual")
+    expect(policy_line).to_contain_text("export fallback on")
+    expect(page.get_by_test_id("export-fallback")).to_be_checked()
+    page.get_by_test_id("export-fallback").uncheck()
     expect(page.get_by_test_id("export-quant")).to_be_enabled()
     page.get_by_test_id("export-format").select_option("merged")
     expect(page.get_by_test_id("export-quant")).to_be_disabled()
@@ -176,6 +185,8 @@ def test_review_and_approve_a_run_from_the_page(page_stack, page, make_key, make
     expect(page.get_by_test_id("export-error")).to_contain_text("serves the base model")
     expect(page.get_by_test_id("export-error")).to_contain_text("HTTP 409")
     expect(page.get_by_test_id("export-row")).to_have_count(0)
+    page.wait_for_timeout(2500)  # a refresh or two, each re-reading the policy
+    expect(page.get_by_test_id("export-fallback")).not_to_be_checked()
     assert page.watched.problems and all(expected_409(p) for p in page.watched.problems), \
         page.watched.problems
     page.watched.problems.clear()

@@ -202,6 +202,23 @@ async def get_adapter(alias: AliasPath, caller: OpsCaller, state: State) -> Adap
                                     len(out)), versions=out, exports=exports)
 
 
+class PolicyOut(BaseModel):
+    alias: str
+    # The files merged into it, most general first; empty: the built-in defaults.
+    sources: list[str]
+    policy: dict[str, Any]
+
+
+@router.get("/v1/adapters/{alias}/policy", response_model=PolicyOut)
+async def adapter_policy(alias: AliasPath, caller: OpsCaller, state: State) -> PolicyOut:
+    """The policy in effect for an alias (trigger, training, gate, approval, ..., export)."""
+    async with state.sessions() as session:
+        await _adapter(session, caller.tenant_id, alias)  # 404 for another tenant's alias
+    policy = state.policies.for_alias(alias, caller.tenant_id)
+    return PolicyOut(alias=alias, sources=state.policies.source_for(alias, caller.tenant_id),
+                     policy=policy.model_dump(mode="json"))
+
+
 @router.get("/v1/adapters/{alias}/stats")
 async def adapter_stats(alias: AliasPath, caller: OpsCaller, state: State,
                         bucket_minutes: Annotated[int, Query(ge=1, le=1440)] = 5,

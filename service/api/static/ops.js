@@ -342,11 +342,26 @@
     const [range, bucket] = $("stats-range").value.split(":");
     const enc = encodeURIComponent(alias);
     const session = S.session;
-    const [detail, stats] = await Promise.all([
+    const [detail, stats, policy] = await Promise.all([
       api(`/v1/adapters/${enc}`),
-      api(`/v1/adapters/${enc}/stats?hours=${range}&bucket_minutes=${bucket}`)]);
+      api(`/v1/adapters/${enc}/stats?hours=${range}&bucket_minutes=${bucket}`),
+      api(`/v1/adapters/${enc}/policy`)]);
     if (!S.key || session !== S.session || S.alias !== alias) return;
     renderAliasDetail(detail, stats);
+    renderPolicy(policy);
+  }
+
+  // The policy files are re-read by the server when they change, so this follows edits.
+  function renderPolicy(p) {
+    const pol = p.policy;
+    const t = pol.trigger;
+    const every = t.max_interval_minutes ? ` or every ${t.max_interval_minutes} min` : "";
+    fill($("alias-policy"), [
+      "Policy ", h("code", { text: p.sources.length ? p.sources.join(" + ") : "built-in defaults" }),
+      `: retrain after ${t.min_new_ratings} new ratings${every} · approval ${pol.approval}`,
+      ` · export fallback ${pol.export.fallback ? "on" : "off"}`]);
+    // The form starts from the policy's choice until the operator changes it.
+    if (!S.fallbackTouched) $("export-fallback").checked = !!pol.export.fallback;
   }
 
   function renderAliasDetail(detail, stats) {
@@ -689,6 +704,7 @@
   }
 
   function resetExportForm() {
+    S.fallbackTouched = false;
     showExportError("");
     $("export-note").textContent = "";
     $("export-version").value = "";
@@ -1266,6 +1282,7 @@
     $("stats-range").addEventListener("change", () => { if (S.alias) loadAlias(S.alias).catch(() => {}); });
     $("export-form").addEventListener("submit", onExportSubmit);
     $("export-format").addEventListener("change", syncExportForm);
+    $("export-fallback").addEventListener("change", () => { S.fallbackTouched = true; });
     // An answer to the previous request goes stale as soon as the form changes.
     $("export-form").addEventListener("input", () => showExportError(""));
     syncExportForm();
