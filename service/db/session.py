@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, TypeVar
 
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
+
+
+T = TypeVar("T")
 
 
 def _connect_args(timeout_s: float) -> dict:
@@ -46,3 +51,11 @@ def session_scope(factory: sessionmaker) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+async def db_call(sessions: sessionmaker, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run fn(session, ...) in one transaction on a worker thread."""
+    def run() -> T:
+        with session_scope(sessions) as session:
+            return fn(session, *args, **kwargs)
+    return await asyncio.to_thread(run)

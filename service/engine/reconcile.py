@@ -35,7 +35,8 @@ from service.db.repositories import audit
 from service.db.session import make_sync_engine
 from service.engine import desired, sizing
 from service.engine.replicas import ReplicaPool
-from service.engine.swap import db_call, try_lock
+from service.db.session import db_call
+from service.engine.alias_lock import try_lock
 from service.engine.vllm_admin import AlreadyLoaded, ReplicaError, VllmAdmin
 
 log = logging.getLogger(__name__)
