@@ -183,17 +183,22 @@ def status() -> None:
         console.print(f"engine {url}: {'[green]healthy[/green]' if ok else '[red]down[/red]'}")
 
 
-@policies_app.command("check")
-def policies_check() -> None:
-    """Validate every policy file; exit 1 naming the file, field and reason of the first bad one."""
+def _policy_store(policy_dir):
+    """Every policy file loaded and validated; exit 1 naming the file, field and reason."""
     from service.policy import PolicyError, PolicyStore
 
-    settings = get_settings()
     try:
-        store = PolicyStore(settings.policy_dir)
+        return PolicyStore(policy_dir)
     except PolicyError as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(1) from exc
+
+
+@policies_app.command("check")
+def policies_check() -> None:
+    """Validate every policy file; exit 1 naming the file, field and reason of the first bad one."""
+    settings = get_settings()
+    store = _policy_store(settings.policy_dir)
     names = sorted(p.stem for p in settings.policy_dir.glob("*.yaml"))
     console.print(f"{len(names)} policy file(s) valid in {settings.policy_dir}: {', '.join(names)}")
     console.print(f"default approval: {store.for_alias('*').approval}")
@@ -207,14 +212,8 @@ def policies_show(
     """Print the policy in effect for an alias (YAML) and the files merged into it."""
     import yaml
 
-    from service.policy import PolicyError, PolicyStore
-
     settings = get_settings()
-    try:
-        store = PolicyStore(settings.policy_dir)
-    except PolicyError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from exc
+    store = _policy_store(settings.policy_dir)
     sources = store.source_for(alias, tenant)
     console.print(f"# {alias}: {' + '.join(sources) if sources else 'built-in defaults'} "
                   f"(in {settings.policy_dir})", markup=False, highlight=False)

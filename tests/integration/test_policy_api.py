@@ -75,3 +75,10 @@ def test_cli_shows_the_same_policy(cli_env, policy_dir):  # noqa: F811 - the imp
     plain = flywheel(cli_env, "policies", "show", "bot", policy_dir=str(policy_dir))
     assert "default.yaml + bot.yaml" in plain.stdout.splitlines()[0]
     assert yaml.safe_load(plain.stdout.partition("\n")[2])["approval"] == "auto"
+
+
+def test_cli_show_names_a_bad_policy_file(cli_env, tmp_path):  # noqa: F811
+    (tmp_path / "default.yaml").write_text("trigger: {min_new_ratings: -1}\n")
+    r = flywheel(cli_env, "policies", "show", "bot", policy_dir=str(tmp_path))
+    assert r.returncode == 1
+    assert "default.yaml" in r.stderr and "min_new_ratings" in r.stderr
