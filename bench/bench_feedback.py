@@ -25,6 +25,7 @@ from bench._wrk import require_wrk, run_wrk
 from service.db import repositories as repo
 from service.db.session import session_scope
 from tests.helpers.data import seed_interactions
+from tests.helpers.metrics import sample
 
 
 async def _run(concurrency: int, n: int, one) -> dict:
@@ -116,11 +117,8 @@ def _batch_sizes(api_url: str) -> float | None:
     import httpx
 
     text = httpx.get(f"{api_url}/metrics", timeout=10).text
-    got = {line.split()[0]: float(line.split()[-1]) for line in text.splitlines()
-           if line.startswith("flywheel_feedback_batch_size_")}
-    count = got.get("flywheel_feedback_batch_size_count")
-    return round(got["flywheel_feedback_batch_size_sum"] / count, 1) if count else None
-
+    count = sample(text, "flywheel_feedback_batch_size_count")
+    return round(sample(text, "flywheel_feedback_batch_size_sum") / count, 1) if count else None
 
 if __name__ == "__main__":
     main()

@@ -19,6 +19,7 @@ from service.db.session import make_sync_engine, session_scope
 from service.embedded import ensure_postgres, free_port, stop_postgres
 from service.security import display_prefix, generate_key, hash_key
 from tests.conftest import bearer
+from tests.helpers.metrics import sample
 from tests.helpers.stack import REPO, ApiProcess, flywheel_env
 
 pytestmark = [pytest.mark.faults, pytest.mark.vllm]
@@ -139,10 +140,9 @@ def test_storage_failure_still_answers_and_is_counted(client, db_url, make_key, 
 
 
 def _storage_failures(client) -> float:
-    for line in client.get("/metrics").text.splitlines():
-        if line.startswith('flywheel_storage_failures_total{kind="interaction"}'):
-            return float(line.split()[-1])
-    return 0.0
+    found = sample(client.get("/metrics").text, "flywheel_storage_failures_total",
+                   kind="interaction")
+    return found or 0.0
 
 
 def test_api_refuses_to_start_on_unmigrated_database(db_url, api_settings):

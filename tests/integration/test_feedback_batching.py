@@ -16,6 +16,7 @@ from service.db.models import Feedback
 from service.ratelimit import window_counter
 from tests.conftest import bearer
 from tests.helpers.data import seed_interactions
+from tests.helpers.metrics import sample
 from tests.helpers.stack import ApiProcess, flywheel_env
 from tests.integration.test_trigger import _key_id
 
@@ -41,11 +42,6 @@ def _write(tenant, key_id, iid, rater, rating="up", owner=None, **kw):
     return hotpath.FeedbackWrite(interaction_id=iid, tenant_id=tenant, owner_key=owner,
                                  rater_id=rater, rating=rating, correction=kw.get("correction"),
                                  comment=kw.get("comment"), api_key_id=key_id)
-
-
-def _sample(metrics: str, name: str) -> float:
-    return next(float(line.split()[-1]) for line in metrics.splitlines()
-                if line.startswith(name + " "))
 
 
 def _rows(db_sessions, ids) -> dict[tuple[uuid.UUID, str], Feedback]:
@@ -137,7 +133,7 @@ async def test_a_concurrent_burst_keeps_every_rating_and_the_limits_exact(
     assert len([k for k in rows if k[1].startswith("u")]) == 30
     # Fewer statements than accepted ratings: the burst shared them.
     metrics = httpx.get(f"{burst_api.url}/metrics").text
-    written = _sample(metrics, "flywheel_feedback_batch_size_sum")
-    statements = _sample(metrics, "flywheel_feedback_batch_size_count")
+    written = sample(metrics, "flywheel_feedback_batch_size_sum")
+    statements = sample(metrics, "flywheel_feedback_batch_size_count")
     assert written == 70 and statements < written
     assert len([k for k in rows if k[1] == "mallory"]) == 10
