@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -96,7 +96,7 @@ def _rounds(writes: list[FeedbackWrite]) -> list[list[int]]:
     rounds: list[list[int]] = []
     seen: dict[tuple[uuid.UUID, str], int] = {}
     for n, w in enumerate(writes):
-        key = (w.interaction_id, _strip_nul(w.rater_id))  # as the unique index sees it
+        key = (w.interaction_id, w.rater_id)
         r = seen[key] = seen.get(key, -1) + 1
         if r == len(rounds):
             rounds.append([])
@@ -111,15 +111,15 @@ async def _upsert(conn: AsyncConnection, writes: list[FeedbackWrite]) -> list[An
         params["interaction_id"].append(w.interaction_id)
         params["tenant_id"].append(w.tenant_id)
         params["owner_key"].append(w.owner_key)
-        params["rater_id"].append(_strip_nul(w.rater_id))
+        params["rater_id"].append(w.rater_id)
         params["rating"].append(w.rating)
-        params["correction"].append(_strip_nul(w.correction))
-        params["comment"].append(_strip_nul(w.comment))
+        params["correction"].append(w.correction)
+        params["comment"].append(w.comment)
         params["api_key_id"].append(w.api_key_id)
     cur = conn.cursor(row_factory=namedtuple_row)
     await cur.execute(_UPSERT_FEEDBACK, params)
     found = {(r.interaction_id, r.rater_id): r for r in await cur.fetchall()}
-    return [found.get((w.interaction_id, _strip_nul(w.rater_id))) for w in writes]
+    return [found.get((w.interaction_id, w.rater_id)) for w in writes]
 
 
 async def upsert_feedback_many(pool: AsyncConnectionPool, writes: list[FeedbackWrite]
@@ -128,6 +128,9 @@ async def upsert_feedback_many(pool: AsyncConnectionPool, writes: list[FeedbackW
     allows. Per write: the stored row, None when the interaction is not visible to the caller,
     or the error that write alone caused (a batch that fails on its data is retried one by one,
     so one bad rating fails only its own request). Lost connections raise for the whole batch."""
+    # Stored as Postgres can hold them, so the rounds key raters as the unique index sees them.
+    writes = [replace(w, rater_id=_strip_nul(w.rater_id), correction=_strip_nul(w.correction),
+                      comment=_strip_nul(w.comment)) for w in writes]
     out: list[Any | BaseException | None] = [None] * len(writes)
     async with pool.connection() as conn:
         for idx in _rounds(writes):
