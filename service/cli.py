@@ -24,11 +24,13 @@ app.add_typer(adapters_app, name="adapters")
 def _register_ops_commands() -> None:
     # Kept in their own modules; registered here so `flywheel --help` lists them all.
     from service.cli_exports import export, exports_delete, exports_list
+    from service.cli_models import models_app
     from service.cli_runs import policies_app, runs_app, status
     from service.cli_stack import demo, up
 
     app.add_typer(runs_app, name="runs")
     app.add_typer(policies_app, name="policies")
+    app.add_typer(models_app, name="models")
     app.command()(status)
     app.command()(up)
     app.command()(demo)
@@ -199,26 +201,24 @@ def engine(
     host: Annotated[str, typer.Option(help="Bind address (keep it private: vLLM's LoRA "
                                            "endpoints have no auth).")] = "127.0.0.1",
 ) -> None:
-    """Run a managed vLLM server on FLYWHEEL_BASE_MODEL in the foreground."""
+    """Run a managed vLLM server on the base model (FLYWHEEL_BASE_MODEL, by default SmolLM2)."""
     import time
 
     from service.engine.managed import ManagedVllm
+    from service.models.inspect import ModelError
 
     settings = get_settings()
-    if not settings.base_model:
-        err.print("[red]error:[/red] set FLYWHEEL_BASE_MODEL to a model directory "
-                  "(e.g. one made by `flywheel make-tiny-model`)")
-        raise typer.Exit(2)
-    vllm = ManagedVllm(settings.base_model, port or settings.vllm_port,
-                       served_model_name=settings.base_model_name,
-                       max_loras=settings.vllm_max_loras, max_cpu_loras=settings.vllm_max_cpu_loras,
-                       max_lora_rank=settings.vllm_max_lora_rank,
-                       max_model_len=settings.vllm_max_model_len,
-                       kv_cache_gb=settings.vllm_kv_cache_gb, host=host)
+    try:
+        vllm = ManagedVllm.from_settings(settings, port=port or settings.vllm_port, host=host,
+                                         on_step=lambda m: console.print(f"[cyan]▸[/cyan] {m}"))
+    except ModelError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
     vllm.start()
     try:
-        vllm.wait_healthy()
-        console.print(f"vLLM serving {settings.base_model} at {vllm.url} (Ctrl-C to stop)")
+        vllm.wait_healthy(timeout=300)
+        console.print(f"vLLM serving {vllm.model_dir} (context {vllm.max_model_len} tokens) at "
+                      f"{vllm.url} (Ctrl-C to stop)")
         while True:
             time.sleep(1)
     except KeyboardInterrupt:

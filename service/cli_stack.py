@@ -17,6 +17,8 @@ console = Console()
 def up(port: Annotated[int | None, typer.Option(help="API port.")] = None) -> None:
     """API + worker + beat (+ embedded Postgres/Redis and a managed vLLM when not configured),
     in the foreground; Ctrl-C stops all of it."""
+    from service.engine.managed import VllmStartError
+    from service.models.inspect import ModelError
     from service.supervisor import Stack
 
     settings = get_settings()
@@ -41,21 +43,29 @@ def up(port: Annotated[int | None, typer.Option(help="API port.")] = None) -> No
             time.sleep(1)
     except KeyboardInterrupt:
         pass
+    except (ModelError, VllmStartError, RuntimeError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
     finally:
         console.print("stopping...")
         stack.stop()
 
 
 def demo(keep: Annotated[bool, typer.Option(help="Keep the previous demo's data.")] = False) -> None:
-    """The whole loop on a fresh machine: tiny model, embedded stack, a simulated product, retrain,
-    gate, approval, hot-swap, and a summary."""
+    """The whole loop on the real default model (SmolLM2): embedded stack, a simulated product
+    whose users rate and correct, retrain, gate, approval, hot-swap, before/after side by side.
+    Exits 1 when the loop does not close or the new version is not better on held-out questions."""
     from service.demo import Demo
+    from service.engine.managed import VllmStartError
+    from service.models.inspect import ModelError
 
     runner = Demo(get_settings(), console, keep=keep)
     try:
         runner.run()
+        console.print(runner.side_by_side())
         console.print(runner.summary())
-    except RuntimeError as exc:
+        runner.verdict()
+    except (RuntimeError, ModelError, VllmStartError) as exc:
         console.print(f"[red]demo failed:[/red] {exc}")
         raise typer.Exit(1) from exc
     finally:

@@ -22,7 +22,11 @@ class Settings(BaseSettings):
     broker_url: str | None = None
     # Comma-separated list of vLLM OpenAI server base URLs (without /v1).
     vllm_urls: str | None = None
+    # Unset: the embedded default, SmolLM2-135M-Instruct from pip, prepared under model_cache_dir.
+    # Else a Hugging Face model directory, a .gguf file (converted once) or a hub id.
     base_model: str | None = None
+    # Prepared models (the default and converted GGUFs); shared by every checkout on the machine.
+    model_cache_dir: Path = Field(default_factory=lambda: Path.home() / ".cache" / "flywheel" / "models")
     # The name the engine serves the base model under (vLLM --served-model-name).
     base_model_name: str = "base"
     artifact_dir: Path | None = None
@@ -56,7 +60,9 @@ class Settings(BaseSettings):
     vllm_max_loras: int = 4
     vllm_max_cpu_loras: int = 8
     vllm_max_lora_rank: int = 16
-    vllm_max_model_len: int = 256
+    # The most context (prompt + answer, in tokens) served and trained; the model's own maximum
+    # when that is smaller. Sized to memory: KV cache and training activations grow with it.
+    vllm_max_model_len: int = Field(2048, ge=64)
     vllm_kv_cache_gb: int = 1
 
     # Engine control (service/engine: swap, rollback, reconcile; sizing rules in sizing.py)
@@ -108,6 +114,13 @@ class Settings(BaseSettings):
         if not self.vllm_urls:
             return []
         return [u.strip().rstrip("/") for u in self.vllm_urls.split(",") if u.strip()]
+
+    @property
+    def resolved_base_model(self) -> str:
+        """The base model directory (or hub id) engines and trainers load; no I/O."""
+        from service.models.resolve import resolved_path
+
+        return resolved_path(self.base_model, self.model_cache_dir)
 
     @property
     def resolved_artifact_dir(self) -> Path:

@@ -56,7 +56,9 @@ class TrainingPolicy(_Strict):
     # first steps from jolting it at the peak learning rate.
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     warmup_steps: int = Field(0, ge=0)
-    max_length: int = Field(256, ge=16)
+    # Tokens per example (prompt + answer); unset: the engine's context. Longer examples are
+    # dropped (counted in the run's dataset stats), never cut mid-answer.
+    max_length: int | None = Field(None, ge=16)
     quantization: Literal["none", "qlora"] = "none"
     checkpoint_every_steps: int = Field(20, ge=1)
     seed: int = 0

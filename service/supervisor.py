@@ -68,7 +68,12 @@ class Stack:
         return f"http://127.0.0.1:{self.api_port}"
 
     def start(self, *, on_step=lambda msg: None) -> Stack:
+        from service.models.resolve import ensure_base_model
+
         s = self.settings
+        # First: a model that cannot be served or trained stops here, before any server starts.
+        model = ensure_base_model(s, on_step)
+        model_path = model if isinstance(model, str) else str(model.path)
         db_url, broker_url = s.database_url, s.broker_url
         if not db_url or not broker_url:
             on_step("starting embedded Postgres and Redis")
@@ -79,16 +84,11 @@ class Stack:
         migrate.upgrade(db_url)
         vllm_urls = s.vllm_urls
         if not vllm_urls:
-            if not s.base_model:
-                raise RuntimeError("set FLYWHEEL_VLLM_URLS, or FLYWHEEL_BASE_MODEL for a managed vLLM")
             from service.engine.managed import ManagedVllm
 
-            on_step("starting a managed vLLM (20-40 s on CPU)")
-            self.vllm = ManagedVllm(
-                s.base_model, s.vllm_port, served_model_name=s.base_model_name,
-                max_loras=s.vllm_max_loras, max_cpu_loras=s.vllm_max_cpu_loras,
-                max_lora_rank=s.vllm_max_lora_rank, max_model_len=s.vllm_max_model_len,
-                kv_cache_gb=s.vllm_kv_cache_gb, log_path=self.log_dir / "vllm.log")
+            self.vllm = ManagedVllm.from_settings(s, model=model, log_path=self.log_dir / "vllm.log")
+            on_step(f"starting a managed vLLM on {self.vllm.model_dir.name} "
+                    f"(context {self.vllm.max_model_len} tokens; 20-60 s on CPU)")
             self.vllm.start()
             self.vllm.wait_healthy(timeout=300)
             vllm_urls = self.vllm.url
@@ -99,7 +99,7 @@ class Stack:
                 self.env[f"FLYWHEEL_{name.upper()}"] = (str(Path(value).resolve())
                                                         if isinstance(value, Path) else str(value))
         self.env.update({"FLYWHEEL_DATABASE_URL": db_url, "FLYWHEEL_BROKER_URL": broker_url,
-                         "FLYWHEEL_VLLM_URLS": vllm_urls})
+                         "FLYWHEEL_VLLM_URLS": vllm_urls, "FLYWHEEL_BASE_MODEL": model_path})
         py = sys.executable
         self.children = [
             Child("api", [py, "-m", "service.cli", "api", "--port", str(self.api_port)],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 from sqlalchemy.orm import sessionmaker
@@ -21,6 +21,25 @@ class WorkerContext:
     sessions: sessionmaker
     policies: PolicyStore
     worker_id: str
+    _model: object = field(default=None, repr=False)
+
+    def base_model(self) -> str:
+        """The base model directory (or hub id) to train on; the default is prepared once."""
+        info = self._base_model_info()
+        return info if isinstance(info, str) else str(info.path)
+
+    def context_len(self) -> int:
+        """Tokens per example the engine serves (the model's maximum, capped by the setting)."""
+        from service.models.resolve import context_len
+
+        return context_len(self.settings, self._base_model_info())
+
+    def _base_model_info(self):
+        if self._model is None:
+            from service.models.resolve import ensure_base_model
+
+            self._model = ensure_base_model(self.settings)
+        return self._model
 
 
 @lru_cache(maxsize=1)

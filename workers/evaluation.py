@@ -142,14 +142,14 @@ def evaluate_step(ctx: WorkerContext, claim: runs.Claim) -> str:
         ref_dir = ref[0] if ref else None
         tenant_id = adapter.tenant_id
     try:
-        verify_artifact(cand[1], expected_sha256=cand[2], engine_base_model=settings.base_model,
+        verify_artifact(cand[1], expected_sha256=cand[2], engine_base_model=ctx.base_model(),
                         max_lora_rank=settings.vllm_max_lora_rank)
     except ArtifactRejected as exc:
         return _reject(ctx, claim, cand[0], tenant_id, [f"artifact refused: {exc.reason}"], {}, None)
     if ref is not None:
         # The reference is loaded into this process too: never without its checksum.
         try:
-            verify_artifact(ref[0], expected_sha256=ref[1], engine_base_model=settings.base_model,
+            verify_artifact(ref[0], expected_sha256=ref[1], engine_base_model=ctx.base_model(),
                             max_lora_rank=settings.vllm_max_lora_rank)
         except ArtifactRejected as exc:
             from workers.steps import StepFailed
@@ -159,7 +159,7 @@ def evaluate_step(ctx: WorkerContext, claim: runs.Claim) -> str:
     from workers.steps import heldout_raw
 
     heldout = heldout_raw(ctx, claim.run_id)
-    metrics = offline_metrics(settings.base_model, cand[1], ref_dir, heldout)
+    metrics = offline_metrics(ctx.base_model(), cand[1], ref_dir, heldout)
     golden = None
     if policy.gate.golden:
         if not settings.vllm_url_list:

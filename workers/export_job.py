@@ -151,10 +151,12 @@ def _build(ctx: WorkerContext, export_id: uuid.UUID, job: dict[str, Any], policy
            heldout: list[dict], reporter: _Reporter) -> tuple[ExportStatus, dict[str, Any]]:
     from workers.export import Tolerance, run_export
 
-    base_model = ctx.settings.base_model
-    if not base_model:
-        return ExportStatus.error, {"failure_reason": "FLYWHEEL_BASE_MODEL is not set: nothing "
-                                                      "to merge the adapter into"}
+    from service.models.inspect import ModelError
+
+    try:
+        base_model = ctx.base_model()
+    except ModelError as exc:
+        return ExportStatus.error, {"failure_reason": f"base model: {exc}"}
     reporter.keeper.report({"stage": "verifying the adapter artifact", "fraction": 0.0,
                             "elapsed_s": 0.0, "eta_s": None})
     try:

@@ -77,7 +77,13 @@ def load_rated(session, adapter_id: uuid.UUID, lo: int, hi: int, *, good_only: b
                              created_at=r.created_at, version=r.served_model) for r in rows]
 
 
-def _training_config(policy: Policy, method: str, built):
+def example_token_limit(policy: Policy, context_len: int) -> int:
+    """Tokens per training example: the policy's max_length, never above the engine's context
+    (an example the engine cannot serve teaches nothing it will be asked)."""
+    return min(policy.training.max_length or context_len, context_len)
+
+
+def _training_config(policy: Policy, method: str, built, max_length: int | None = None):
     from workers.training import TrainingConfig
 
     t = policy.training
@@ -89,7 +95,8 @@ def _training_config(policy: Policy, method: str, built):
         dpo_sft_weight=t.dpo_sft_weight, lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_steps,
         desirable_weight=built.kto_desirable_weight,
-        undesirable_weight=built.kto_undesirable_weight, max_length=t.max_length,
+        undesirable_weight=built.kto_undesirable_weight,
+        **({"max_length": n} if (n := max_length or t.max_length) else {}),
         checkpoint_every_steps=t.checkpoint_every_steps, quantization=t.quantization, seed=t.seed,
     )
 
@@ -114,9 +121,12 @@ def train(ctx: WorkerContext, claim: runs.Claim) -> str:
     from workers.redaction import get_redactor
     from workers.training import train_adapter
 
-    base_model = ctx.settings.base_model
-    if not base_model:
-        raise StepFailed("FLYWHEEL_BASE_MODEL is not set: nothing to train on")
+    from service.models.inspect import ModelError
+
+    try:
+        base_model = ctx.base_model()
+    except ModelError as exc:
+        raise StepFailed(f"base model: {exc}") from exc
     with session_scope(ctx.sessions) as s:
         run = s.get(TrainingRun, claim.run_id)
         if run.candidate_version_id is not None:  # trained before a crash; only the move is left
@@ -145,6 +155,7 @@ def train(ctx: WorkerContext, claim: runs.Claim) -> str:
         except ArtifactRejected as exc:
             raise StepFailed(f"parent version failed verification: {exc.reason}") from exc
     tokenizer = AutoTokenizer.from_pretrained(base_model)
+    token_limit = example_token_limit(policy, ctx.context_len())
     d = policy.dataset
     raters = {item.rater_id for item in new}
     rater_cap = d.max_rater_share if len(raters) >= 2 else None
@@ -154,7 +165,7 @@ def train(ctx: WorkerContext, claim: runs.Claim) -> str:
                                   method=policy.training.method, heldout_fraction=d.heldout_fraction,
                                   replay_fraction=d.replay_fraction, max_chars=d.max_chars,
                                   max_rater_share=rater_cap, min_examples=d.min_examples,
-                                  max_tokens=policy.training.max_length,
+                                  max_tokens=token_limit,
                                   seed=policy.training.seed))
     except NotEnoughData as exc:
         with session_scope(ctx.sessions) as s:
@@ -187,7 +198,8 @@ def train(ctx: WorkerContext, claim: runs.Claim) -> str:
             result = train_adapter(
                 base_model_dir=base_model, data={"train": built.train[built.method],
                                                  "eval": built.heldout.get(built.method, [])},
-                config=_training_config(policy, built.method, built), out_dir=out_dir,
+                config=_training_config(policy, built.method, built, token_limit),
+                out_dir=out_dir,
                 work_dir=base_dir / "work", parent_adapter_dir=parent_dir, progress=lease.report,
                 lineage=lineage,
             )

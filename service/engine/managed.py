@@ -76,6 +76,21 @@ class ManagedVllm:
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
 
+    @classmethod
+    def from_settings(cls, settings, **overrides) -> "ManagedVllm":
+        """A server for the deployment's base model, prepared and checked first (ModelError if
+        it cannot be served); its context is the model's maximum capped by the setting."""
+        from service.models.resolve import context_len, ensure_base_model
+
+        model = overrides.pop("model", None) or ensure_base_model(
+            settings, overrides.pop("on_step", lambda m: None))
+        kwargs = dict(
+            served_model_name=settings.base_model_name, max_loras=settings.vllm_max_loras,
+            max_cpu_loras=settings.vllm_max_cpu_loras, max_lora_rank=settings.vllm_max_lora_rank,
+            max_model_len=context_len(settings, model), kv_cache_gb=settings.vllm_kv_cache_gb)
+        path = model if isinstance(model, str) else model.path
+        return cls(path, overrides.pop("port", settings.vllm_port), **{**kwargs, **overrides})
+
     @property
     def url(self) -> str:
         """Base URL without /v1, e.g. http://127.0.0.1:8100."""

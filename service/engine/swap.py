@@ -56,14 +56,11 @@ class SwapConfig:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SwapConfig:
-        """The config of this deployment; the base model must be configured."""
-        if not settings.base_model:
-            raise ValueError("FLYWHEEL_BASE_MODEL must name the engine's base model to verify "
-                             "adapters against")
+        """The config of this deployment (adapters are verified against its base model)."""
         if settings.drain_s <= settings.routing_cache_ttl_s:
             raise ValueError(f"FLYWHEEL_DRAIN_S ({settings.drain_s}) must exceed "
                              f"FLYWHEEL_ROUTING_CACHE_TTL_S ({settings.routing_cache_ttl_s})")
-        return cls(engine_base_model=settings.base_model,
+        return cls(engine_base_model=settings.resolved_base_model,
                    max_lora_rank=settings.vllm_max_lora_rank,
                    engine_size=sizing.EngineSize(settings.vllm_max_loras,
                                                  settings.vllm_max_cpu_loras),
