@@ -54,6 +54,7 @@ class ReplicaState:
     healthy: bool
     loaded: set[str] | None  # None: unreachable, contents unknown
     error: str | None = None
+    max_model_len: int | None = None  # the base model's context as the replica reports it
     loaded_now: list[str] = field(default_factory=list)
     unloaded_now: list[str] = field(default_factory=list)
 
@@ -75,9 +76,11 @@ class ReconcileReport:
 
 async def observe(admins: Sequence[VllmAdmin]) -> list[ReplicaState]:
     """GET /v1/models on every replica at once; a failure marks that replica unhealthy."""
-    listed = await asyncio.gather(*(a.loaded_loras() for a in admins), return_exceptions=True)
+    listed = await asyncio.gather(*(a.list_models() for a in admins), return_exceptions=True)
     return [ReplicaState(a.base_url, False, None, str(got)) if isinstance(got, BaseException)
-            else ReplicaState(a.base_url, True, set(got))
+            else ReplicaState(a.base_url, True, {m.id for m in got if m.parent is not None},
+                              max_model_len=next((m.max_model_len for m in got
+                                                  if m.parent is None), None))
             for a, got in zip(admins, listed, strict=True)]
 
 
@@ -85,7 +88,7 @@ def apply_to_pool(pool: ReplicaPool, states: Sequence[ReplicaState]) -> None:
     """Route only to replicas that answered, and only for the models they hold."""
     for s in states:
         loaded = set(s.loaded) if s.loaded is not None else None
-        pool.observe(s.url, healthy=s.healthy, loaded=loaded)
+        pool.observe(s.url, healthy=s.healthy, loaded=loaded, max_model_len=s.max_model_len)
 
 
 # --- DB steps ----------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ class Replica:
     loaded: set[str] | None = None
     down_until: float = 0.0
     last_error: str | None = field(default=None)
+    max_model_len: int | None = None  # None: not observed yet
 
     def is_up(self) -> bool:
         return self.healthy and time.monotonic() >= self.down_until
@@ -67,14 +68,22 @@ class ReplicaPool:
         replica.down_until = time.monotonic() + self.down_cooldown_s
         replica.last_error = error
 
-    def observe(self, url: str, *, healthy: bool, loaded: set[str] | None) -> None:
+    def observe(self, url: str, *, healthy: bool, loaded: set[str] | None,
+                max_model_len: int | None = None) -> None:
         """Record what the reconciler saw on a replica."""
         for r in self.replicas:
             if r.url == url:
                 r.healthy = healthy
                 r.loaded = loaded
+                if max_model_len is not None:
+                    r.max_model_len = max_model_len
                 if healthy:
                     r.down_until = 0.0
+
+    def context_len(self) -> int | None:
+        """The smallest context any replica reported (a request must fit wherever it lands)."""
+        known = [r.max_model_len for r in self.replicas if r.max_model_len]
+        return min(known) if known else None
 
     async def aclose(self) -> None:
         for r in self.replicas:

@@ -66,6 +66,7 @@ class ModelCard:
     id: str
     root: str | None
     parent: str | None
+    max_model_len: int | None = None  # the engine's context, on the base model's card
 
 
 class VllmAdmin:
@@ -109,7 +110,9 @@ class VllmAdmin:
         resp = self._ok(await self._get("list_models", "/v1/models"), "list_models")
         data = self._json(resp, "list_models")
         try:
-            return [ModelCard(id=str(m["id"]), root=m.get("root"), parent=m.get("parent"))
+            return [ModelCard(id=str(m["id"]), root=m.get("root"), parent=m.get("parent"),
+                              max_model_len=m.get("max_model_len")
+                              if isinstance(m.get("max_model_len"), int) else None)
                     for m in data["data"]]
         except (KeyError, TypeError, AttributeError) as e:
             raise self._error("list_models", resp.status_code,

@@ -165,7 +165,7 @@ async def test_health(fake: FakeVllm, admin: VllmAdmin) -> None:
 
 
 async def test_list_models_and_loaded_loras(fake: FakeVllm, admin: VllmAdmin) -> None:
-    assert await admin.list_models() == [ModelCard("base", "/models/tiny", None)]
+    assert await admin.list_models() == [ModelCard("base", "/models/tiny", None, max_model_len=256)]
     assert await admin.loaded_loras() == set()
     await admin.load_lora("v1-abc", "/artifacts/a1")
     models = await admin.list_models()

@@ -10,7 +10,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from service import gateway
+from service import context_window, gateway
 from service.api.deps import Caller, State
 from service.api.errors import ApiError, unavailable
 from service.api.schemas import ChatCompletionRequest, ModelCard, ModelList
@@ -47,13 +47,17 @@ async def chat_completions(body: ChatCompletionRequest, caller: Caller, state: S
     headers = {"X-Interaction-Id": str(iid)}
     labels = (body.model, served.model)
     retry = state.settings.retry_after_s
+    payload = body.upstream_payload()
+    try:
+        # Counted with the base model's template: an adapter never changes it.
+        await context_window.check_fits(state.pool, state.settings.base_model_name, payload)
+    except context_window.ContextTooLong as exc:
+        raise ApiError(400, exc.message(), param="messages", code="context_length_exceeded") from exc
     try:
         if body.stream:
-            upstream = await gateway.open_stream(state.pool, served.model, body.upstream_payload(),
-                                                 capture)
+            upstream = await gateway.open_stream(state.pool, served.model, payload, capture)
         else:
-            result = await gateway.complete(state.pool, served.model, body.upstream_payload(),
-                                            capture)
+            result = await gateway.complete(state.pool, served.model, payload, capture)
     except gateway.UpstreamUnavailable as exc:
         raise unavailable(f"engine unavailable: {exc.reason}", retry, "engine_unavailable") from exc
     except gateway.UpstreamRejected as exc:
