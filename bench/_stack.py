@@ -21,12 +21,26 @@ from tests.helpers.stack import TINY_MODEL_CACHE, ApiProcess, flywheel_env
 RESULTS = Path(__file__).parent / "results"
 
 
+def bench_model(name: str) -> Path:
+    """The model a benchmark runs on: "tiny" (built locally), "smollm2" (the real default, from
+    pip) or a model directory."""
+    if name == "tiny":
+        from service.tiny_model import build_tiny_model
+
+        return build_tiny_model(TINY_MODEL_CACHE)
+    from service.config import Settings
+    from service.models.resolve import ensure_base_model
+
+    return ensure_base_model(Settings(base_model=None if name == "smollm2" else name)).path
+
+
 class BenchStack(ExitStack):
     """Services for one benchmark run; everything stops on exit."""
 
     def __init__(self, *, with_vllm: bool, api_workers: int = 1,
-                 api_settings: dict[str, str] | None = None) -> None:
+                 api_settings: dict[str, str] | None = None, model: str = "tiny") -> None:
         self.api_workers = api_workers
+        self.model = model
         self.api_settings = api_settings or {}
         super().__init__()
         self.root = Path(tempfile.mkdtemp(prefix="fwbench-"))
@@ -47,10 +61,10 @@ class BenchStack(ExitStack):
                     **self.api_settings}
         if self.with_vllm:
             from service.engine.managed import ManagedVllm
-            from service.tiny_model import build_tiny_model
 
-            model = build_tiny_model(TINY_MODEL_CACHE)
-            self.vllm = ManagedVllm(model, free_port(), log_path=self.root / "vllm.log")
+            model = bench_model(self.model)
+            self.vllm = ManagedVllm(model, free_port(), log_path=self.root / "vllm.log",
+                                    max_model_len=256 if self.model == "tiny" else 2048)
             self.vllm.start()
             self.callback(self.vllm.stop)
             self.vllm.wait_healthy(300)

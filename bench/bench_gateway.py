@@ -28,9 +28,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--model", default="tiny", help="tiny, smollm2 or a model directory")
     args = parser.parse_args()
     require_wrk()
-    with BenchStack(with_vllm=True) as stack:
+    with BenchStack(with_vllm=True, model=args.model) as stack:
         key, _ = stack.key("bench")
         with session_scope(stack.sessions) as s:
             repo.ensure_adapter(s, "bench", "bot")
@@ -48,7 +49,8 @@ def main() -> None:
             gateway.append(run_wrk(stack.api.url, bodies=gw_bodies, headers=auth,
                                    seconds=args.seconds // 2, **common))
     d, g = _mean(direct), _mean(gateway)
-    result = {"concurrency": args.concurrency, "max_tokens": args.max_tokens, "direct_vllm": d,
+    result = {"model": args.model, "concurrency": args.concurrency,
+              "max_tokens": args.max_tokens, "direct_vllm": d,
               "gateway": g, "throughput_ratio": round(g["throughput_rps"] / d["throughput_rps"], 3),
               "added_p50_ms": round(g["p50_ms"] - d["p50_ms"], 2)}
     print("| | throughput (req/s) | p50 (ms) | p99 (ms) | failed |\n|---|---|---|---|---|")

@@ -31,7 +31,6 @@ if [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp" ]; then
   fi
   log "installing flywheel and its dependencies"
   "$py" -m pip install "${pip_quiet[@]}" -e "$repo[dev]" "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" >&2 || true
-  "$py" -m pip install "${pip_quiet[@]}" "gguf>=0.19" 2>&1 | grep -v "^WARNING: Location" >&2 || true
   # llama.cpp's bindings compile from source (about 15 minutes on 2 cores, once); only the
   # library is built. A failure here is not fatal: the export tests then say so.
   if ! "$py" -c "import llama_cpp" 2>/dev/null; then
@@ -59,5 +58,33 @@ if [ "${#missing[@]}" -gt 0 ] && [ "$(id -u)" = "0" ] && command -v apt-get >/de
   log "installing Debian packages: ${missing[*]}"
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}") \
     >/dev/null 2>&1 || log "could not install ${missing[*]}; the tests that need them will fail"
+fi
+# llama.cpp's converter (edge export)
+# workers/export.py writes GGUF with llama.cpp's own convert_hf_to_gguf.py, its conversion/
+# package and its vendored gguf-py, taken from the llama-cpp-python 0.3.36 source distribution
+# (the llama.cpp that quantizes and runs the GGUF). The worker fetches them the same way when
+# this folder is missing; a failure here is only logged.
+convert_dir="$HOME/.cache/flywheel/llama-convert/0.3.36"
+if [ ! -f "$convert_dir/convert_hf_to_gguf.py" ]; then
+  log "fetching llama.cpp's converter into $convert_dir"
+  if convert_tmp="$(mkdir -p "$(dirname "$convert_dir")" && mktemp -d "$(dirname "$convert_dir")/.0.3.36.tmp-XXXXXX")"; then
+    src="llama_cpp_python-0.3.36/vendor/llama.cpp"
+    if "$py" -m pip download "${pip_quiet[@]}" --no-deps --no-binary llama-cpp-python "llama-cpp-python==0.3.36" \
+         -d "$convert_tmp/sdist" >/dev/null 2>&1 \
+       && mkdir -p "$convert_tmp/tree" \
+       && tar -xzf "$convert_tmp/sdist/llama_cpp_python-0.3.36.tar.gz" -C "$convert_tmp/tree" \
+            --strip-components=3 "$src/convert_hf_to_gguf.py" "$src/gguf-py" \
+       && { ! tar -tzf "$convert_tmp/sdist/llama_cpp_python-0.3.36.tar.gz" "$src/conversion" >/dev/null 2>&1 \
+            || tar -xzf "$convert_tmp/sdist/llama_cpp_python-0.3.36.tar.gz" -C "$convert_tmp/tree" \
+                 --strip-components=3 "$src/conversion"; } \
+       && rm -rf "$convert_dir" && mv "$convert_tmp/tree" "$convert_dir"; then
+      log "llama.cpp's converter is in $convert_dir"
+    else
+      log "could not fetch llama.cpp's converter; GGUF exports will fetch it on first use"
+    fi
+    rm -rf "$convert_tmp"
+  else
+    log "could not create a folder for llama.cpp's converter; GGUF exports will fetch it on first use"
+  fi
 fi
 echo "$venv"

@@ -38,8 +38,9 @@ def prepare(
             raise ModelError("--output prepares the default model or a .gguf; "
                              f"FLYWHEEL_BASE_MODEL={settings.base_model!r} is used where it is")
         else:
-            info = prepare_default(output, downloads=settings.model_cache_dir.expanduser() /
-                                   "downloads", step=step, spec=DEFAULT_MODEL)
+            cache = settings.model_cache_dir.expanduser()
+            info = prepare_default(output, downloads=cache / "downloads", step=step,
+                                   spec=DEFAULT_MODEL, copy_from=cache / DEFAULT_MODEL.dirname)
         if isinstance(info, Path):
             from service.models.inspect import inspect_model_dir
 

@@ -51,7 +51,10 @@ def up(port: Annotated[int | None, typer.Option(help="API port.")] = None) -> No
         stack.stop()
 
 
-def demo(keep: Annotated[bool, typer.Option(help="Keep the previous demo's data.")] = False) -> None:
+def demo(keep: Annotated[bool, typer.Option(help="Keep the previous demo's data.")] = False,
+         export: Annotated[bool, typer.Option(help="Also export the promoted version as a GGUF "
+                                                   "checked against the served one (minutes).")]
+         = False) -> None:
     """The whole loop on the real default model (SmolLM2): embedded stack, a simulated product
     whose users rate and correct, retrain, gate, approval, hot-swap, before/after side by side.
     Exits 1 when the loop does not close or the new version is not better on held-out questions."""
@@ -59,12 +62,20 @@ def demo(keep: Annotated[bool, typer.Option(help="Keep the previous demo's data.
     from service.engine.managed import VllmStartError
     from service.models.inspect import ModelError
 
-    runner = Demo(get_settings(), console, keep=keep)
+    def _interrupt(*_):
+        raise KeyboardInterrupt  # so `finally` stops every server the demo started
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    runner = Demo(get_settings(), console, keep=keep, export=export)
     try:
         runner.run()
         console.print(runner.side_by_side())
         console.print(runner.summary())
+        console.print(runner.timings())
         runner.verdict()
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]; stopping what the demo started")
+        raise typer.Exit(130) from None
     except (RuntimeError, ModelError, VllmStartError) as exc:
         console.print(f"[red]demo failed:[/red] {exc}")
         raise typer.Exit(1) from exc

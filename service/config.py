@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     # when that is smaller. Sized to memory: KV cache and training activations grow with it.
     vllm_max_model_len: int = Field(2048, ge=64)
     vllm_kv_cache_gb: int = 1
+    # Compute threads of a managed CPU engine; 0: all cores but one (the API, the database and
+    # the trainer share the machine with it).
+    vllm_cpu_threads: int = Field(0, ge=0)
 
     # Engine control (service/engine: swap, rollback, reconcile; sizing rules in sizing.py)
     # How long the previous version stays loaded after a flip, so rollback needs no load.

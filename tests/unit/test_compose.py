@@ -40,9 +40,16 @@ def test_every_flywheel_command_exists_in_the_cli():
         words = [w for w in command[1:] if not w.startswith("-")]
         group = cli.commands.get(words[0])
         assert group is not None, f"{name}: `flywheel {words[0]}` does not exist"
+        path = [words[0]]
+        for word in words[1:]:  # into sub-commands (`flywheel models prepare`)
+            if word not in getattr(group, "commands", {}):
+                break
+            group = group.commands[word]
+            path.append(word)
+        assert not getattr(group, "commands", None), f"{name}: `flywheel {' '.join(path)}` needs a sub-command"
         options = {o for p in group.params for o in getattr(p, "opts", [])}
         for flag in (w for w in command[1:] if w.startswith("--")):
-            assert flag in options, f"{name}: `flywheel {words[0]}` has no option {flag}"
+            assert flag in options, f"{name}: `flywheel {' '.join(path)}` has no option {flag}"
 
 
 def test_celery_commands_point_at_the_real_app_and_queue():

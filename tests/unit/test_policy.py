@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from service.policy import PolicyError, PolicyStore
+from service.policy import Policy, PolicyError, PolicyStore
 
 
 def write(d, name, text):
@@ -80,3 +80,16 @@ def test_export_policy_names_why_a_spec_is_refused(tmp_path):
     policy = PolicyStore(tmp_path).for_alias("x")
     assert [(e.format, e.quant) for e in policy.export.on_promotion] == [("gguf", "q8_0")]
     assert policy.export.fallback is True and policy.export.tolerance.min_token_agreement == 0.95
+
+
+def test_training_examples_are_limited_by_the_engines_context_unless_the_policy_asks_less():
+    from workers.steps import example_token_limit
+
+    def policy(max_length):
+        return Policy.model_validate({"training": {"max_length": max_length}} if max_length else {})
+
+    assert example_token_limit(policy(None), 2048) == 2048
+    assert example_token_limit(policy(512), 2048) == 512
+    # A policy asking more than the engine serves is capped: such an example could never be
+    # asked of the model.
+    assert example_token_limit(policy(4096), 2048) == 2048
