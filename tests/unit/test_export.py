@@ -1,8 +1,12 @@
 """workers.export on the tiny model with a random LoRA: merged export, GGUF, Modelfile, the gate.
 
 The merged model must reproduce the served version (base + unmerged LoRA, which is what vLLM
-serves) greedily and exactly. GGUF files are checked at file level always, and through
-llama.cpp's Python bindings when llama-cpp-python is installed (those tests skip otherwise).
+serves) greedily and exactly. GGUF files are written by llama.cpp's own convert_hf_to_gguf.py
+(fetched into ~/.cache/flywheel/llama-convert by scripts/bootstrap.sh, or on first use), checked
+at file level always, and through llama.cpp's Python bindings when llama-cpp-python is installed
+(those tests skip otherwise). The tiny model's newly trained vocabulary is unknown to llama.cpp's
+pre-tokenizer table; its tokenizer.json declares GPT-2's byte-level pre-tokenization, which is
+what the export writes (see workers.export._CONVERT_SHIM) and what the gate's parity check tests.
 """
 
 from __future__ import annotations
@@ -142,12 +146,16 @@ def test_gguf_carries_hparams_tokenizer_and_lineage(ggufs, merged, tokenizer):
     assert _field(r, "llama.attention.head_count_kv") == cfg["num_key_value_heads"]
     assert _field(r, "llama.context_length") == cfg["max_position_embeddings"]
     assert _field(r, "tokenizer.ggml.model") == "gpt2"
+    assert _field(r, "tokenizer.ggml.pre") == "gpt-2"
     tokens = _field(r, "tokenizer.ggml.tokens")
     assert tokens == [tokenizer.convert_ids_to_tokens(i) for i in range(len(tokenizer))]
     assert _field(r, "tokenizer.ggml.bos_token_id") == tokenizer.bos_token_id
     assert _field(r, "tokenizer.ggml.eos_token_id") == tokenizer.eos_token_id
     assert _field(r, "tokenizer.chat_template") == tokenizer.chat_template
-    assert _field(r, "flywheel.merged.sha256") == merged.sha256
+    # Provenance travels inside the file too (the converter's --metadata override).
+    assert _field(r, "general.name") == "demo-v3" and _field(r, "general.version") == "v3"
+    description = _field(r, "general.description")
+    assert merged.sha256 in description and merged.adapter_sha256 in description
     assert ggufs["q8_0"].tensor_types == {"Q8_0": 16, "F32": 5}
 
 
@@ -158,8 +166,11 @@ def test_gguf_weights_roundtrip_within_quantization_error(ggufs, merged):
 
     hf = load_file(merged.path / "model.safetensors")
     cfg = json.loads((merged.path / "config.json").read_text())
-    want = ex._llama_permute("model.layers.0.self_attn.q_proj.weight",
-                             hf["model.layers.0.self_attn.q_proj.weight"], cfg)
+    q = hf["model.layers.0.self_attn.q_proj.weight"]
+    n_head = cfg["num_attention_heads"]
+    # llama.cpp stores q/k with the original (interleaved) rotary layout, not HF's.
+    want = (q.reshape(n_head, 2, q.shape[0] // n_head // 2, q.shape[1]).swapaxes(1, 2)
+            .reshape(q.shape))
     errors = {}
     for quant in ("f16", "q8_0", "tq2_0"):
         t = next(t for t in _reader(ggufs[quant].gguf_path).tensors
@@ -190,6 +201,94 @@ def test_gate_refuses_to_pass_without_prompts(served, merged):
 def test_unknown_quant_is_refused(merged, tmp_path):
     with pytest.raises(ValueError, match="unknown quantization"):
         ex.to_gguf(merged.path, tmp_path / "x.gguf", "q3_xx")
+
+
+# --- llama.cpp's converter ----------------------------------------------------------------------
+
+
+def test_every_quant_has_one_producer():
+    assert set(ex.CONVERTER_QUANTS) | set(ex.QUANTIZER_QUANTS) == set(ex.QUANTS)
+    assert not set(ex.CONVERTER_QUANTS) & set(ex.QUANTIZER_QUANTS)
+    assert set(ex.QUANTIZER_QUANTS) == {"q4_k_m", "q4_0", "q2_k"}
+
+
+def _fake_sdist(path: Path, *, conversion: bool = True) -> Path:
+    import io
+    import tarfile
+
+    top = f"llama_cpp_python-{ex.LLAMA_CPP_VERSION}"
+    files = {f"{top}/vendor/llama.cpp/convert_hf_to_gguf.py": b"# converter\n",
+             f"{top}/vendor/llama.cpp/gguf-py/gguf/__init__.py": b"# vendored gguf\n",
+             f"{top}/vendor/llama.cpp/convert_lora_to_gguf.py": b"# not needed\n",
+             f"{top}/vendor/llama.cpp/src/llama.cpp": b"// not needed\n",
+             f"{top}/llama_cpp/__init__.py": b"# not needed\n"}
+    if conversion:
+        files[f"{top}/vendor/llama.cpp/conversion/__init__.py"] = b"# models\n"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo(f"{top}/vendor/llama.cpp/gguf-py/evil")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    return path
+
+
+def test_extract_converter_takes_only_the_converter_gguf_py_and_conversion(tmp_path):
+    out = ex.extract_converter(_fake_sdist(tmp_path / "s.tar.gz"), tmp_path / "tree")
+    got = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if not p.is_dir())
+    assert got == ["conversion/__init__.py", "convert_hf_to_gguf.py", "gguf-py/gguf/__init__.py"]
+    # An older llama.cpp without conversion/ still extracts; one without the script does not.
+    out = ex.extract_converter(_fake_sdist(tmp_path / "old.tar.gz", conversion=False),
+                               tmp_path / "old")
+    assert not (out / "conversion").exists() and (out / "convert_hf_to_gguf.py").is_file()
+    import tarfile
+
+    with tarfile.open(tmp_path / "empty.tar.gz", "w:gz"):
+        pass
+    with pytest.raises(RuntimeError, match="no vendor/llama.cpp/convert_hf_to_gguf.py"):
+        ex.extract_converter(tmp_path / "empty.tar.gz", tmp_path / "none")
+
+
+def test_ensure_converter_fetches_once_into_place(tmp_path, monkeypatch):
+    calls = []
+
+    def download(dest: Path) -> Path:
+        calls.append(dest)
+        dest.mkdir(parents=True)
+        return _fake_sdist(dest / f"llama_cpp_python-{ex.LLAMA_CPP_VERSION}.tar.gz")
+
+    monkeypatch.setattr(ex, "_download_sdist", download)
+    root = tmp_path / "llama-convert" / ex.LLAMA_CPP_VERSION
+    root.mkdir(parents=True)
+    (root / "stale").write_text("an interrupted earlier fetch")  # no script: replaced
+    assert ex.ensure_converter(root) == root and len(calls) == 1
+    assert (root / "convert_hf_to_gguf.py").is_file() and not (root / "stale").exists()
+    assert ex.ensure_converter(root) == root and len(calls) == 1  # present: nothing fetched
+    leftovers = [p.name for p in root.parent.iterdir() if p.name != root.name]
+    assert all(name.endswith(".lock") for name in leftovers), leftovers
+
+
+def test_converter_failure_names_its_reason(merged, tmp_path):
+    # A newly trained vocabulary whose tokenizer.json does not declare plain GPT-2
+    # pre-tokenization (here: a normalizer) is refused by llama.cpp's converter, and the
+    # export says why in the converter's own words.
+    model = tmp_path / "model"
+    shutil.copytree(merged.path, model)
+    tok = json.loads((model / "tokenizer.json").read_text())
+    tok["normalizer"] = {"type": "NFC"}
+    (model / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(RuntimeError, match="BPE pre-tokenizer was not recognized") as err:
+        ex.convert_hf_to_gguf(model, tmp_path / "x.gguf", "f16")
+    assert "convert_hf_to_gguf.py failed (exit 1)" in str(err.value)
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_converter_timeout_is_an_error(merged, tmp_path):
+    with pytest.raises(RuntimeError, match=r"did not finish in 0\.5 s"):
+        ex.convert_hf_to_gguf(merged.path, tmp_path / "x.gguf", "f16", timeout_s=0.5)
+    assert not (tmp_path / "x.gguf").exists()
 
 
 # --- Ollama Modelfile -------------------------------------------------------------------------
