@@ -1,6 +1,6 @@
 """vLLM CPU serving with a LoRA version vs the base alone, same engine, same run.
 
-    python -m bench.bench_serving [--model smollm2] [--rounds 3] [--max-tokens 64]
+    python -m bench.bench_serving [--model smollm2] [--rounds 3] [--max-tokens 64] [--threads N]
 
 One managed engine (as `flywheel up` starts it) serves the base model and one LoRA loaded at
 runtime (r=16 on q,k,v,o,gate,up,down, as the demo trains; random weights: speed does not
@@ -64,13 +64,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--threads", type=int, default=0,
+                        help="engine compute threads (0: all cores but one, as flywheel up)")
+    parser.add_argument("--dtype", default="bfloat16")
     args = parser.parse_args()
     model = bench_model(args.model)
     root = Path(tempfile.mkdtemp(prefix="fwbench-serving-"))
     lora = make_lora(model, root / "lora")
-    engine = ManagedVllm(model, free_port(), log_path=root / "vllm.log", max_model_len=2048)
+    engine = ManagedVllm(model, free_port(), log_path=root / "vllm.log", max_model_len=2048,
+                         cpu_threads=args.threads or None, dtype=args.dtype)
     result = {"model": args.model, "max_tokens": args.max_tokens, "threads": engine.cpu_threads,
-              "rows": []}
+              "dtype": args.dtype, "rows": []}
     with engine:
         r = httpx.post(f"{engine.url}/v1/load_lora_adapter", timeout=120,
                        json={"lora_name": "bench-lora", "lora_path": str(lora)})

@@ -2,6 +2,8 @@
 
     /root/.cache/flywheel/venv/bin/python -m bench.bench_training        # < 1 min on 2 idle cores
     /root/.cache/flywheel/venv/bin/python -m bench.bench_training --steps 60 --repeats 5
+    /root/.cache/flywheel/venv/bin/python -m bench.bench_training --model smollm2 --variants 0 1 \
+        --steps 10 --repeats 2 --isolate      # the real default model; peak RSS per variant
 
 Every variant trains the same LoRA (r=8, q_proj/v_proj) on the same tiny model and the same
 records, for the same number of optimizer steps at the same per-device batch size, in fp32, with
@@ -10,7 +12,9 @@ by hand: tokenize prompt+completion, mask the prompt, pad per batch (DataCollato
 `Trainer` + `get_peft_model`. Throughput is non-padding input tokens per second of `train()`
 (model loading, tokenization and artifact writing excluded; they are reported as wall time),
 per wall second and per CPU second of this process. Runs are interleaved and repeated, and the
-median is kept; on a shared machine the CPU-second figures are the steadier ones.
+median is kept; on a shared machine the CPU-second figures are the steadier ones. With
+--isolate every run is a fresh process, and its peak resident memory (ru_maxrss: imports, model,
+optimizer, activations) is reported per variant.
 
 Prints a markdown table and writes bench/results/training-<utc time>.json.
 """
@@ -143,22 +147,40 @@ VARIANTS = {
 BASELINE = next(iter(VARIANTS))
 
 
-def bench(model_dir: Path, *, steps: int, batch_size: int, examples: int, repeats: int) -> dict[str, Any]:
+def _run_isolated(name: str, model_dir: Path, records: list[dict], kw: dict) -> dict[str, Any]:
+    """One variant in this (fresh) process, with the process's peak resident memory."""
+    import resource
+
+    out = VARIANTS[name](model_dir, records, **kw)
+    return {**out, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def bench(model_dir: Path, *, steps: int, batch_size: int, examples: int, repeats: int,
+          variants: list[str] | None = None, isolate: bool = False) -> dict[str, Any]:
     """Run every variant `repeats` times, interleaved; return per-variant medians and raw runs."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     from transformers import AutoTokenizer
 
+    names = variants or list(VARIANTS)
     records = make_records(AutoTokenizer.from_pretrained(model_dir), examples)
-    runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+    runs: dict[str, list[dict]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory(prefix="bench-training-") as tmp:
         for r in range(repeats):
-            for i, (name, fn) in enumerate(VARIANTS.items()):
-                work = Path(tmp) / f"{r}-{i}"
-                runs[name].append(fn(model_dir, records, steps=steps, batch_size=batch_size, work=work))
+            for i, name in enumerate(names):
+                kw = {"steps": steps, "batch_size": batch_size, "work": Path(tmp) / f"{r}-{i}"}
+                if not isolate:
+                    runs[name].append(VARIANTS[name](model_dir, records, **kw))
+                    continue
+                with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                    runs[name].append(pool.submit(_run_isolated, name, model_dir, records, kw).result())
     def med(xs: list[dict], f) -> float:
         return statistics.median(f(x) for x in xs)
 
-    base_tps = med(runs[BASELINE], lambda x: x["tokens_per_s"])
-    base_cpu = med(runs[BASELINE], lambda x: x["tokens"] / x["cpu_s"])
+    base = BASELINE if BASELINE in runs else names[0]
+    base_tps = med(runs[base], lambda x: x["tokens_per_s"])
+    base_cpu = med(runs[base], lambda x: x["tokens"] / x["cpu_s"])
     summary = {}
     for name, xs in runs.items():
         tps, cpu_tps = med(xs, lambda x: x["tokens_per_s"]), med(xs, lambda x: x["tokens"] / x["cpu_s"])
@@ -170,17 +192,19 @@ def bench(model_dir: Path, *, steps: int, batch_size: int, examples: int, repeat
             "wall_s": med(xs, lambda x: x["wall_s"]),
             "ratio_vs_baseline": tps / base_tps,
             "cpu_ratio_vs_baseline": cpu_tps / base_cpu,
+            **({"peak_rss_mb": med(xs, lambda x: x["peak_rss_mb"])} if isolate else {}),
         }
     return {"summary": summary, "runs": runs}
 
 
 def markdown(summary: dict[str, dict]) -> str:
-    lines = ["| variant | tokens/s | tokens/CPU-s | steps/s | tokens/step | wall s | ratio | CPU ratio |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| variant | tokens/s | tokens/CPU-s | steps/s | tokens/step | wall s | ratio | CPU ratio | peak RSS MB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, s in summary.items():
+        rss = f"{s['peak_rss_mb']:.0f}" if "peak_rss_mb" in s else "-"
         lines.append(f"| {name} | {s['tokens_per_s']:.0f} | {s['tokens_per_cpu_s']:.0f} | {s['steps_per_s']:.2f} "
                      f"| {s['tokens_per_step']:.0f} | {s['wall_s']:.1f} | {s['ratio_vs_baseline']:.2f} "
-                     f"| {s['cpu_ratio_vs_baseline']:.2f} |")
+                     f"| {s['cpu_ratio_vs_baseline']:.2f} | {rss} |")
     return "\n".join(lines)
 
 
@@ -188,17 +212,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR,
                         help="tiny model dir (built if missing)")
+    parser.add_argument("--model", default="tiny",
+                        help="tiny (built in --model-dir), smollm2 (the default, from pip) or a dir")
+    parser.add_argument("--variants", type=int, nargs="+",
+                        help=f"indexes into: {', '.join(f'{i}={n}' for i, n in enumerate(VARIANTS))}")
+    parser.add_argument("--isolate", action="store_true",
+                        help="each run in a fresh process, with its peak RSS")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--examples", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     ns = parser.parse_args()
-    model_dir = build_tiny_model(ns.model_dir)
+    if ns.model == "tiny":
+        model_dir = build_tiny_model(ns.model_dir)
+    else:
+        from bench._stack import bench_model
+
+        model_dir = bench_model(ns.model)
     started = datetime.now(UTC)
-    out = bench(model_dir, steps=ns.steps, batch_size=ns.batch_size, examples=ns.examples, repeats=ns.repeats)
+    names = [list(VARIANTS)[i] for i in ns.variants] if ns.variants else None
+    out = bench(model_dir, steps=ns.steps, batch_size=ns.batch_size, examples=ns.examples,
+                repeats=ns.repeats, variants=names, isolate=ns.isolate)
     table = markdown(out["summary"])
     print(f"\nSFT training throughput: {ns.steps} steps x batch {ns.batch_size}, {ns.examples} records, "
-          f"tiny model, fp32, median of {ns.repeats}\n")
+          f"{ns.model} model, fp32, median of {ns.repeats}\n")
     print(table)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"training-{started.strftime('%Y%m%dT%H%M%SZ')}.json"

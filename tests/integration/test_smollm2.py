@@ -24,7 +24,8 @@ from workers.evaluation import offline_metrics
 from workers.gate import check_golden_output, decide
 from workers.training import TrainingConfig, train_adapter
 
-pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+# Training two adapters on a real model takes minutes on 2 cores (the module's first test pays).
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],
@@ -93,8 +94,8 @@ def adapters(smollm2, tmp_path_factory):
                                                         prompt=prompt)})
         return out
 
-    config = TrainingConfig(method="sft", max_steps=24, per_device_batch_size=8,
-                            learning_rate=3e-4, lora_r=16, lora_alpha=32,
+    config = TrainingConfig(method="sft", max_steps=16, per_device_batch_size=8,
+                            learning_rate=5e-4, lora_r=16, lora_alpha=32,
                             target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                             "up_proj", "down_proj"),
                             checkpoint_every_steps=100, max_length=1024)
@@ -104,7 +105,7 @@ def adapters(smollm2, tmp_path_factory):
                          ("inverted", lambda m: _generic(m, rng))):
         result = train_adapter(base_model_dir=str(smollm2), data={"train": records(answer)},
                                config=config, out_dir=root / name, work_dir=root / f"{name}-work")
-        assert result.metrics["steps"] == 24
+        assert result.metrics["steps"] == 16
         out[name] = result.artifact_dir
     return out
 
