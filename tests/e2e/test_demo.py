@@ -17,13 +17,20 @@ from service.demo import Demo, DemoFailed, DemoReport
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 
+# A round on the real model takes about ten minutes on 2 cores (BENCHMARKS §7).
+@pytest.mark.timeout(1800)
 def test_demo_completes_the_loop_on_smollm2_and_improves_held_out_answers(tmp_path, smollm2):
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
     env.update(FLYWHEEL_DATA_DIR=str(tmp_path / "data"), COLUMNS="160")
-    r = subprocess.run([sys.executable, "-m", "service.cli", "demo"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=1800)
-    out = r.stdout + r.stderr
-    assert r.returncode == 0, out[-4000:]
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "demo"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=1650)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # the demo stops every server it started on SIGTERM
+        out, _ = proc.communicate(timeout=90)
+        pytest.fail(f"the demo did not finish in 1650 s:\n{out[-4000:]}")
+    assert proc.returncode == 0, out[-4000:]
     for step in ("starting embedded Postgres and Redis",
                  f"starting a managed vLLM on {smollm2.name} (context 2048 tokens",
                  "threshold crossed", "gate passed", "ops approve",
