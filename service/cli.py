@@ -209,7 +209,9 @@ def engine(
 
     settings = get_settings()
     try:
+        # die_with_parent: a killed `flywheel engine` must not leave its server behind.
         vllm = ManagedVllm.from_settings(settings, port=port or settings.vllm_port, host=host,
+                                         die_with_parent=True,
                                          on_step=lambda m: console.print(f"[cyan]▸[/cyan] {m}"))
     except ModelError as exc:
         err.print(f"[red]error:[/red] {exc}")
