@@ -61,7 +61,7 @@ async def count_prompt_tokens(pool: ReplicaPool, model: str, payload: dict[str, 
     for key in ("tools", "chat_template_kwargs", "chat_template"):
         if payload.get(key) is not None:
             body[key] = payload[key]
-    for replica in pool.candidates(model):
+    for replica in pool.up():
         try:
             r = await replica.client.post("/tokenize", json=body)
         except httpx.HTTPError:

@@ -64,6 +64,11 @@ class ReplicaPool:
         start = next(self._rr) % len(able)
         return able[start:] + able[:start]
 
+    def up(self) -> list[Replica]:
+        """Replicas not known to be down, in configured order; unlike candidates() this does not
+        advance the round robin (a side call must not skew which replica serves requests)."""
+        return [r for r in self.replicas if r.is_up()]
+
     def mark_down(self, replica: Replica, error: str) -> None:
         replica.down_until = time.monotonic() + self.down_cooldown_s
         replica.last_error = error
