@@ -34,7 +34,8 @@ def prepare(
             info = ensure_base_model(settings, step)
         elif settings.base_model and settings.base_model.lower().endswith(".gguf"):
             info = prepare_gguf(Path(settings.base_model), output, step=step)
-        elif settings.base_model:
+        elif settings.base_model and Path(settings.base_model).resolve() != output.resolve():
+            # Compose sets FLYWHEEL_BASE_MODEL=/models/base and fills that very path.
             raise ModelError("--output prepares the default model or a .gguf; "
                              f"FLYWHEEL_BASE_MODEL={settings.base_model!r} is used where it is")
         else:

