@@ -65,3 +65,14 @@ def test_a_model_that_cannot_be_served_stops_every_entry_point_before_it_starts(
 def test_a_missing_gguf_is_named(tmp_path):
     r = _flywheel(["models", "prepare"], tmp_path, base_model=str(tmp_path / "nope.gguf"))
     assert r.returncode == 2 and "does not exist" in r.stdout + r.stderr
+
+
+def test_models_prepare_output_fills_the_path_the_base_model_setting_names(smollm2, tmp_path):
+    # As compose runs it: FLYWHEEL_BASE_MODEL=/models/base and --output /models/base.
+    out = tmp_path / "models" / "base"
+    r = _flywheel(["models", "prepare", "--output", str(out)], tmp_path, base_model=str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (out / PROVENANCE_FILE).is_file()
+    other = _flywheel(["models", "prepare", "--output", str(tmp_path / "elsewhere")], tmp_path,
+                      base_model=str(out))
+    assert other.returncode == 2 and "is used where it is" in other.stdout + other.stderr
