@@ -30,8 +30,11 @@ def _ms(text: str) -> float:
 
 
 def run_wrk(url: str, *, bodies: list[dict], path: str, headers: dict[str, str],
-            connections: int, seconds: int) -> dict:
-    """POST the bodies round-robin at `connections` concurrency for `seconds`; wrk's figures."""
+            connections: int, seconds: int, timeout_s: int = 120) -> dict:
+    """POST the bodies round-robin at `connections` concurrency for `seconds`; wrk's figures.
+
+    wrk's own request timeout is 2 s, shorter than a real model's answer on CPU: a timed-out
+    request counts as a socket error and is left out of the latency figures."""
     lua = "bodies = {%s}\nheaders = %s\ni = 0\nrequest = function()\n  i = i + 1\n" \
           "  return wrk.format('POST', '%s', headers, bodies[(i %% #bodies) + 1])\nend\n" \
           "done = function(summary, latency, requests)\n" \
@@ -43,7 +46,7 @@ def run_wrk(url: str, *, bodies: list[dict], path: str, headers: dict[str, str],
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(lua % (body_list, header_tbl, path))
     out = subprocess.run([require_wrk(), "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
-                          "-s", f.name, url], capture_output=True, text=True, check=True).stdout
+                          f"--timeout={timeout_s}s", "-s", f.name, url], capture_output=True, text=True, check=True).stdout
     Path(f.name).unlink()
     if "Requests/sec" not in out or "50%" not in out:
         raise RuntimeError(f"wrk printed no figures:\n{out}")

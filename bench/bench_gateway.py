@@ -49,6 +49,9 @@ def main() -> None:
             gateway.append(run_wrk(stack.api.url, bodies=gw_bodies, headers=auth,
                                    seconds=args.seconds // 2, **common))
     d, g = _mean(direct), _mean(gateway)
+    if not d["throughput_rps"] or not g["throughput_rps"]:
+        raise SystemExit(f"no request completed (direct {d}, gateway {g}): raise --seconds or "
+                         "lower --concurrency for this model")
     result = {"model": args.model, "concurrency": args.concurrency,
               "max_tokens": args.max_tokens, "direct_vllm": d,
               "gateway": g, "throughput_ratio": round(g["throughput_rps"] / d["throughput_rps"], 3),

@@ -1,122 +1,28 @@
-"""A simulated product, shared by `flywheel demo` and the learning benchmark (bench/sim_product.py).
+"""The simulated product's stack and client, shared by `flywheel demo` and the learning
+benchmark (bench/learning).
 
-A support bot answers "My <product> <issue>." questions. Its users want "I am sorry that your
-<product> <issue>. We will send you a new <product> today." That preference is the hidden rater
-below: it lives in this module only, the training code (workers/) never imports it and sees
-nothing but what the product posts through the public API (a rating, sometimes a correction).
-
-The pieces:
-
-- the task distribution: (product, issue) combinations phrased by question templates; a fixed
-  fifth of the combinations is held out, so held-out questions are never asked by the users the
-  loop learns from;
-- `HiddenRater`: thumbs-up when the answer offers a new product, else thumbs-down, with the
-  wanted answer as a correction some of the time;
-- `SimulatedStack`: the tiny base model plus the real stack (`service.supervisor.Stack`: embedded
+- `SimulatedStack`: a base model plus the real stack (`service.supervisor.Stack`: embedded
   Postgres and Redis, a managed vLLM, the API, a Celery worker and beat) under one directory,
   with a product and an ops key;
-- `ProductClient`: chats through the gateway, posts feedback, measures the thumbs-up rate on
-  held-out questions (without posting it: held-out ratings must never become training data),
-  and follows runs through the runs API.
+- `ProductClient`: chats through the gateway, posts feedback and follows runs through the runs
+  API, as a product and its ops would.
+
+What the users want lives in a task (service/tasks/), which the worker never imports.
 """
 
 from __future__ import annotations
 
-import random
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 from service.config import Settings
 
-PRODUCTS = ["order", "account", "subscription", "invoice", "password", "delivery", "refund"]
-ISSUES = ["is late", "is missing", "was charged twice", "does not work", "is locked", "was cancelled"]
 ALIAS = "support-bot"
 TENANT = "demo"
-
-# The tiny model was pretrained on "My <product> <issue>." dialogues only (service/tiny_model.py).
-DEMO_TEMPLATES = ("My {product} {issue}.",)
-# The benchmark's users phrase the same requests several ways: more distinct training examples
-# per round, and held-out questions that test the rule rather than one sentence.
-BENCH_TEMPLATES = (
-    "My {product} {issue}.",
-    "Hello, my {product} {issue}.",
-    "Please help, my {product} {issue}.",
-    "My {product} {issue}. Can you help me?",
-    "Hi, my {product} {issue}.",
-)
-
-# The golden suite every simulated policy gates with: a support answer still names the product,
-# and the small talk the base model learned still works (a degenerate adapter fails both).
-GOLDEN_YAML = """\
-  golden:                    # generated through vLLM with the candidate loaded
-    - {prompt: "My order is late.", must_contain: ["I am sorry", "order"], max_tokens: 24}
-    - {prompt: "Hello, I am Alice.", must_contain: ["Hello", "help"], max_tokens: 16}
-"""
-
-
-@dataclass(frozen=True)
-class Question:
-    product: str
-    issue: str
-    text: str
-
-
-def wanted(product: str, issue: str) -> str:
-    """The answer the simulated users want."""
-    return f"I am sorry that your {product} {issue}. We will send you a new {product} today."
-
-
-class HiddenRater:
-    """The users' hidden rule: up for offering a new product, else down, sometimes corrected."""
-
-    def __init__(self, *, correction_rate: float = 0.8, seed: int = 0) -> None:
-        self.correction_rate = correction_rate
-        self.rng = random.Random(seed)
-
-    @staticmethod
-    def likes(question: Question, answer: str) -> bool:
-        return f"new {question.product}" in answer.lower()
-
-    def __call__(self, question: Question, answer: str) -> dict:
-        """The feedback body (without interaction and rater ids) a user posts for this answer."""
-        if self.likes(question, answer):
-            return {"rating": "up"}
-        body = {"rating": "down"}
-        if self.rng.random() < self.correction_rate:
-            body["correction"] = wanted(question.product, question.issue)
-        return body
-
-
-def combos(*, heldout: bool) -> list[tuple[str, str]]:
-    """The (product, issue) pairs of one side of the split; every product appears on both."""
-    every = [(p, i) for p in PRODUCTS for i in ISSUES]
-    return [c for k, c in enumerate(every) if (k % 5 == 0) == heldout]
-
-
-def questions(seed: int, n: int, *, heldout: bool,
-              templates: Sequence[str] = DEMO_TEMPLATES) -> list[Question]:
-    """n questions drawn from one side of the split (held-out combinations training never sees)."""
-    rng = random.Random(seed)
-    pool = combos(heldout=heldout)
-    out = []
-    for _ in range(n):
-        product, issue = rng.choice(pool)
-        template = rng.choice(list(templates))
-        out.append(Question(product, issue, template.format(product=product, issue=issue)))
-    return out
-
-
-def heldout_questions(templates: Sequence[str] = DEMO_TEMPLATES, n: int | None = None,
-                      seed: int = 99) -> list[Question]:
-    """The held-out evaluation set: every held-out combination in every template (or n drawn)."""
-    if n is not None:
-        return questions(seed, n, heldout=True, templates=templates)
-    return [Question(p, i, t.format(product=p, issue=i))
-            for p, i in combos(heldout=True) for t in templates]
 
 
 # --- the stack ---------------------------------------------------------------------------------
@@ -124,7 +30,7 @@ def heldout_questions(templates: Sequence[str] = DEMO_TEMPLATES, n: int | None =
 
 @dataclass
 class SimulatedStack:
-    """The tiny base model + the real stack under `root`, with the simulated tenant's keys."""
+    """A base model + the real stack under `root`, with the simulated tenant's keys."""
 
     root: Path
     settings: Settings
@@ -212,22 +118,6 @@ class SimulatedStack:
 # --- the product ---------------------------------------------------------------------------------
 
 
-@dataclass
-class Measurement:
-    """Thumbs-up rate of the alias on held-out questions, as the hidden rater sees it."""
-
-    rate: float
-    ups: int
-    n: int
-    served: dict[str, int]  # served model -> answers
-    examples: list[tuple[str, str]] = field(default_factory=list)  # (question, answer)
-    seconds: float = 0.0
-
-    def as_dict(self) -> dict:
-        return {"thumbs_up_rate": self.rate, "ups": self.ups, "n": self.n, "served": self.served,
-                "examples": [list(e) for e in self.examples[:5]], "seconds": round(self.seconds, 2)}
-
-
 class RunFailed(RuntimeError):
     """A run ended failed, or did not reach the awaited state in time."""
 
@@ -271,37 +161,6 @@ class ProductClient:
         r = self.api.post("/v1/feedback", headers=self.product,
                           json={"interaction_id": interaction_id, "rater_id": rater_id, **body})
         r.raise_for_status()
-
-    def play_users(self, asked: Iterable[Question], rater: HiddenRater, *,
-                   n_raters: int = 7) -> dict:
-        """Users ask, read the answer, and rate it; returns counts of what they posted."""
-        counts = {"chats": 0, "up": 0, "down": 0, "corrections": 0}
-        for n, q in enumerate(asked):
-            answer, iid = self.chat(q.text)
-            body = rater(q, answer)
-            self.feedback(iid, body, f"user{n % n_raters}")
-            counts["chats"] += 1
-            counts[body["rating"]] += 1
-            counts["corrections"] += "correction" in body
-        return counts
-
-    def measure(self, held: Sequence[Question], *, check_served: bool = True) -> Measurement:
-        """Ask the held-out questions and score the answers with the hidden rule, posting nothing.
-
-        Posting these ratings would feed held-out questions into the next training set (and
-        move the trigger); the users' own traffic is what the watch window judges.
-        """
-        t = time.monotonic()
-        ups, served, examples = 0, {}, []
-        for q in held:
-            answer, iid = self.chat(q.text)
-            ups += HiddenRater.likes(q, answer)
-            examples.append((q.text, answer))
-            if check_served:
-                name = self.served_model(iid)
-                served[name] = served.get(name, 0) + 1
-        return Measurement(rate=ups / len(held), ups=ups, n=len(held), served=served,
-                           examples=examples, seconds=time.monotonic() - t)
 
     def wait_serving(self, lora_name: str, timeout: float = 30) -> None:
         """Until the gateway routes the alias to `lora_name` (its routing cache has a TTL)."""

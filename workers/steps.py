@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from pathlib import Path
 
@@ -127,6 +128,7 @@ def train(ctx: WorkerContext, claim: runs.Claim) -> str:
         base_model = ctx.base_model()
     except ModelError as exc:
         raise StepFailed(f"base model: {exc}") from exc
+    started = time.monotonic()  # the dataset's share of the training state, for the run's stats
     with session_scope(ctx.sessions) as s:
         run = s.get(TrainingRun, claim.run_id)
         if run.candidate_version_id is not None:  # trained before a crash; only the move is left
@@ -181,6 +183,7 @@ def train(ctx: WorkerContext, claim: runs.Claim) -> str:
                    "stats": runs._json({**built.stats, "snapshot_sha256": built.snapshot.sha256,
                                         "heldout_ids": len(built.snapshot.heldout_ids),
                                         "raters": len(raters), "rater_cap": rater_cap,
+                                        "build_seconds": round(time.monotonic() - started, 3),
                                         "warnings": list(built.warnings)})})
 
     lineage = {"run_id": str(claim.run_id), "parent": parent_info, "base_model": base_model,

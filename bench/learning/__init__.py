@@ -1,0 +1,1 @@
+"""The learning benchmark: `python -m bench.learning --help`."""

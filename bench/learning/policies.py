@@ -1,0 +1,75 @@
+"""The policies the benchmark's product runs under, per base model, and the oracle's override.
+
+Picked on the tasks' dev split, never on test. SmolLM2's is the demo's (service/demo.py: SFT on
+the corrections, 10 epochs at 3e-4, LoRA r=16 on every linear projection) with automatic
+approval, so that the gate is the only judge, and a trigger at each round's ratings. The tiny
+model's continues the serving adapter for 150 steps at 1e-3 on every linear projection: on the
+house-style task's dev split (one seed, two rounds) that reached 71% after round 1, where the
+attention projections alone reached 0% (at 1e-3 or 2e-3) and 100 steps 50%. It has no golden
+case, since the tiny model knows no facts.
+"""
+
+from __future__ import annotations
+
+import yaml
+
+SMOLLM2 = """# Written by bench.learning (SmolLM2-135M-Instruct).
+trigger: {{min_new_ratings: {per_round}}}
+training:
+  method: sft
+  start_from: base
+  learning_rate: 3.0e-4
+  epochs: 10
+  batch_size: 8
+  checkpoint_every_steps: 10
+  lora: {{r: 16, alpha: 32, target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]}}
+dataset: {{heldout_fraction: 0.2, replay_fraction: 0.5, min_examples: 8}}
+gate:
+  min_preference_accuracy: 0.6
+  max_nll_regression: 0.05
+  golden:
+    - {{prompt: "What is the capital of France?", must_contain: ["Paris"], max_tokens: 48}}
+approval: auto
+watch: {{window_minutes: 30, min_samples: 20, max_drop: 0.2, alpha: 0.05}}
+"""
+
+TINY = """# Written by bench.learning (the tiny test model).
+trigger: {{min_new_ratings: {per_round}}}
+training:
+  method: sft
+  start_from: serving
+  learning_rate: 1.0e-3
+  max_steps: 150
+  batch_size: 8
+  checkpoint_every_steps: 50
+  lora: {{r: 8, alpha: 16, target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]}}
+dataset: {{heldout_fraction: 0.2, replay_fraction: 0.2, min_examples: 4}}
+gate:
+  min_preference_accuracy: 0.5
+  max_nll_regression: 0.05
+approval: auto
+watch: {{window_minutes: 30, min_samples: 20, max_drop: 0.2, alpha: 0.05}}
+"""
+
+# The oracle is a ceiling, not a product: trained once from the base on the wanted answers to
+# every train prompt of the seed, with the same recipe, and served whatever the gate would say.
+# A recipe with a fixed step count gets the steps of all rounds together (epochs scale by
+# themselves with the larger dataset).
+ORACLE = """# Written by bench.learning: the oracle alias (a ceiling; no gate).
+trigger: {{min_new_ratings: {n}}}
+training: {{start_from: base{steps}}}
+gate: {{min_preference_accuracy: 0.0, max_nll_regression: 1000, max_nll_regression_abs: 1000, golden: []}}
+approval: auto
+"""
+
+
+def for_model(model: str, per_round: int) -> str:
+    """The default policy text for `model` ("tiny" or anything else: SmolLM2's)."""
+    return (TINY if model == "tiny" else SMOLLM2).format(per_round=per_round)
+
+
+def oracle(n: int, rounds: int, loop_policy: str) -> str:
+    """The oracle alias's policy over `loop_policy`: n ratings trigger it, and a fixed step
+    budget is multiplied by the rounds the loop trains."""
+    steps = ((yaml.safe_load(loop_policy) or {}).get("training") or {}).get("max_steps")
+    return ORACLE.format(n=n, steps=f", max_steps: {int(steps) * rounds}" if steps else "")
