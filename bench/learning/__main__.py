@@ -66,7 +66,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--task", action="append", required=True,
                     help="a task module name (support_desk, json_reply) or a .py file; repeatable")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--seeds", type=int, default=3, help="seeds 0..S-1")
+    ap.add_argument("--seeds", type=int, default=3, help="how many seeds")
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds run from this one up")
     ap.add_argument("--model", default="smollm2", help="smollm2 (default), tiny, or a model directory")
     ap.add_argument("--arms", nargs="+", choices=["clean", "poisoned"], default=["clean"])
     ap.add_argument("--random-raters", type=float, default=0.25,
@@ -88,8 +89,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--keep", action="store_true", help="keep the data dir")
     ap.add_argument("--out", type=Path, help="JSON result path")
     args = ap.parse_args(argv)
-    if args.rounds < 1 or args.seeds < 1 or args.test_n < 1 or args.icl_k < 0:
-        ap.error("--rounds, --seeds and --test-n must be at least 1, --icl-k at least 0")
+    if args.rounds < 1 or args.seeds < 1 or args.test_n < 1 or args.icl_k < 0 or args.first_seed < 0:
+        ap.error("--rounds, --seeds and --test-n must be at least 1, --icl-k and --first-seed "
+                 "at least 0")
     if not (0 <= args.random_raters and 0 <= args.inverted_raters
             and args.random_raters + args.inverted_raters <= 1):
         ap.error("--random-raters and --inverted-raters must be shares summing to at most 1")
@@ -104,11 +106,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def prepare_stack(args, root: Path, policy: str) -> SimulatedStack:
-    # Every alias that gets versions holds up to 3 LoRAs in the engine (live, warm previous,
-    # staged): one per arm and one oracle per task and seed.
+    # Every alias that gets versions (one per arm, one oracle, per task and seed) is served at
+    # once and holds up to 3 LoRAs in the engine (live, warm previous, staged).
     trained = len(args.tasks) * args.seeds * (len(args.arms) + (not args.no_oracle))
     base = Settings()
-    base = base.model_copy(update={"vllm_max_cpu_loras": max(base.vllm_max_cpu_loras, 3 * trained)})
+    base = base.model_copy(update={
+        "vllm_max_loras": max(base.vllm_max_loras, trained),
+        "vllm_max_cpu_loras": max(base.vllm_max_cpu_loras, 3 * trained)})
     if args.model == "tiny":
         return SimulatedStack.prepare(root, base, policy_yaml=policy, embedded=True,
                                       pretrain_steps=TINY_PRETRAIN_STEPS,
@@ -201,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                              random_share=args.random_raters, inverted_share=args.inverted_raters,
                              oracle=not args.no_oracle, policy=policy,
                              round_timeout=args.round_timeout, log=log)
-                for seed in range(args.seeds):
+                for seed in range(args.first_seed, args.first_seed + args.seeds):
                     runs += SeedRun(sim, api, cfg, seed, args.arms, scorer_factory).play()
                     write(out, argv, started, args, policy, sim, runs, t0, complete=False)
         ok = True

@@ -171,10 +171,12 @@ class SeedRun:
             client.feedback(iid, {"rating": "down", "correction": self.task.wanted(c)},
                             f"user{n % raters.RATERS}")
         run = client.wait_new_run(known, timeout=120, alive=self.alive)
-        run = client.wait_state(run["id"], {"live", "canary", "rejected"},
+        run = client.wait_state(run["id"], {"live", "canary", "rejected", "failed"},
                                 timeout=self.cfg.round_timeout, alive=self.alive, interval=1)
-        if run["state"] not in ("live", "canary"):
-            return {"failed": f"the oracle's run ended {run['state']}"}
+        if run["state"] not in ("live", "canary"):  # reported, not fatal: the arms still run
+            reason = client.run(run["id"]).get("failure_reason")
+            self.cfg.log(f"{self.prefix}: the oracle's run ended {run['state']}: {reason}")
+            return {"failed": f"the oracle's run ended {run['state']}: {reason}"}
         client.wait_serving(run["candidate_version"], timeout=60)
         result = score(client, self.task, self.test)
         result.update(version=run["candidate_version"], examples_trained=len(prompts),

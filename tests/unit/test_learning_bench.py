@@ -190,6 +190,7 @@ def test_the_command_line_refuses_bad_input_before_starting_anything(tmp_path, c
         (["--task", "json_reply", "--random-raters", "0.7", "--inverted-raters", "0.5"],
          "summing to at most 1"),
         (["--task", "json_reply", "--rounds", "0"], "must be at least 1"),
+        (["--task", "json_reply", "--first-seed", "-1"], "--first-seed at least 0"),
     ]:
         with pytest.raises(SystemExit) as exc:
             parse(argv)
@@ -200,7 +201,7 @@ def test_the_command_line_refuses_bad_input_before_starting_anything(tmp_path, c
     with pytest.raises(SystemExit):
         parse(["--task", "json_reply", "--data-dir", str(full)])
     args = parse(["--task", "json_reply", "--model", "tiny"])
-    assert args.per_round == 32 and args.seeds == 3 and args.split == "test"
+    assert args.per_round == 32 and args.seeds == 3 and args.split == "test" and args.first_seed == 0
     assert parse(["--task", "support_desk"]).per_round == 40
 
 
@@ -213,3 +214,24 @@ def test_the_task_reaches_training_only_through_the_api():
                         "print([m for m in sys.modules if m.startswith(('service.tasks', 'bench'))])"],
                        cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
+
+
+def test_results_of_separate_commands_merge_into_one_summary(tmp_path):
+    from bench.learning.merge import merge
+
+    def doc(seeds):
+        runs = [{"task": "t", "arm": "clean", "seed": s, "base": {"rate": 0.0}, "oracle": None,
+                 "rounds": [dict(_round(1, promoted=True, before=0.0, after=0.5 + s / 10),
+                                 icl={"rate": 0.2}, seconds={"round": 9.0})],
+                 "bad_promotions": []} for s in seeds]
+        return {"command": f"seeds {seeds}", "runs": runs}
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(doc([0, 1])))
+    b.write_text(json.dumps(doc([2])))
+    merged = merge([a, b])
+    assert merged["summary"]["t"]["clean"]["final"]["values"] == [0.5, 0.6, 0.7]
+    assert "| t | clean | 3 |" in merged["table"]
+    b.write_text(json.dumps(doc([1])))
+    with pytest.raises(SystemExit, match="appears twice"):
+        merge([a, b])
