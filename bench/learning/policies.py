@@ -1,12 +1,11 @@
 """The policies the benchmark's product runs under, per base model, and the oracle's override.
 
-Picked on the tasks' dev split, never on test. SmolLM2's is the demo's (service/demo.py: SFT on
-the corrections, 10 epochs at 3e-4, LoRA r=16 on every linear projection) with automatic
-approval, so that the gate is the only judge, and a trigger at each round's ratings. The tiny
-model's continues the serving adapter for 150 steps at 1e-3 on every linear projection: on the
-house-style task's dev split (one seed, two rounds) that reached 71% after round 1, where the
-attention projections alone reached 0% (at 1e-3 or 2e-3) and 100 steps 50%. It has no golden
-case, since the tiny model knows no facts.
+Picked on dev splits, never on test. SmolLM2's is the demo's (service/demo.py: SFT on the
+corrections, 10 epochs at 3e-4, LoRA r=16 on every linear projection; picked on the support
+desk's dev split, used unchanged for the other tasks) with automatic approval, so that the gate is the only judge, and a trigger at each round's ratings. The tiny
+model's continues the serving adapter for 150 steps at 1e-3 on every linear projection, picked
+among four on the house-style task's dev split (BENCHMARKS.md §1); it has no golden case, since
+the tiny model knows no facts.
 """
 
 from __future__ import annotations
