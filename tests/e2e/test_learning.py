@@ -19,7 +19,7 @@ from tests.helpers.stack import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
-MIN_GAIN = 0.25  # the base answers 0% in the house style; working loops reached 54% (test), 71% (dev)
+MIN_GAIN = 0.15  # the base answers 0%; working loops ended at 29% to 62% on test (BENCHMARKS §1)
 
 
 @pytest.mark.timeout(1500)
