@@ -19,12 +19,20 @@ R = TypeVar("R")
 Runner = Callable[[list[T]], Awaitable[Sequence["R | BaseException"]]]
 
 
+def _outage(exc: BaseException) -> bool:
+    return isinstance(exc, (OSError, TimeoutError))  # ConnectionError is an OSError
+
+
 class Batcher(Generic[T, R]):
     """Runs `run(items)` on batches of submitted items; each submitter gets its own entry."""
 
     def __init__(self, run: Runner, *, max_batch: int = 256, max_inflight: int = 2,
-                 on_batch: Callable[[int], None] | None = None) -> None:
+                 on_batch: Callable[[int], None] | None = None,
+                 shared_failure: Callable[[BaseException], bool] | None = None) -> None:
         self._run = run
+        # An exception that is not a shared failure (an outage) may come from one item alone:
+        # the batch is then re-run item by item, so a bad item fails only its own caller.
+        self._shared_failure = shared_failure or _outage
         self._on_batch = on_batch
         self._max_batch = max_batch
         self._max_inflight = max_inflight
@@ -63,13 +71,20 @@ class Batcher(Generic[T, R]):
             if len(results) != len(batch):
                 raise RuntimeError(f"batch runner returned {len(results)} results for "
                                    f"{len(batch)} items")
-        except BaseException as exc:  # noqa: BLE001 - handed to every caller in the batch
+        except Exception as exc:  # noqa: BLE001 - handed to the callers it belongs to
+            if len(batch) > 1 and not self._shared_failure(exc):
+                for one in batch:
+                    await self._run_batch([one])
+                return
             for _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
             return
+        except BaseException as exc:  # cancelled or exiting: every caller learns it
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            raise
         for (_, future), result in zip(batch, results, strict=True):
             if future.done():
                 continue

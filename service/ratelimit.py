@@ -7,13 +7,16 @@ the dataset's per-rater cap still bounds any one rater's share of a training set
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import Counter as Tally
 from dataclasses import dataclass
 
 from prometheus_client import Counter
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.batching import Batcher
 
@@ -55,7 +58,18 @@ def window_counter(redis: Redis) -> Batcher[tuple[str, ...], list[int]]:
             out.append(counts)
         return out
 
-    return Batcher(run, max_batch=512, max_inflight=1)
+    return Batcher(run, max_batch=512, max_inflight=1,
+                   shared_failure=lambda exc: isinstance(exc, (ConnectionError, TimeoutError,
+                                                               OSError, RedisConnectionError,
+                                                               RedisTimeoutError)))
+
+
+def key_part(*ids: str) -> str:
+    """A Redis key segment for these ids: unambiguous whatever they contain (tenant "X" with
+    rater "x:v" never meets tenant "X:x" with rater "v") and always encodable (a digest of
+    the length-prefixed ids; surrogates pass through instead of failing the batch)."""
+    raw = "".join(f"{len(i)}:{i}" for i in ids).encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(raw, digest_size=16).hexdigest()
 
 
 async def check_feedback(counter: Batcher[tuple[str, ...], list[int]], tenant_id: str,
@@ -65,8 +79,8 @@ async def check_feedback(counter: Batcher[tuple[str, ...], list[int]], tenant_id
     now = time.time() if now is None else now
     window = int(now // 60)
     retry = max(1, 60 - int(now % 60))
-    tenant_key = f"fw:rl:t:{tenant_id}:{window}"
-    rater_key = f"fw:rl:r:{tenant_id}:{rater_id}:{window}"
+    tenant_key = f"fw:rl:t:{key_part(tenant_id)}:{window}"
+    rater_key = f"fw:rl:r:{key_part(tenant_id, rater_id)}:{window}"
     try:
         tenant_n, rater_n = await counter.submit((tenant_key, rater_key))
     except (RedisError, OSError):

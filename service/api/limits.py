@@ -1,4 +1,5 @@
-"""Request body size limit, enforced on the bytes actually received (chunked bodies too)."""
+"""Request body checks before any route sees it: the size limit, enforced on the bytes actually
+received (chunked bodies too), and text that is not Unicode (service.api.text_check)."""
 
 from __future__ import annotations
 
@@ -6,16 +7,19 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.api.text_check import invalid_text
+
 
 class BodyLimitMiddleware:
-    """Answer 413 for bodies over max_bytes, whether Content-Length says so or the stream does."""
+    """Answer 413 for bodies over max_bytes, whether Content-Length says so or the stream does,
+    and 422 naming the field for a body whose text is not valid Unicode."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
         for name, value in scope.get("headers", []):
@@ -33,6 +37,11 @@ class BodyLimitMiddleware:
                 return
             if not message.get("more_body", False):
                 break
+        if (bad := invalid_text(bytes(body))) is not None:
+            await self._send(send, 422, {"message": f"{bad[0]}: {bad[1]}",
+                                         "type": "invalid_request_error", "param": bad[0],
+                                         "code": "invalid_text"})
+            return
         replayed = False
 
         async def replay() -> Message:
@@ -45,10 +54,14 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
     async def _reject(self, send: Send) -> None:
-        payload = json.dumps({"error": {
+        await self._send(send, 413, {
             "message": f"request body exceeds the limit of {self.max_bytes} bytes",
-            "type": "request_too_large", "param": "body", "code": "body_too_large"}}).encode()
-        await send({"type": "http.response.start", "status": 413,
+            "type": "request_too_large", "param": "body", "code": "body_too_large"})
+
+    @staticmethod
+    async def _send(send: Send, status: int, error: dict) -> None:
+        payload = json.dumps({"error": error}).encode()
+        await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(payload)).encode())]})
         await send({"type": "http.response.body", "body": payload})

@@ -9,7 +9,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from psycopg import OperationalError as PgOperationalError
 from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import PoolTimeout as PgPoolTimeout
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
@@ -81,7 +83,8 @@ class AppState:
         self.feedback_writer = Batcher(
             lambda writes: hotpath.upsert_feedback_many(self.fast_pool, writes),
             max_batch=FEEDBACK_BATCH_MAX, max_inflight=FEEDBACK_BATCHES_INFLIGHT,
-            on_batch=FEEDBACK_BATCH.observe)
+            on_batch=FEEDBACK_BATCH.observe,
+            shared_failure=lambda exc: isinstance(exc, (PgOperationalError, PgPoolTimeout, OSError)))
         self.rate_counter = ratelimit.window_counter(self.redis)
 
     async def principal(self, key_hash: str) -> repo.Principal | None:

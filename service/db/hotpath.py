@@ -71,13 +71,14 @@ class FeedbackWrite:
 
 
 def _strip_nul(value: Any) -> Any:
-    """Postgres text and jsonb cannot hold U+0000; keep the rest of what was served."""
+    """Postgres text and jsonb cannot hold U+0000, in values or in keys; keep the rest of what
+    was served."""
     if isinstance(value, str):
         return value.replace("\x00", "\ufffd")
     if isinstance(value, list):
         return [_strip_nul(v) for v in value]
     if isinstance(value, dict):
-        return {k: _strip_nul(v) for k, v in value.items()}
+        return {_strip_nul(k): _strip_nul(v) for k, v in value.items()}
     return value
 
 

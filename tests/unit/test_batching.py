@@ -79,3 +79,30 @@ async def test_a_runner_returning_the_wrong_number_of_results_is_an_error_for_al
     b = Batcher(short, max_inflight=1)
     results = await asyncio.gather(b.submit(1), b.submit(2), return_exceptions=True)
     assert all(isinstance(r, RuntimeError) for r in results)
+
+
+async def test_an_item_that_fails_the_whole_batch_fails_only_its_own_caller():
+    """A runner that raises for the whole batch because of one item (a value the database or
+    Redis cannot encode): the batch is re-run item by item, so only that caller sees the error."""
+    batches: list[list] = []
+
+    async def run(items: list) -> list:
+        batches.append(list(items))
+        await asyncio.sleep(0.01)
+        if 3 in items:
+            raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")
+        return [i * 10 for i in items]
+
+    b = Batcher(run, max_inflight=1)
+    results = await asyncio.gather(*(b.submit(i) for i in range(6)), return_exceptions=True)
+    assert isinstance(results[3], UnicodeEncodeError)
+    assert [r for n, r in enumerate(results) if n != 3] == [0, 10, 20, 40, 50]
+    assert [3] in batches and len(batches) > 2
+
+
+async def test_an_outage_fails_the_batch_at_once_without_retrying_each_item():
+    run = Recorder(crash=True)
+    b = Batcher(run, max_inflight=1)
+    results = await asyncio.gather(*(b.submit(i) for i in range(5)), return_exceptions=True)
+    assert all(isinstance(r, ConnectionError) for r in results)
+    assert len(run.batches) == 2  # the lone first call and the rest together, no item retries
