@@ -90,8 +90,12 @@ class GatePolicy(_Strict):
     # Absolute slack in nats/token: near zero NLL a relative bound is only noise.
     max_nll_regression_abs: float = Field(0.02, ge=0)
     golden: list[GoldenCase] = Field(default_factory=list)
-    judge_url: str | None = None
-    judge_model: str | None = None
+    # The candidate's greedy answers to held-out corrected prompts against the serving
+    # version's (workers.answer_check): among the prompts where one is closer to the user's
+    # correction, the share the candidate wins must reach this. None: measured, not gated.
+    min_answer_win_rate: float | None = Field(None, ge=0, le=1)
+    answer_max_tokens: int = Field(96, ge=1, le=4096)
+    max_answers: int = Field(32, ge=0, le=1000)
 
 
 class CanaryPolicy(_Strict):

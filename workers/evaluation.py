@@ -1,5 +1,6 @@
 """The eval gate step: verify the candidate, score it against the serving version on held-out
-data (transformers + PEFT), run the golden suite through vLLM, and decide."""
+data (transformers + PEFT), run the golden suite and compare held-out answers through vLLM,
+and decide."""
 
 from __future__ import annotations
 
@@ -106,26 +107,46 @@ def offline_metrics(base_model: str, candidate_dir: str, reference_dir: str | No
             for k, v in metrics.items()}
 
 
-async def _golden(ctx: WorkerContext, version_id, lora_name: str, cases) -> list[dict]:
-    """Stage the candidate (verified, loaded on every replica, kept by the reconciler) and
-    generate each golden prompt with it."""
+async def _through_vllm(ctx: WorkerContext, version_id, lora_name: str, reference_name: str,
+                        gate, answer_items: list[dict]) -> tuple[list[dict] | None, dict]:
+    """Stage the candidate (verified, loaded on every replica, kept by the reconciler), then
+    generate with it: each golden prompt, and the held-out corrected prompts beside the
+    reference's answers to them. Returns (golden results or None, answer metrics)."""
     from service.engine import swap as engine_swap
     from service.engine.vllm_admin import replica_admins
+    from workers.answer_check import compare
 
     async with replica_admins(ctx.settings.vllm_url_list) as admins:
         staged = await engine_swap.stage(ctx.sessions, admins, version_id,
                                          engine_swap.SwapConfig.from_settings(ctx.settings),
-                                         actor="gate", reason="golden suite")
+                                         actor="gate", reason="golden suite and held-out answers")
         if not staged.ok:
-            return [{"prompt": "(staging)", "output": "", "passed": False,
-                     "failures": [f"could not stage the candidate: {staged.reason}"]}]
-        results = []
-        for case in cases:
-            output = await admins[0].smoke(lora_name, prompt=case.prompt, max_tokens=case.max_tokens)
-            failures = check_golden_output(case, output)
-            results.append({"prompt": case.prompt, "output": output, "passed": not failures,
-                            "failures": failures})
-        return results
+            failed = [{"prompt": "(staging)", "output": "", "passed": False,
+                       "failures": [f"could not stage the candidate: {staged.reason}"]}]
+            return failed, {}
+        golden = None
+        if gate.golden:
+            golden = []
+            for case in gate.golden:
+                output = await admins[0].smoke(lora_name, prompt=case.prompt,
+                                               max_tokens=case.max_tokens)
+                failures = check_golden_output(case, output)
+                golden.append({"prompt": case.prompt, "output": output, "passed": not failures,
+                               "failures": failures})
+        answers: dict = {}
+        if answer_items:
+            sem = asyncio.Semaphore(8)  # the engine batches concurrent requests
+
+            async def both(h: dict) -> tuple[str, str, str]:
+                async with sem:
+                    cand, ref = await asyncio.gather(
+                        admins[0].complete(lora_name, h["messages"], gate.answer_max_tokens),
+                        admins[0].complete(reference_name, h["messages"], gate.answer_max_tokens))
+                return cand, ref, h["correction"]
+
+            rows = await asyncio.gather(*(both(h) for h in answer_items))
+            answers = compare(list(rows))
+        return golden, answers
 
 
 def evaluate_step(ctx: WorkerContext, claim: runs.Claim) -> str:
@@ -161,11 +182,19 @@ def evaluate_step(ctx: WorkerContext, claim: runs.Claim) -> str:
     heldout = heldout_raw(ctx, claim.run_id)
     metrics = offline_metrics(ctx.base_model(), cand[1], ref_dir, heldout)
     golden = None
-    if policy.gate.golden:
+    corrected = [h for h in heldout if h.get("correction") and h.get("messages")]
+    corrected = corrected[:policy.gate.max_answers]
+    wants_answers = bool(corrected) and policy.gate.min_answer_win_rate is not None
+    if policy.gate.golden or wants_answers:
         if not settings.vllm_url_list:
             return _reject(ctx, claim, cand[0], tenant_id,
-                           ["golden suite configured but no vLLM replica to run it on"], metrics, None)
-        golden = asyncio.run(_golden(ctx, cand[0], cand[3], policy.gate.golden))
+                           ["golden suite or answer check configured but no vLLM replica to run "
+                            "it on"], metrics, None)
+        reference_name = ref[2] if ref else settings.base_model_name
+        golden, answers = asyncio.run(_through_vllm(
+            ctx, cand[0], cand[3], reference_name, policy.gate,
+            corrected if wants_answers else []))
+        metrics.update(answers)
     verdict = decide(policy.gate, metrics, golden)
     with session_scope(ctx.sessions) as s:
         _store_results(s, claim.run_id, cand[0], metrics, golden)

@@ -20,7 +20,8 @@ class Verdict:
 
 def decide(gate: GatePolicy, metrics: dict[str, Any], golden: list[dict] | None) -> Verdict:
     """Apply the policy's thresholds. metrics: preference_accuracy, n_preference, nll_candidate,
-    nll_reference, n_nll, reference (what the candidate was compared with)."""
+    nll_reference, n_nll, answer_wins, answer_losses, answer_win_rate, n_answers, reference
+    (what the candidate was compared with)."""
     reasons: list[str] = []
     notes: list[str] = []
     ref = metrics.get("reference", "the serving version")
@@ -42,6 +43,21 @@ def decide(gate: GatePolicy, metrics: dict[str, Any], golden: list[dict] | None)
                 f"{gate.max_nll_regression_abs} nats/token, whichever is larger)")
     else:
         notes.append("no good held-out answers: NLL not measured")
+    decided = metrics.get("answer_wins", 0) + metrics.get("answer_losses", 0)
+    if gate.min_answer_win_rate is not None:
+        if decided:
+            rate = metrics["answer_win_rate"]
+            if rate < gate.min_answer_win_rate:
+                reasons.append(
+                    f"answers to {metrics['n_answers']} held-out corrected prompts: closer to the "
+                    f"correction than {ref}'s on {metrics['answer_wins']}, further on "
+                    f"{metrics['answer_losses']} (win rate {rate:.2f}, below the policy minimum "
+                    f"{gate.min_answer_win_rate:.2f})")
+        elif metrics.get("n_answers"):
+            notes.append(f"answers to {metrics['n_answers']} held-out corrected prompts tied "
+                         f"with {ref}'s: answer win rate not decided")
+        else:
+            notes.append("no corrected held-out prompts: answers not compared")
     for case in golden or []:
         if not case["passed"]:
             reasons.append(f"golden case {case['prompt']!r} failed: {'; '.join(case['failures'])}")

@@ -132,7 +132,7 @@ def pct(summary: dict | None) -> str:
 
 def tables(runs: list[dict], summary: dict, rounds: int) -> str:
     head = ["task", "arm", "seeds", "base"] + [f"round {k}" for k in range(1, rounds + 1)] + \
-           [f"icl (round {rounds})", "oracle", "gain (points)", "promoted", "bad promotions"]
+           [f"icl (round {rounds})", "oracle", "gain (points)", "promoted", "bad promotions (beyond chance)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for task, arms in summary.items():
         for arm, s in arms.items():
@@ -143,7 +143,8 @@ def tables(runs: list[dict], summary: dict, rounds: int) -> str:
                 [task, arm, str(len(s["seeds"])), pct(s["base"])]
                 + [pct(x) for x in s["serving_by_round"]]
                 + [pct(s["icl_by_round"][-1] if s["icl_by_round"] else None), pct(s["oracle"]), gtext,
-                   str(s["promotions"]), str(s["bad_promotions"])]) + " |")
+                   str(s["promotions"]),
+                   f"{s['bad_promotions']} ({s['significant_bad_promotions']})"]) + " |")
     stage_head = ["task", "arm", "seed", "round", "candidate", "verdict"] + list(STAGES)
     lines += ["", "| " + " | ".join(stage_head) + " |", "|" + "---|" * len(stage_head)]
     for r in runs:

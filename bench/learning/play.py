@@ -102,15 +102,18 @@ def score(client: ProductClient, task: Task, conversations: list[list[dict]], *,
     served = Counter(client.served_model(iid) for _, iid in answers)
     ups = sum(up for *_, up in rows)
     return {"rate": ups / len(rows), "ups": ups, "n": len(rows), "served": dict(served),
+            "outcomes": [int(up) for *_, up in rows],
             "examples": [list(r) for r in rows[:3]], "seconds": round(time.monotonic() - t, 2)}
 
 
 def score_offline(scorer, adapter_dir: str, task: Task, conversations: list[list[dict]]) -> dict:
     t = time.monotonic()
     rng = random.Random(0)
-    ups = sum(task.rate(c, scorer.answer(adapter_dir, c, task.max_tokens), rng)[0]
-              for c in conversations)
+    outcomes = [int(task.rate(c, scorer.answer(adapter_dir, c, task.max_tokens), rng)[0])
+                for c in conversations]
+    ups = sum(outcomes)
     return {"rate": ups / len(conversations), "ups": ups, "n": len(conversations),
+            "outcomes": outcomes,
             "scored": "offline (transformers + PEFT)", "seconds": round(time.monotonic() - t, 2)}
 
 
@@ -250,7 +253,8 @@ class SeedRun:
             "training": {key: (detail["metrics"].get("training") or {}).get(key)
                          for key in ("steps", "final_loss", "seconds")},
             "gate": gate_summary(detail),
-            "serving_before": {key: last[key] for key in ("rate", "ups", "n")},
+            "serving_before": {key: last[key] for key in ("rate", "ups", "n", "outcomes")
+                               if key in last},
             "serving": serving, "icl": icl,
         }
         artifact = (detail.get("lineage") or {}).get("artifact_path")
@@ -287,7 +291,8 @@ def gate_summary(detail: dict) -> dict:
             "notes": verdict.get("notes") or [],
             "metrics": {key: gate.get(key) for key in
                         ("preference_accuracy", "n_preference", "nll_reference", "nll_candidate",
-                         "nll_base", "n_nll")},
+                         "nll_base", "n_nll", "answer_wins", "answer_losses", "answer_ties",
+                         "answer_win_rate")},
             "golden": [{"prompt": g["prompt"], "passed": g["passed"]} for g in golden]}
 
 

@@ -32,11 +32,22 @@ def mean_ci(values: list[float]) -> dict:
     return {"mean": mean, "ci95": [mean - half, mean + half], "n": len(vals), "values": vals}
 
 
-def bad_promotions(base_rate: float, rounds: list[dict]) -> list[dict]:
+def sign_test_p(lost: int, gained: int) -> float:
+    """One-sided exact sign test on paired outcomes: the chance of losing at least `lost` of the
+    `lost + gained` prompts on which two versions disagree, if neither were better (1.0 when
+    they never disagree)."""
+    n = lost + gained
+    return sum(math.comb(n, k) for k in range(lost, n + 1)) / 2 ** n if n else 1.0
+
+
+def bad_promotions(base_rate: float, rounds: list[dict], alpha: float = 0.05) -> list[dict]:
     """Promoted versions that scored lower on test than the version they replaced.
 
-    Each round records `promoted`, `candidate`, `serving_before` (the rate of what served before
-    the promotion) and `serving` (the rate measured after it, on the same test prompts).
+    Each round records `promoted`, `candidate`, `serving_before` (what served before the
+    promotion) and `serving` (measured after it, on the same test prompts). Where both carry
+    per-prompt `outcomes`, each entry also says how many prompts the promotion lost and gained
+    and whether the drop is beyond chance (`significant`: one-sided exact sign test at `alpha`);
+    every measured drop is listed, significant or not.
     """
     out = []
     prev = base_rate
@@ -44,10 +55,23 @@ def bad_promotions(base_rate: float, rounds: list[dict]) -> list[dict]:
         before = r.get("serving_before", {}).get("rate", prev)
         after = r["serving"]["rate"]
         if r.get("promoted") and after < before:
-            out.append({"round": r["round"], "version": r["candidate"], "rate": after,
-                        "replaced_rate": before})
+            entry = {"round": r["round"], "version": r["candidate"], "rate": after,
+                     "replaced_rate": before}
+            old, new = r.get("serving_before", {}).get("outcomes"), r["serving"].get("outcomes")
+            if old is not None and new is not None and len(old) == len(new):
+                lost = sum(1 for a, b in zip(old, new) if a and not b)
+                gained = sum(1 for a, b in zip(old, new) if b and not a)
+                p = sign_test_p(lost, gained)
+                entry.update(lost=lost, gained=gained, p_value=round(p, 4), significant=p < alpha)
+            out.append(entry)
         prev = after
     return out
+
+
+def significant(bad: list[dict]) -> list[dict]:
+    """The bad promotions whose drop is beyond chance, or that could not be tested (no
+    per-prompt outcomes recorded: counted, never excused)."""
+    return [b for b in bad if b.get("significant", True)]
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -78,11 +102,14 @@ def summarize(runs: list[dict]) -> dict:
                 "gain_points": mean_ci([100 * (f - b) for f, b in zip(finals, bases, strict=True)]),
                 "oracle": mean_ci(oracles),
                 "bad_promotions": sum(len(r["bad_promotions"]) for r in group),
+                "significant_bad_promotions": sum(len(significant(r["bad_promotions"]))
+                                                  for r in group),
                 "promotions": sum(r2.get("promoted", False) for r in group for r2 in r["rounds"]),
                 "rollbacks": sum(len(r2.get("rolled_back", [])) for r in group for r2 in r["rounds"]),
             }
             final = s["final"]["mean"]
-            targets = {"bad_promotions_0": s["bad_promotions"] == 0}
+            targets = {"bad_promotions_0": s["bad_promotions"] == 0,
+                       "significant_bad_promotions_0": s["significant_bad_promotions"] == 0}
             if arm == "clean":
                 targets["gain_30_points"] = s["gain_points"]["mean"] >= 30
                 if icl_final:

@@ -168,8 +168,13 @@ class VllmAdmin:
 
     async def smoke(self, model_name: str, prompt: str = "Hello", max_tokens: int = 4) -> str:
         """One non-streaming chat completion at temperature 0; returns the text ("" if none)."""
-        op = "smoke"
-        body = {"model": model_name, "messages": [{"role": "user", "content": prompt}],
+        return await self.complete(model_name, [{"role": "user", "content": prompt}], max_tokens,
+                                   op="smoke")
+
+    async def complete(self, model_name: str, messages: list[dict], max_tokens: int, *,
+                       op: str = "complete") -> str:
+        """A greedy chat completion of a whole conversation; returns the text ("" if none)."""
+        body = {"model": model_name, "messages": messages,
                 "max_tokens": max_tokens, "temperature": 0, "stream": False}
         resp = self._ok(await self._send(op, "POST", "/v1/chat/completions", json=body), op)
         data = self._json(resp, op)

@@ -76,3 +76,38 @@ def test_no_rollback_without_significant_drop(cmp, over, action):
 def test_p_value_is_small_for_a_large_drop_and_large_for_none():
     assert RateComparison(5, 100, 60, 100).p_value_worse() < 1e-6
     assert RateComparison(60, 100, 60, 100).p_value_worse() == pytest.approx(0.5)
+
+
+def test_answers_further_from_the_corrections_than_the_serving_versions_are_rejected():
+    from workers.answer_check import compare
+
+    wanted = "Hello from Globex! Your order ships today. Have a nice day!"
+    rows = [("Hello from Globex! It ships today. Have a nice day!", "It ships today.", wanted),
+            ("It ships.", "Hello from Globex! Your order ships today.", wanted),
+            ("no idea", "no clue", wanted),  # both share nothing with it: a tie
+            ("Hello from Globex! Shipping today.", "Shipping today.", wanted)]
+    m = compare(rows)
+    assert (m["answer_wins"], m["answer_losses"], m["answer_ties"], m["n_answers"]) == (2, 1, 1, 4)
+    assert m["answer_win_rate"] == pytest.approx(2 / 3)
+    gate = GatePolicy(min_answer_win_rate=0.5)
+    assert decide(gate, {**GOOD, **m}, None).passed
+    worse = compare([(b, a, w) for a, b, w in rows])
+    verdict = decide(gate, {**GOOD, **worse}, None)
+    assert not verdict.passed and len(verdict.reasons) == 1
+    assert "closer to the correction than the serving version's on 1, further on 2" in verdict.reasons[0]
+    assert "win rate 0.33, below the policy minimum 0.50" in verdict.reasons[0]
+    # Not gated unless the policy says so; undecided or unmeasured answers are a note, not a pass
+    # by silence.
+    assert decide(GatePolicy(), {**GOOD, **worse}, None).passed
+    ties = compare([("x", "x", wanted)])
+    assert ties["answer_win_rate"] is None
+    assert any("tied" in n for n in decide(gate, {**GOOD, **ties}, None).notes)
+    assert any("answers not compared" in n for n in decide(gate, GOOD, None).notes)
+
+
+def test_answer_similarity_is_by_words_in_order_and_ignores_case():
+    from workers.answer_check import similarity
+
+    assert similarity("Have a nice day!", "have a NICE day !") == 1.0
+    assert similarity("", "") == 1.0 and similarity("abc", "") == 0.0
+    assert similarity("day nice a have", "have a nice day") < similarity("have a nice", "have a nice day")

@@ -14,7 +14,7 @@ import pytest
 from bench.learning import raters
 from bench.learning.__main__ import parse
 from bench.learning.play import bad_candidates
-from bench.learning.stats import bad_promotions, mean_ci, summarize, t975
+from bench.learning.stats import bad_promotions, mean_ci, sign_test_p, summarize, t975
 from service.tasks import TaskError, load_task
 from tests.helpers.stack import REPO
 
@@ -173,12 +173,44 @@ def test_summary_states_the_targets_met_and_missed():
 
     good = summarize([run(s, 0.0, [0.5, 0.9], 1.0, 0.4) for s in range(3)])["t"]["clean"]
     assert good["gain_points"]["mean"] == pytest.approx(90) and good["promotions"] == 6
-    assert good["targets"] == {"bad_promotions_0": True, "gain_30_points": True,
-                               "at_or_above_icl": True, "80pct_of_oracle": True}
+    assert good["targets"] == {"bad_promotions_0": True, "significant_bad_promotions_0": True,
+                               "gain_30_points": True, "at_or_above_icl": True,
+                               "80pct_of_oracle": True}
     weak = summarize([run(s, 0.0, [0.3, 0.2], 1.0, 0.5) for s in range(3)])["t"]["clean"]
-    assert weak["targets"] == {"bad_promotions_0": False, "gain_30_points": False,
-                               "at_or_above_icl": False, "80pct_of_oracle": False}
-    assert weak["bad_promotions"] == 3
+    # Without per-prompt outcomes a drop cannot be shown to be chance: it counts as significant.
+    assert weak["targets"] == {"bad_promotions_0": False, "significant_bad_promotions_0": False,
+                               "gain_30_points": False, "at_or_above_icl": False,
+                               "80pct_of_oracle": False}
+    assert weak["bad_promotions"] == 3 and weak["significant_bad_promotions"] == 3
+
+
+def test_the_sign_test_is_exact_and_one_sided():
+    assert sign_test_p(0, 0) == 1.0
+    assert sign_test_p(1, 0) == 0.5
+    assert sign_test_p(5, 0) == pytest.approx(1 / 32)
+    assert sign_test_p(4, 1) == pytest.approx(6 / 32)
+    assert sign_test_p(0, 5) == 1.0
+    assert sign_test_p(9, 3) == pytest.approx(sum(__import__("math").comb(12, k)
+                                                  for k in range(9, 13)) / 4096)
+
+
+def test_each_drop_is_listed_and_flagged_only_when_beyond_chance():
+    def promoted(k, old, new):
+        return {"round": k, "candidate": f"v{k}", "promoted": True,
+                "serving_before": {"rate": sum(old) / len(old), "outcomes": old},
+                "serving": {"rate": sum(new) / len(new), "outcomes": new}}
+
+    one_prompt = promoted(1, [1, 1, 0, 0] * 6, [1, 0, 0, 0] + [1, 1, 0, 0] * 5)  # 12 -> 11 of 24
+    collapse = promoted(2, [1] * 12 + [0] * 12, [0] * 24)  # 12 -> 0: a broken candidate
+    bad = bad_promotions(0.0, [one_prompt, collapse])
+    assert [(b["version"], b["lost"], b["gained"], b["significant"]) for b in bad] == [
+        ("v1", 1, 0, False), ("v2", 12, 0, True)]
+    assert bad[1]["p_value"] < 0.001
+    summary = summarize([{"task": "t", "arm": "poisoned", "seed": 0, "base": {"rate": 0.0},
+                          "oracle": None, "rounds": [one_prompt], "bad_promotions": bad[:1]}])
+    s = summary["t"]["poisoned"]
+    assert s["bad_promotions"] == 1 and s["significant_bad_promotions"] == 0
+    assert s["targets"] == {"bad_promotions_0": False, "significant_bad_promotions_0": True}
 
 
 # --- the command line ---------------------------------------------------------------------------
