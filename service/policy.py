@@ -81,6 +81,10 @@ class GoldenCase(_Strict):
     must_not_contain: list[str] = Field(default_factory=list)
     regex: str | None = None
     json_valid: bool = False
+    # Generic checks that need no knowledge of the alias's task (the default policy's suite).
+    non_empty: bool = False
+    no_template_tokens: bool = False  # no chat-template markup (<|im_end|>, [INST], ...) leaked
+    max_repetition: float | None = Field(None, ge=0, le=1)  # share of repeated word 3-grams
     max_tokens: int = Field(32, ge=1)
 
 
@@ -94,6 +98,10 @@ class GatePolicy(_Strict):
     # version's (workers.answer_check): among the prompts where one is closer to the user's
     # correction, the share the candidate wins must reach this. None: measured, not gated.
     min_answer_win_rate: float | None = Field(None, ge=0, le=1)
+    # Evidence: held-out ratings scored plus golden cases run. Below min_evidence the candidate
+    # is rejected, saying so; with none at all only allow_unmeasured lets it through.
+    min_evidence: int = Field(1, ge=0)
+    allow_unmeasured: bool = False
     answer_max_tokens: int = Field(96, ge=1, le=4096)
     max_answers: int = Field(32, ge=0, le=1000)
 

@@ -80,7 +80,12 @@ def offline_metrics(base_model: str, candidate_dir: str, reference_dir: str | No
     items = [completion(h, h["response"]) for h in rated]
     corrected = [h for h in rated if h.get("correction")]
     items += [completion(h, h["correction"]) for h in corrected]
-    metrics: dict[str, Any] = {"reference": "the serving version" if reference_dir else "base"}
+    # Evidence: held-out ratings that enter a measurement (a pair, or a good answer's NLL); a
+    # thumbs-down with no thumbs-up to pair it with and no correction measures nothing.
+    has_up = any(h["rating"] == "up" for h in rated)
+    measured = [h for h in rated if h.get("correction") or h["rating"] == "up" or has_up]
+    metrics: dict[str, Any] = {"reference": "the serving version" if reference_dir else "base",
+                               "n_heldout": len(measured)}
     if items:
         cand, ref = score(items, "candidate"), score(items, ref_name)
         rewards = [c[0] - r[0] for c, r in zip(cand, ref, strict=True)]

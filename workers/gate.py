@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,13 +64,22 @@ def decide(gate: GatePolicy, metrics: dict[str, Any], golden: list[dict] | None)
             reasons.append(f"golden case {case['prompt']!r} failed: {'; '.join(case['failures'])}")
     if not gate.golden:
         notes.append("no golden suite configured for this alias")
+    evidence = metrics.get("n_heldout", 0) + len(golden or [])
+    if evidence == 0 and not gate.allow_unmeasured:
+        reasons.append("unmeasured: no held-out rating was scored and no golden case ran, so "
+                       "nothing shows the candidate is not worse (the policy may say "
+                       "gate.allow_unmeasured: true)")
+    elif 0 < evidence < gate.min_evidence:
+        reasons.append(f"too little evidence: {evidence} measurements (held-out ratings scored "
+                       f"+ golden cases), below the policy minimum {gate.min_evidence}")
+    elif evidence == 0:
+        notes.append("unmeasured: promoted because the policy allows it (allow_unmeasured)")
     return Verdict(passed=not reasons, reasons=reasons, notes=notes)
 
 
 def check_golden_output(case, output: str) -> list[str]:
     """The failures of one generated output against its golden case (empty when it passes)."""
     import json
-    import re
 
     failures = [f"missing {s!r}" for s in case.must_contain if s not in output]
     failures += [f"contains forbidden {s!r}" for s in case.must_not_contain if s in output]
@@ -80,4 +90,25 @@ def check_golden_output(case, output: str) -> list[str]:
             json.loads(output)
         except ValueError:
             failures.append("is not valid JSON")
+    if case.non_empty and not output.strip():
+        failures.append("is empty")
+    leaked = sorted({m.group() for m in TEMPLATE_MARKUP.finditer(output)})
+    if case.no_template_tokens and leaked:
+        failures.append(f"leaks chat-template markup {', '.join(leaked)}")
+    if case.max_repetition is not None and (rep := repetition(output)) > case.max_repetition:
+        failures.append(f"repeats itself: {rep:.0%} of its word 3-grams are repeats "
+                        f"(the case allows {case.max_repetition:.0%})")
     return failures
+
+
+# Markup of the common chat templates (ChatML, Llama 2/3, Gemma, Mistral, Phi): in an answer
+# it means the template or the stop tokens broke.
+TEMPLATE_MARKUP = re.compile(r"<\|[a-z_]+\|>|\[/?INST\]|<</?SYS>>|</?s>|<(?:start|end)_of_turn>")
+
+
+def repetition(text: str) -> float:
+    """The share of an output's word 3-grams that repeat an earlier one (0.0 for short text):
+    a degenerate loop ("the the the", a sentence over and over) scores near 1."""
+    words = text.lower().split()
+    grams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
+    return (len(grams) - len(set(grams))) / len(grams) if grams else 0.0

@@ -26,11 +26,13 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 # The retrain-loop test's policy, with a larger held-out share: at 0.25, 16 ratings leave the
 # held-out set empty now and then, and the gate has no metrics to show.
+# The golden case is a check the gate can fail (leaked chat-template markup) and evidence when
+# the held-out draw is empty; not `non_empty`: the tiny model answers some prompts with nothing.
 POLICY = """
 trigger: {min_new_ratings: 16}
 training: {method: auto, max_steps: 6, batch_size: 4, learning_rate: 5.0e-3, checkpoint_every_steps: 2}
 dataset: {heldout_fraction: 0.4, min_examples: 2}
-gate: {min_preference_accuracy: 0.0, max_nll_regression: 10.0}
+gate: {min_preference_accuracy: 0.0, max_nll_regression: 10.0, golden: [{prompt: "My order is late.", no_template_tokens: true}]}
 approval: manual
 watch: {window_minutes: 60, min_samples: 10, max_drop: 0.1, alpha: 0.05}
 rollback: {automatic: false}

@@ -18,11 +18,13 @@ from tests.helpers.stack import ApiProcess, WorkerProcess, flywheel_env
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
+# The golden case is a check the gate can fail (leaked chat-template markup) and evidence when
+# the held-out draw is empty; not `non_empty`: the tiny model answers some prompts with nothing.
 POLICY = """
 trigger: {min_new_ratings: 16}
 training: {method: auto, max_steps: 6, batch_size: 4, learning_rate: 5.0e-3, checkpoint_every_steps: 2}
 dataset: {heldout_fraction: 0.4, min_examples: 2}
-gate: {min_preference_accuracy: 0.0, max_nll_regression: 10.0}
+gate: {min_preference_accuracy: 0.0, max_nll_regression: 10.0, golden: [{prompt: "My order is late.", no_template_tokens: true}]}
 approval: manual
 watch: {window_minutes: 60, min_samples: 10, max_drop: 0.1, alpha: 0.05}
 rollback: {automatic: true}
@@ -62,10 +64,12 @@ def test_feedback_to_gated_candidate_through_the_real_worker(loop_stack, make_ke
         with db_sessions() as s:
             version = s.get(AdapterVersion, run.candidate_version_id)
             results = list(s.scalars(select(EvalResult).where(EvalResult.run_id == run.id)))
-        assert version.lora_name == f"{tenant}--{alias}--v1" and version.status == "candidate"
+        # Staged: the gate's golden case generated with it through vLLM.
+        assert version.lora_name == f"{tenant}--{alias}--v1" and version.status == "staged"
         verify_artifact(version.artifact_path, expected_sha256=version.sha256,
                         engine_base_model=api_settings["base_model"], max_lora_rank=16)
-        assert {"preference_accuracy", "nll_candidate", "nll_reference"} <= {r.metric for r in results}
+        assert {"preference_accuracy", "nll_candidate", "nll_reference", "n_heldout",
+                "golden"} <= {r.metric for r in results}
 
         # No PII from the feedback reaches the training files.
         data_dir = version.artifact_path.rsplit("/", 1)[0] + "/data"
@@ -83,7 +87,7 @@ def test_feedback_to_gated_candidate_through_the_real_worker(loop_stack, make_ke
     with db_sessions() as s:
         actions = [a.action for a in s.scalars(select(AuditEvent).where(AuditEvent.tenant_id == tenant)
                                                 .order_by(AuditEvent.id))]
-    assert actions[-3:] == ["run.trained", "run.gate_passed", "run.rejected"]
+    assert actions[-4:] == ["run.trained", "adapter.stage", "run.gate_passed", "run.rejected"]
 
 
 def test_approved_version_goes_live_then_rolls_back_on_thumbs_down(loop_stack, make_key, make_alias,

@@ -19,11 +19,13 @@ from tests.helpers.stack import ApiProcess, WorkerProcess, flywheel_env
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
+# The golden case is a check the gate can fail (leaked chat-template markup) and evidence when
+# the held-out draw is empty; not `non_empty`: the tiny model answers some prompts with nothing.
 POLICY = """
 trigger: {min_new_ratings: 12}
 training: {method: sft, max_steps: 150, batch_size: 4, learning_rate: 1.0e-3, checkpoint_every_steps: 5}
 dataset: {heldout_fraction: 0.2, min_examples: 2}
-gate: {min_preference_accuracy: 0.0, max_nll_regression: 100.0}
+gate: {min_preference_accuracy: 0.0, max_nll_regression: 100.0, golden: [{prompt: "My order is late.", no_template_tokens: true}]}
 approval: manual
 """
 

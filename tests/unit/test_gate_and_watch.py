@@ -8,8 +8,8 @@ from service.policy import GatePolicy, GoldenCase, WatchPolicy
 from workers.gate import check_golden_output, decide
 from workers.watch import RateComparison, judge
 
-GOOD = {"reference": "the serving version", "preference_accuracy": 0.8, "n_preference": 10,
-        "nll_candidate": 2.0, "nll_reference": 2.1, "n_nll": 8}
+GOOD = {"reference": "the serving version", "n_heldout": 9, "preference_accuracy": 0.8,
+        "n_preference": 10, "nll_candidate": 2.0, "nll_reference": 2.1, "n_nll": 8}
 
 
 def test_a_better_candidate_passes_with_notes_for_what_was_not_measured():
@@ -111,3 +111,42 @@ def test_answer_similarity_is_by_words_in_order_and_ignores_case():
     assert similarity("Have a nice day!", "have a NICE day !") == 1.0
     assert similarity("", "") == 1.0 and similarity("abc", "") == 0.0
     assert similarity("day nice a have", "have a nice day") < similarity("have a nice", "have a nice day")
+
+
+def test_a_candidate_is_promoted_only_on_evidence():
+    nothing = {"reference": "base", "n_heldout": 0}
+    verdict = decide(GatePolicy(), nothing, None)
+    assert not verdict.passed and verdict.reasons[0].startswith("unmeasured: no held-out rating")
+    assert "allow_unmeasured" in verdict.reasons[0]
+    allowed = decide(GatePolicy(allow_unmeasured=True), nothing, None)
+    assert allowed.passed and any("allow_unmeasured" in n for n in allowed.notes)
+    # Golden cases count as evidence, and so do scored held-out ratings, against min_evidence.
+    golden = [{"prompt": "hi", "passed": True, "failures": []}]
+    assert decide(GatePolicy(golden=[GoldenCase(prompt="hi")]), nothing, golden).passed
+    few = decide(GatePolicy(min_evidence=5), {**GOOD, "n_heldout": 3}, golden)
+    assert not few.passed and few.reasons == [
+        "too little evidence: 4 measurements (held-out ratings scored + golden cases), below the "
+        "policy minimum 5"]
+    assert decide(GatePolicy(min_evidence=5), {**GOOD, "n_heldout": 5}, None).passed
+
+
+def test_the_generic_golden_checks_need_no_knowledge_of_the_task():
+    case = GoldenCase(prompt="Hello!", non_empty=True, no_template_tokens=True, max_repetition=0.5)
+    assert check_golden_output(case, "Hi! I'm doing well, thanks for asking. How can I help?") == []
+    assert check_golden_output(case, "  \n") == ["is empty"]
+    assert check_golden_output(case, "Sure<|im_end|>\n<|im_start|>user") == [
+        "leaks chat-template markup <|im_end|>, <|im_start|>"]
+    assert check_golden_output(case, "[INST] hi [/INST]") == ["leaks chat-template markup [/INST], [INST]"]
+    loop = "I am fine. " * 12
+    assert check_golden_output(case, loop)[0].startswith("repeats itself: 91% of its word 3-grams")
+    assert check_golden_output(GoldenCase(prompt="x"), loop) == []  # off unless asked
+
+
+def test_the_shipped_default_policy_has_a_generic_golden_suite_and_wants_evidence():
+    from service.policy import PolicyStore
+    from tests.helpers.stack import REPO
+
+    gate = PolicyStore(REPO / "policies").for_alias("any-alias", "any").gate
+    assert len(gate.golden) >= 2 and not gate.allow_unmeasured and gate.min_evidence >= 1
+    assert all(c.non_empty and c.no_template_tokens and c.max_repetition for c in gate.golden)
+    assert gate.min_answer_win_rate == 0.5
