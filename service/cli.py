@@ -338,7 +338,7 @@ def reconcile() -> None:
     """Converge every replica to the desired state in the database once, and report."""
     import asyncio
 
-    from service.engine.reconcile import reconcile_once
+    from service.engine.reconcile import reconcile_once, settings_verifier
 
     settings = get_settings()
 
@@ -348,7 +348,8 @@ def reconcile() -> None:
         sessions, urls, _ = _engine_ops()
         async with replica_admins(urls, timeout_s=30) as admins:
             return await reconcile_once(sessions, admins, warm_grace_s=settings.warm_grace_s,
-                                        drain_s=settings.drain_s)
+                                        drain_s=settings.drain_s,
+                                        verify=settings_verifier(settings))
 
     report = asyncio.run(go())
     table = Table("replica", "healthy", "loaded", "loaded now", "unloaded now", "error")
@@ -358,6 +359,8 @@ def reconcile() -> None:
     console.print(table)
     for e in report.errors:
         err.print(f"[yellow]warning:[/yellow] {e}")
+    for name, why in sorted(report.refused.items()):
+        err.print(f"[red]refused:[/red] {name}: {why}")
     if report.retired:
         console.print(f"retired: {', '.join(report.retired)}")
     if not report.converged:

@@ -280,3 +280,19 @@ def _check_pairs_and_ranks(f: Any, keys: list[str], max_lora_rank: int) -> None:
     if unpaired:
         raise ArtifactRejected(f"LoRA modules missing their A or B half: {', '.join(unpaired[:5])}",
                                "bad_weights")
+
+
+
+def verifier(*, engine_base_model: str, max_lora_rank: int):
+    """verify(path, sha256) -> the rejection, or None: verify_artifact with the engine's facts
+    bound, for callers that load what the database says (the reconciler, rollback)."""
+
+    def verify(path: str, sha256: str) -> ArtifactRejected | None:
+        try:
+            verify_artifact(path, expected_sha256=sha256, engine_base_model=engine_base_model,
+                            max_lora_rank=max_lora_rank)
+        except ArtifactRejected as exc:
+            return exc
+        return None
+
+    return verify

@@ -31,6 +31,7 @@ class DesiredVersion:
     lora_name: str
     artifact_path: str
     status: str
+    sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -51,13 +52,13 @@ def _must_load():
 def desired_versions(session: Session, adapter_id: uuid.UUID | None = None) -> list[DesiredVersion]:
     """Versions that must be loaded everywhere, optionally for one adapter only."""
     q = (select(AdapterVersion.id, AdapterVersion.adapter_id, AdapterVersion.lora_name,
-                AdapterVersion.artifact_path, AdapterVersion.status)
+                AdapterVersion.artifact_path, AdapterVersion.status, AdapterVersion.sha256)
          .join(Adapter, Adapter.id == AdapterVersion.adapter_id)
          .where(_must_load())
          .order_by(AdapterVersion.adapter_id, AdapterVersion.number))
     if adapter_id is not None:
         q = q.where(AdapterVersion.adapter_id == adapter_id)
-    return [DesiredVersion(r.id, r.adapter_id, r.lora_name, r.artifact_path, r.status)
+    return [DesiredVersion(r.id, r.adapter_id, r.lora_name, r.artifact_path, r.status, r.sha256)
             for r in session.execute(q)]
 
 
@@ -90,7 +91,7 @@ def expired_warm(session: Session, *, warm_grace_s: float, drain_s: float,
     previous = AdapterVersion.id == Adapter.previous_version_id
     none = uuid.UUID(int=0)
     q = (select(AdapterVersion.id, AdapterVersion.adapter_id, AdapterVersion.lora_name,
-                AdapterVersion.artifact_path, AdapterVersion.status)
+                AdapterVersion.artifact_path, AdapterVersion.status, AdapterVersion.sha256)
          .join(Adapter, Adapter.id == AdapterVersion.adapter_id)
          .where(AdapterVersion.status == VersionStatus.warm.value,
                 # Never retire what an alias still routes to, whatever its status says.
@@ -102,7 +103,7 @@ def expired_warm(session: Session, *, warm_grace_s: float, drain_s: float,
                          Adapter.updated_at < func.now() - timedelta(seconds=drain_s)))))
     if adapter_id is not None:
         q = q.where(AdapterVersion.adapter_id == adapter_id)
-    return [DesiredVersion(r.id, r.adapter_id, r.lora_name, r.artifact_path, r.status)
+    return [DesiredVersion(r.id, r.adapter_id, r.lora_name, r.artifact_path, r.status, r.sha256)
             for r in session.execute(q)]
 
 

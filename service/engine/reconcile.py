@@ -21,25 +21,28 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import func, update
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
-from service.db.models import Adapter, AdapterVersion, EngineReplica, VersionStatus
+from service.db.models import Adapter, AdapterVersion, AuditEvent, EngineReplica, VersionStatus
 from service.db.repositories import audit
 from service.db.session import make_sync_engine
 from service.engine import desired, sizing
 from service.engine.replicas import ReplicaPool
 from service.db.session import db_call
 from service.engine.alias_lock import try_lock
+from service.engine.artifact import ArtifactRejected, verifier
 from service.engine.vllm_admin import AlreadyLoaded, ReplicaError, VllmAdmin
 
 log = logging.getLogger(__name__)
+
+Verify = Callable[[str, str], "ArtifactRejected | None"]
 
 # Observing must not stall on a hung replica; loads may legitimately take longer.
 OBSERVE_TIMEOUT_S = 3.0
@@ -67,6 +70,9 @@ class ReconcileReport:
     retired: list[str] = field(default_factory=list)
     busy: list[uuid.UUID] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    # Desired versions whose artifact failed verification: lora name -> why. Never loaded on a
+    # replica that lacks them; a replica that already holds one keeps the copy it verified.
+    refused: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -148,11 +154,11 @@ def _record(session: Session, states: Sequence[ReplicaState]) -> None:
 
 async def _converge_replica(admin: VllmAdmin, state: ReplicaState,
                             want: list[desired.DesiredVersion], names: set[str],
-                            errors: list[str]) -> None:
+                            errors: list[str], refused: dict[str, str]) -> None:
     assert state.loaded is not None
     want_names = {d.lora_name for d in want}
     for d in want:
-        if d.lora_name in state.loaded:
+        if d.lora_name in state.loaded or d.lora_name in refused:
             continue
         try:
             await admin.load_lora(d.lora_name, d.artifact_path)
@@ -173,10 +179,40 @@ async def _converge_replica(admin: VllmAdmin, state: ReplicaState,
         state.loaded.discard(name)
 
 
+async def _verify_missing(sessions: sessionmaker, verify: Verify, want: list[desired.DesiredVersion],
+                          up: Sequence[ReplicaState], refused: dict[str, str]) -> None:
+    """Verify (sha256, no pickles, loadable) every version some healthy replica is about to
+    load; a refusal is logged, audited once per version and reason, and kept in `refused`."""
+    for d in want:
+        if all(d.lora_name in (s.loaded or ()) for s in up):
+            continue
+        rejected = await asyncio.to_thread(verify, d.artifact_path, d.sha256)
+        if rejected is None:
+            continue
+        refused[d.lora_name] = rejected.reason
+        log.error("reconcile: refusing to load %s: %s", d.lora_name, rejected.reason)
+        await db_call(sessions, _audit_refused, d, rejected)
+
+
+def _audit_refused(session: Session, d: desired.DesiredVersion, rejected: ArtifactRejected) -> None:
+    seen = session.scalar(select(func.count()).select_from(AuditEvent).where(
+        AuditEvent.action == "artifact.refused", AuditEvent.target_id == str(d.version_id),
+        AuditEvent.reason == rejected.reason))
+    if seen:
+        return
+    adapter = session.get(Adapter, d.adapter_id)
+    audit(session, tenant_id=adapter.tenant_id if adapter else None, actor="reconciler",
+          action="artifact.refused", target_type="adapter_version", target_id=str(d.version_id),
+          reason=rejected.reason, detail={"lora_name": d.lora_name, "code": rejected.code,
+                                          "artifact_path": d.artifact_path})
+
+
 async def reconcile_once(sessions: sessionmaker, admins: Sequence[VllmAdmin], *,
-                         warm_grace_s: float, drain_s: float,
+                         warm_grace_s: float, drain_s: float, verify: Verify,
                          pool: ReplicaPool | None = None) -> ReconcileReport:
-    """One round: observe, retire expired warm versions, load what is missing, unload the rest."""
+    """One round: observe, retire expired warm versions, load what is missing (each artifact
+    verified first: `verify(path, sha256)` from service.engine.artifact.verifier), unload the
+    rest."""
     t0 = time.perf_counter()
     states = await observe(admins)
     report = ReconcileReport(replicas=states)
@@ -192,13 +228,16 @@ async def reconcile_once(sessions: sessionmaker, admins: Sequence[VllmAdmin], *,
             retired, want, names = await db_call(sessions, _retire_and_read, adapter_id,
                                              warm_grace_s, drain_s)
             report.retired += retired
-            await asyncio.gather(*(_converge_replica(by_url[s.url], s, want, names, report.errors)
+            await _verify_missing(sessions, verify, want, up, report.refused)
+            await asyncio.gather(*(_converge_replica(by_url[s.url], s, want, names, report.errors,
+                                                     report.refused)
                                    for s in up))
         finally:
             await asyncio.shield(asyncio.to_thread(lock.release))
     await db_call(sessions, _record, states)
     if pool is not None:
         apply_to_pool(pool, states)
+        pool.refused = dict(report.refused)
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -210,8 +249,9 @@ class EngineWatcher:
 
     def __init__(self, pool: ReplicaPool, sessions: sessionmaker, urls: Sequence[str], *,
                  observe_interval_s: float, reconcile_interval_s: float, warm_grace_s: float,
-                 drain_s: float, connect_timeout_s: float = 2.0) -> None:
+                 drain_s: float, verify: Verify, connect_timeout_s: float = 2.0) -> None:
         self.pool = pool
+        self.verify = verify
         self.sessions = sessions
         self.observe_interval_s = observe_interval_s
         self.reconcile_interval_s = reconcile_interval_s
@@ -264,7 +304,7 @@ class EngineWatcher:
             try:
                 self.last_report = await reconcile_once(
                     self.sessions, self._controls, warm_grace_s=self.warm_grace_s,
-                    drain_s=self.drain_s, pool=self.pool)
+                    drain_s=self.drain_s, verify=self.verify, pool=self.pool)
                 for e in self.last_report.errors:
                     log.warning("reconcile: %s", e)
             except Exception as exc:  # noqa: BLE001 - e.g. the database is down: try next round
@@ -279,7 +319,14 @@ def watcher_from_settings(settings: Settings, db_url: str, pool: ReplicaPool) ->
                          observe_interval_s=settings.replica_observe_interval_s,
                          reconcile_interval_s=settings.reconcile_interval_s,
                          warm_grace_s=settings.warm_grace_s, drain_s=settings.drain_s,
+                         verify=settings_verifier(settings),
                          connect_timeout_s=settings.upstream_connect_timeout_s)
+
+
+def settings_verifier(settings: Settings) -> Verify:
+    """The artifact check of this deployment's engine (its base model and LoRA rank)."""
+    return verifier(engine_base_model=settings.resolved_base_model,
+                    max_lora_rank=settings.vllm_max_lora_rank)
 
 
 def check_sizing(sessions: sessionmaker, settings: Settings) -> str | None:

@@ -48,6 +48,8 @@ class ReplicaPool:
             for u in urls
         ]
         self._rr = itertools.count()
+        # Desired versions the reconciler refused to load (lora name -> why), for /readyz.
+        self.refused: dict[str, str] = {}
 
     def candidates(self, model: str) -> list[Replica]:
         """Replicas able to serve model, rotated so load spreads.

@@ -298,9 +298,10 @@ async def rollback(sessions: sessionmaker, admins: Sequence[VllmAdmin], adapter_
                    ) -> SwapResult:
     """Serve the alias's previous version again (the base model when there is none).
 
-    Instant while the previous version is warm: it is only loaded on replicas that lack it (a
-    restarted one). Once retired it is verified, reloaded and smoke-tested first; a failure then
-    leaves the alias as it was (the version is marked failed only if its artifact is refused).
+    Instant while the previous version is warm on every replica. Where a replica lacks it (a
+    restarted one, or it was retired) it is verified, loaded and smoke-tested first; a failure
+    then leaves the alias as it was (the version is marked failed only if its artifact is
+    refused).
     """
     a = await db_call(sessions, swap_db.read_alias, adapter_id)
     t0 = time.perf_counter()
@@ -349,14 +350,15 @@ async def _ensure_loaded(sessions: sessionmaker, result: SwapResult, clock: _Clo
     if not lacking:
         return True
     was_desired = v.status in desired.LOADED_STATUSES
-    if not was_desired:
-        rejected = await _verify(v, config)
-        clock.lap("verify")
-        if rejected is not None:
-            result._fail("verify", rejected.code, rejected.reason)
-            await db_call(sessions, swap_db.mark_failed, v, action=result.action, actor=actor,
-                          code=rejected.code, reason=rejected.reason, phase="verify")
-            return False
+    # Every load is verified, a desired (warm) version's too: its file may have changed on
+    # disk since it was first loaded.
+    rejected = await _verify(v, config)
+    clock.lap("verify")
+    if rejected is not None:
+        result._fail("verify", rejected.code, rejected.reason)
+        await db_call(sessions, swap_db.mark_failed, v, action=result.action, actor=actor,
+                      code=rejected.code, reason=rejected.reason, phase="verify")
+        return False
     error = await _load_everywhere(result, lacking, v.lora_name, v.artifact_path)
     clock.lap("load")
     if not error:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
@@ -14,6 +15,7 @@ from service.db.models import Adapter, AdapterVersion, AuditEvent, EngineReplica
 from service.db.session import session_scope
 from service.embedded import free_port
 from service.engine import swap as sw
+from service.engine.artifact import WEIGHTS_FILE, verifier
 from service.engine.reconcile import apply_to_pool, observe, reconcile_once
 from service.engine.replicas import ReplicaPool
 from service.engine.vllm_admin import VllmAdmin
@@ -28,6 +30,10 @@ pytest_plugins = ["tests.helpers.replicas"]
 pytestmark = pytest.mark.vllm
 
 GRACE = {"warm_grace_s": 600.0, "drain_s": 3.0}
+
+
+def _verify(cfg: sw.SwapConfig):
+    return verifier(engine_base_model=cfg.engine_base_model, max_lora_rank=cfg.max_lora_rank)
 
 
 @pytest.fixture()
@@ -113,7 +119,7 @@ async def test_reconcile_loads_missing_unloads_refused_and_leaves_foreign_names(
     await a.load_lora(dead_name, str(lora_template))     # a failed version someone loaded
     await a.load_lora(foreign, str(lora_template))       # not ours: must be left alone
     try:
-        report = await reconcile_once(db_sessions, admins, **GRACE)
+        report = await reconcile_once(db_sessions, admins, **GRACE, verify=_verify(swap_cfg))
         assert report.errors == []
         held_a, held_b = await a.loaded_loras(), await b.loaded_loras()
         assert live_name in held_a and live_name in held_b
@@ -133,10 +139,10 @@ async def test_reconcile_leaves_an_alias_alone_while_an_operation_holds_it(
     assert (await sw.swap(db_sessions, admins, v, swap_cfg)).ok
     async with sw.alias_locked(db_sessions, adapter_id, alias, wait_s=5):
         await admins[1].unload_lora(name)
-        report = await reconcile_once(db_sessions, admins, **GRACE)
+        report = await reconcile_once(db_sessions, admins, **GRACE, verify=_verify(swap_cfg))
         assert adapter_id in report.busy
         assert name not in await admins[1].loaded_loras()
-    report = await reconcile_once(db_sessions, admins, **GRACE)
+    report = await reconcile_once(db_sessions, admins, **GRACE, verify=_verify(swap_cfg))
     assert name in await admins[1].loaded_loras()
 
 
@@ -150,10 +156,12 @@ async def test_warm_versions_retire_after_their_grace_and_drain(admins, versions
         assert (await sw.swap(db_sessions, admins, v, swap_cfg)).ok
     oldest, previous, live = names
     # Swapped back to back: the oldest is still inside drain_s, so it stays loaded for now.
-    await reconcile_once(db_sessions, admins, warm_grace_s=600, drain_s=60)
+    await reconcile_once(db_sessions, admins, warm_grace_s=600, drain_s=60,
+                         verify=_verify(swap_cfg))
     assert all({oldest, previous, live} <= held for held in
                [await a.loaded_loras() for a in admins])
-    await reconcile_once(db_sessions, admins, warm_grace_s=600, drain_s=0)
+    await reconcile_once(db_sessions, admins, warm_grace_s=600, drain_s=0,
+                         verify=_verify(swap_cfg))
     with session_scope(db_sessions) as s:
         statuses = dict(s.execute(select(AdapterVersion.lora_name, AdapterVersion.status)
                                   .where(AdapterVersion.adapter_id == adapter_id)).all())
@@ -188,7 +196,7 @@ async def test_observer_takes_a_down_replica_out_of_routing(swap_replicas, admin
             assert len(pool.candidates("loaded-a-moment-ago")) == 2
         finally:
             await pool.aclose()
-    await reconcile_once(db_sessions, admins, **GRACE)
+    await reconcile_once(db_sessions, admins, **GRACE, verify=_verify(swap_cfg))
 
 
 def test_api_refuses_to_start_when_the_engine_is_too_small(swap_replicas, db_url, broker_url,
@@ -207,3 +215,53 @@ def test_api_refuses_to_start_when_the_engine_is_too_small(swap_replicas, db_url
     proc.stop()
     assert "engine is too small" in str(info.value)
     assert "--max-cpu-loras" in str(info.value)
+
+
+async def test_an_artifact_changed_after_promotion_is_loaded_nowhere_and_shown(
+        swap_api, swap_replicas, admins, versions, swap_cfg, db_sessions):
+    """Tamper with a live version's weights, restart a replica: the API's reconciler refuses to
+    load it there (sha256), audits that once, and /readyz names it; a pickle dropped beside a
+    warm version's safetensors is refused the same way. The replica that kept its verified
+    in-memory copy goes on serving it."""
+    alias, _ = versions.alias()
+    v1, name1 = versions.new(alias)
+    v2, name2 = versions.new(alias)
+    for v in (v1, v2):
+        assert (await sw.swap(db_sessions, admins, v, swap_cfg)).ok  # v2 live, v1 warm
+    with session_scope(db_sessions) as s:
+        path1 = s.get(AdapterVersion, v1).artifact_path
+        path2 = s.get(AdapterVersion, v2).artifact_path
+    weights = Path(path2) / WEIGHTS_FILE
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one bit pattern in the last tensor: same size, same header
+    weights.write_bytes(bytes(data))
+    (Path(path1) / "adapter_model.bin").write_bytes(b"not loaded, whatever it holds")
+
+    await asyncio.to_thread(swap_replicas.stop_one, 0)
+    await asyncio.to_thread(swap_replicas.start_one, 0)
+    t0 = time.monotonic()
+    async with httpx.AsyncClient(base_url=swap_api.url, timeout=10) as c:
+        while True:
+            refused = {r["lora_name"]: r["reason"] for r in (await c.get("/readyz")).json()
+                       .get("refused_artifacts", [])}
+            if {name1, name2} <= set(refused):
+                break
+            assert time.monotonic() - t0 < 60, refused
+            await asyncio.sleep(0.5)
+    assert "sha256" in refused[name2] and "pickle" in refused[name1]
+    await asyncio.sleep(2.5)  # more reconcile rounds: still refused, audited only once
+    loaded_restarted, loaded_kept = await admins[0].loaded_loras(), await admins[1].loaded_loras()
+    assert name1 not in loaded_restarted and name2 not in loaded_restarted
+    assert {name1, name2} <= loaded_kept
+    with session_scope(db_sessions) as s:
+        events = list(s.scalars(select(AuditEvent).where(
+            AuditEvent.action == "artifact.refused",
+            AuditEvent.target_id.in_([str(v1), str(v2)]))))
+    assert sorted(e.target_id for e in events) == sorted([str(v1), str(v2)])
+    assert all(e.actor == "reconciler" and e.tenant_id == versions.tenant for e in events)
+
+    # Rolling back to v1 needs a load on the restarted replica: verified, refused, v1 failed.
+    result = await sw.rollback(db_sessions, admins, versions.adapters[-1], swap_cfg, actor="test")
+    assert not result.ok and result.phase == "verify" and "pickle" in result.reason
+    with session_scope(db_sessions) as s:
+        assert s.get(AdapterVersion, v1).status == "failed"

@@ -13,6 +13,7 @@ from sqlalchemy import select
 from service.db.models import Adapter, AdapterVersion, AuditEvent
 from service.db.session import session_scope
 from service.engine import swap as sw
+from service.engine.artifact import verifier
 from service.engine.sizing import EngineSize
 from service.engine.vllm_admin import VllmAdmin
 from tests.conftest import bearer
@@ -216,7 +217,9 @@ async def test_rollback_is_instant_while_warm_and_reloads_once_retired(
 
     # v3 goes live, v1 becomes the warm previous version; then its grace period runs out.
     assert (await sw.swap(db_sessions, admins, v3, swap_cfg)).ok
-    report = await reconcile_once(db_sessions, admins, warm_grace_s=0, drain_s=0)
+    report = await reconcile_once(db_sessions, admins, warm_grace_s=0, drain_s=0,
+                                  verify=verifier(engine_base_model=swap_cfg.engine_base_model,
+                                                  max_lora_rank=swap_cfg.max_lora_rank))
     assert name1 in report.retired
     assert _version_row(db_sessions, v1).status == "retired"
     assert all(name1 not in held for held in await _loaded(admins))

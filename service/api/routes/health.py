@@ -55,7 +55,12 @@ async def readyz(state: State) -> JSONResponse:
             problem = f"{type(exc).__name__}"
         report[name] = "ok" if problem is None else f"unavailable: {problem}"
     ready = all(v == "ok" for v in report.values())
-    return JSONResponse({"ready": ready, "checks": report}, status_code=200 if ready else 503,
+    # Not a readiness failure (the process can serve everything else) but never hidden: a
+    # version whose artifact changed on disk is refused and named here until it is fixed.
+    body = {"ready": ready, "checks": report,
+            "refused_artifacts": [{"lora_name": n, "reason": r}
+                                  for n, r in sorted(state.pool.refused.items())]}
+    return JSONResponse(body, status_code=200 if ready else 503,
                         headers=None if ready else {"Retry-After": str(state.settings.retry_after_s)})
 
 
