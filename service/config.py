@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     routing_cache_ttl_s: float = 1.0
     # How long a verified API key is trusted without re-reading the DB (revocation bound).
     auth_cache_ttl_s: float = 5.0
+    # Failed key lookups per client address and minute before 429 (per API process).
+    auth_failures_per_minute: int = Field(60, ge=1)
 
     # Feedback rate limits per minute (0 disables); a poisoning guard, shared by API processes.
     feedback_rate_per_tenant: int = 20_000

@@ -97,6 +97,9 @@ def api_settings(db_url, broker_url, vllm, tiny_model, stack_root) -> dict[str, 
         "database_url": db_url, "broker_url": broker_url, "vllm_urls": vllm.url,
         "base_model": str(tiny_model), "data_dir": str(stack_root / "data"),
         "routing_cache_ttl_s": "0.5", "auth_cache_ttl_s": "1", "max_body_bytes": "200000",
+        # Every test calls from 127.0.0.1: the shared API must not throttle one test for the
+        # bad keys another sent (tests/integration/test_auth.py tests the throttle on its own).
+        "auth_failures_per_minute": "100000",
     }
 
 

@@ -15,6 +15,7 @@ from sqlalchemy.engine import make_url
 
 from service import __version__
 from service.api import errors
+from service.api.auth_guard import FailedAuthThrottle
 from service.api.limits import BodyLimitMiddleware
 from service.api.observe import RequestMetricsMiddleware
 from service.api.routes import adapters, audit, exports, feedback, gateway, health, runs
@@ -58,6 +59,8 @@ def build_state(settings: Settings) -> AppState:
                     sessions=make_async_sessionmaker(engine), fast_pool=fast_pool, pool=pool,
                     redis=redis,
                     auth_cache=TTLCache(settings.auth_cache_ttl_s),
+                    auth_misses=TTLCache(settings.auth_cache_ttl_s),
+                    failed_auth=FailedAuthThrottle(settings.auth_failures_per_minute),
                     route_cache=TTLCache(settings.routing_cache_ttl_s),
                     policies=PolicyStore(settings.policy_dir))
 

@@ -23,9 +23,10 @@ State = Annotated[AppState, Depends(get_state)]
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
-async def get_principal(state: State,
+async def get_principal(request: Request, state: State,
                         authorization: Annotated[str | None, Header()] = None) -> Principal:
-    """The caller, from `Authorization: Bearer <key>`; 401 when missing, malformed or revoked."""
+    """The caller, from `Authorization: Bearer <key>`; 401 when missing, malformed or revoked,
+    429 for an address past its failed-lookup limit (valid cached keys still pass)."""
     if not authorization:
         raise ApiError(401, "missing API key: send Authorization: Bearer <key>",
                        code="missing_api_key", headers=_CHALLENGE)
@@ -33,9 +34,17 @@ async def get_principal(state: State,
     if scheme.lower() != "bearer" or not key.strip():
         raise ApiError(401, "malformed Authorization header: expected 'Bearer <key>'",
                        code="invalid_api_key", headers=_CHALLENGE)
-    principal = await state.principal(hash_key(key.strip()))
+    key_hash = hash_key(key.strip())
+    if (principal := state.cached_principal(key_hash)) is not None:
+        return principal
+    addr = request.client.host if request.client else "unknown"
+    if (wait := state.failed_auth.begin(addr)) is not None:
+        raise ApiError(429, f"too many failed authentications from this address; retry in {wait} s",
+                       code="auth_rate_limited", headers={"Retry-After": str(wait)})
+    principal = await state.principal(key_hash)
     if principal is None:
         raise ApiError(401, "invalid or revoked API key", code="invalid_api_key", headers=_CHALLENGE)
+    state.failed_auth.succeeded(addr)
     return principal
 
 

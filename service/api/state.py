@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from service import ratelimit
+from service.api.auth_guard import FailedAuthThrottle
 from service.batching import Batcher
 from service.config import Settings
 from service.db import hotpath
@@ -36,23 +38,26 @@ FEEDBACK_BATCHES_INFLIGHT = 1
 
 
 class TTLCache:
-    """A tiny dict with per-entry expiry; bounded so a key-guessing client cannot grow it."""
+    """A tiny dict with per-entry expiry, bounded: past max_entries the least recently used
+    entry goes (never the whole cache)."""
 
     def __init__(self, ttl_s: float, max_entries: int = 10_000) -> None:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
-        self._data: dict[Any, tuple[float, Any]] = {}
+        self._data: OrderedDict[Any, tuple[float, Any]] = OrderedDict()
 
     def get(self, key: Any) -> tuple[bool, Any]:
         hit = self._data.get(key)
         if hit is None or hit[0] < time.monotonic():
             return False, None
+        self._data.move_to_end(key)
         return True, hit[1]
 
     def put(self, key: Any, value: Any) -> None:
-        if len(self._data) >= self.max_entries:
-            self._data.clear()
         self._data[key] = (time.monotonic() + self.ttl_s, value)
+        self._data.move_to_end(key)
+        while len(self._data) > self.max_entries:
+            self._data.popitem(last=False)
 
     def clear(self) -> None:
         self._data.clear()
@@ -71,6 +76,8 @@ class AppState:
     auth_cache: TTLCache
     route_cache: TTLCache
     policies: PolicyStore
+    auth_misses: TTLCache = field(default_factory=lambda: TTLCache(5.0))
+    failed_auth: FailedAuthThrottle = field(default_factory=lambda: FailedAuthThrottle(60))
     background: set[asyncio.Task] = field(default_factory=set)
     # Adapters with new feedback since the last trigger check: id -> (alias, tenant).
     dirty: dict[uuid.UUID, tuple[str, str]] = field(default_factory=dict)
@@ -87,13 +94,21 @@ class AppState:
             shared_failure=lambda exc: isinstance(exc, (PgOperationalError, PgPoolTimeout, OSError)))
         self.rate_counter = ratelimit.window_counter(self.redis)
 
+    def cached_principal(self, key_hash: str) -> repo.Principal | None:
+        """A valid key seen within auth_cache_ttl_s, without touching the database."""
+        return self.auth_cache.get(key_hash)[1]
+
     async def principal(self, key_hash: str) -> repo.Principal | None:
+        """The key's principal, or None for an unknown or revoked key. Valid keys and misses
+        are cached apart, so misses (a key-guessing flood) never evict valid keys."""
         found, principal = self.auth_cache.get(key_hash)
         if found:
             return principal
+        if self.auth_misses.get(key_hash)[0]:
+            return None
         async with self.sessions() as session:
             principal = await repo.principal_for_hash(session, key_hash)
-        self.auth_cache.put(key_hash, principal)
+        (self.auth_cache if principal is not None else self.auth_misses).put(key_hash, principal)
         return principal
 
     async def route(self, tenant_id: str, alias: str) -> repo.Route | None:

@@ -119,3 +119,40 @@ def test_every_other_route_in_the_schema_needs_a_key(client):
             assert r.status_code == 401, (method, path, r.status_code, r.text[:200])
             checked += 1
     assert checked >= 20
+
+
+@pytest.fixture(scope="module")
+def throttled_api(api_settings, stack_root):
+    from tests.helpers.stack import ApiProcess, flywheel_env
+
+    env = flywheel_env(**{**api_settings, "auth_failures_per_minute": "20",
+                          "auth_cache_ttl_s": "30"})
+    proc = ApiProcess(env=env, log=stack_root / "api-auth-flood.log").start()
+    yield proc
+    proc.stop()
+
+
+def test_a_flood_of_random_keys_is_throttled_and_valid_keys_keep_working(throttled_api, make_key,
+                                                                          tenant, db_sessions):
+    import httpx
+    from concurrent.futures import ThreadPoolExecutor
+
+    valid, fresh = make_key(tenant, "ops"), make_key(tenant, "ops")
+    with httpx.Client(base_url=throttled_api.url, timeout=30) as c:
+        assert c.get("/v1/runs", headers=bearer(valid)).status_code == 200  # now cached
+
+        def guess(_):
+            return c.get("/v1/runs", headers=bearer(f"fw_{uuid.uuid4().hex}")).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(guess, range(300)))
+        # The first 20 failures each cost a lookup and a 401; then the address waits, with no
+        # database query at all, until the minute is over.
+        assert codes.count(401) == 20 and codes.count(429) == 280, (codes.count(401), codes.count(429))
+        r = c.get("/v1/runs", headers=bearer(f"fw_{uuid.uuid4().hex}"))
+        assert r.status_code == 429 and r.json()["error"]["code"] == "auth_rate_limited"
+        assert 1 <= int(r.headers["retry-after"]) <= 60
+        # 300 misses evicted nothing: the cached valid key answers at once, flood or not.
+        assert c.get("/v1/runs", headers=bearer(valid)).status_code == 200
+        # A valid key the process has not seen yet waits like the flood (same address).
+        assert c.get("/v1/runs", headers=bearer(fresh)).status_code == 429

@@ -32,3 +32,4 @@ def test_rate_limit_key_parts_never_collide_and_always_encode():
     assert key_part("ab", "c") != key_part("a", "bc")
     assert len(key_part("t", "\ud800")) == 32  # a lone surrogate cannot fail the batch
     assert key_part("t", "r") == key_part("t", "r")
+
