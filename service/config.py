@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     routing_cache_ttl_s: float = 1.0
     # How long a verified API key is trusted without re-reading the DB (revocation bound).
     auth_cache_ttl_s: float = 5.0
+    # /metrics: with a token, every series for its bearer only; without, tenant-free series.
+    metrics_token: SecretStr | None = None
+    metrics_cache_s: float = Field(5.0, ge=0)
     # Failed key lookups per client address and minute before 429 (per API process).
     auth_failures_per_minute: int = Field(60, ge=1)
 

@@ -100,6 +100,8 @@ def api_settings(db_url, broker_url, vllm, tiny_model, stack_root) -> dict[str, 
         # Every test calls from 127.0.0.1: the shared API must not throttle one test for the
         # bad keys another sent (tests/integration/test_auth.py tests the throttle on its own).
         "auth_failures_per_minute": "100000",
+        # Tests read per-alias series; the cache would hide a change for its 5 s.
+        "metrics_token": METRICS_TOKEN, "metrics_cache_s": "0",
     }
 
 
@@ -146,6 +148,10 @@ def tenant() -> str:
 def client(api) -> httpx.Client:
     with httpx.Client(base_url=api.url, timeout=60) as c:
         yield c
+
+
+METRICS_TOKEN = "test-metrics-token"
+METRICS_AUTH = {"Authorization": f"Bearer {METRICS_TOKEN}"}
 
 
 def bearer(key: str) -> dict[str, str]:

@@ -78,6 +78,7 @@ class AppState:
     policies: PolicyStore
     auth_misses: TTLCache = field(default_factory=lambda: TTLCache(5.0))
     failed_auth: FailedAuthThrottle = field(default_factory=lambda: FailedAuthThrottle(60))
+    metrics_db_cache: tuple[float, bytes] | None = None  # (expires at, exposition text)
     background: set[asyncio.Task] = field(default_factory=set)
     # Adapters with new feedback since the last trigger check: id -> (alias, tenant).
     dirty: dict[uuid.UUID, tuple[str, str]] = field(default_factory=dict)

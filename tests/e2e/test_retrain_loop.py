@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from service.db.models import AdapterVersion, AuditEvent, EvalResult
 from service.engine.artifact import verify_artifact
-from tests.conftest import bearer
+from tests.conftest import METRICS_AUTH, bearer
 from tests.helpers.loop import chat_and_rate
 from tests.helpers.runs import wait_first_run, wait_run
 from tests.helpers.stack import ApiProcess, WorkerProcess, flywheel_env
@@ -131,7 +131,7 @@ def test_approved_version_goes_live_then_rolls_back_on_thumbs_down(loop_stack, m
         assert c.get(f"/v1/interactions/{r.headers['x-interaction-id']}",
                      headers=bearer(key)).json()["served_model"] == "base"
         # The loop's state, read from Postgres, is on the API's /metrics for Prometheus.
-        scraped = c.get("/metrics").text
+        scraped = c.get("/metrics", headers=METRICS_AUTH).text
         for line in (f'flywheel_rollbacks{{kind="automatic",tenant="{tenant}"}} 1.0',
                      'flywheel_runs{state="rolled_back"}', 'flywheel_gate_verdicts{verdict="passed"}',
                      f'flywheel_swap_seconds{{alias="{alias}",tenant="{tenant}"}}',

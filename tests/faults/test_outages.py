@@ -18,7 +18,7 @@ from service.db import repositories as repo
 from service.db.session import make_sync_engine, session_scope
 from service.embedded import ensure_postgres, free_port, stop_postgres
 from service.security import display_prefix, generate_key, hash_key
-from tests.conftest import bearer
+from tests.conftest import METRICS_AUTH, bearer
 from tests.helpers.metrics import sample
 from tests.helpers.stack import REPO, ApiProcess, flywheel_env
 
@@ -140,7 +140,7 @@ def test_storage_failure_still_answers_and_is_counted(client, db_url, make_key, 
 
 
 def _storage_failures(client) -> float:
-    found = sample(client.get("/metrics").text, "flywheel_storage_failures_total",
+    found = sample(client.get("/metrics", headers=METRICS_AUTH).text, "flywheel_storage_failures_total",
                    kind="interaction")
     return found or 0.0
 

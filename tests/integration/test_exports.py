@@ -25,7 +25,7 @@ from service.db.models import Adapter, AdapterVersion, AuditEvent, Export, Train
 from service.db.session import session_scope
 from service.engine.artifact import artifact_sha256
 from service.wakeup import wake_run
-from tests.conftest import bearer
+from tests.conftest import METRICS_AUTH, bearer
 from tests.helpers.stack import ApiProcess, WorkerProcess, flywheel_env
 from tests.helpers.vllm import make_random_lora
 from workers.export import llama_cpp_available
@@ -182,7 +182,7 @@ def test_gguf_export_passes_the_gate_and_downloads_by_checksum(
         reasons = [a.reason for a in s.scalars(select(AuditEvent).where(
             AuditEvent.target_id == queued["id"]))]
     assert actions == ["export.requested", "export.passed"] and "edge box" in reasons
-    scraped = client.get("/metrics").text
+    scraped = client.get("/metrics", headers=METRICS_AUTH).text
     assert f'flywheel_exports{{format="gguf",quant="q8_0",status="passed",tenant="{tenant}"}} 1.0' \
         in scraped
 

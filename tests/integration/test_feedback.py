@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import func, select
 
 from service.db.models import Feedback
-from tests.conftest import bearer
+from tests.conftest import METRICS_AUTH, bearer
 
 pytestmark = pytest.mark.vllm
 
@@ -142,5 +142,5 @@ def test_oversized_chunked_body_is_413(client, served, api_settings):
 def test_feedback_metrics(client, served, api):
     key, alias, iid = served
     client.post("/v1/feedback", headers=bearer(key), json={"interaction_id": iid, "rating": "down"})
-    text = client.get("/metrics").text
+    text = client.get("/metrics", headers=METRICS_AUTH).text
     assert f'flywheel_feedback_total{{alias="{alias}",rating="down"}} 1.0' in text

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from service.db import hotpath
 from service.db.models import Feedback
 from service.ratelimit import window_counter
-from tests.conftest import bearer
+from tests.conftest import METRICS_AUTH, bearer
 from tests.helpers.data import seed_interactions
 from tests.helpers.metrics import sample
 from tests.helpers.stack import ApiProcess, flywheel_env
@@ -132,7 +132,7 @@ async def test_a_concurrent_burst_keeps_every_rating_and_the_limits_exact(
     rows = _rows(db_sessions, [uuid.UUID(i) for i in ids])
     assert len([k for k in rows if k[1].startswith("u")]) == 30
     # Fewer statements than accepted ratings: the burst shared them.
-    metrics = httpx.get(f"{burst_api.url}/metrics").text
+    metrics = httpx.get(f"{burst_api.url}/metrics", headers=METRICS_AUTH).text
     written = sample(metrics, "flywheel_feedback_batch_size_sum")
     statements = sample(metrics, "flywheel_feedback_batch_size_count")
     assert written == 70 and statements < written

@@ -6,7 +6,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import bearer
+from tests.conftest import METRICS_AUTH, bearer
 
 pytestmark = pytest.mark.vllm
 
@@ -111,7 +111,7 @@ def test_metrics_count_gateway_traffic(client, product, api):
     r = client.post("/v1/chat/completions", headers=bearer(key),
                     json={"model": alias, "messages": MESSAGES, "max_tokens": 2})
     assert r.status_code == 200
-    text = httpx.get(f"{api.url}/metrics").text
+    text = httpx.get(f"{api.url}/metrics", headers=METRICS_AUTH).text
     assert f'flywheel_interactions_total{{alias="{alias}"}} 1.0' in text
     assert f'flywheel_gateway_latency_seconds_count{{alias="{alias}",version="base"}} 1.0' in text
     assert 'flywheel_http_requests_total{method="POST",route="/v1/chat/completions",status="200"}' in text

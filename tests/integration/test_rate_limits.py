@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.conftest import bearer
+from tests.conftest import METRICS_AUTH, bearer
 from tests.helpers.data import seed_interactions
 from tests.integration.test_trigger import _key_id
 from tests.helpers.stack import ApiProcess, flywheel_env
@@ -44,4 +44,4 @@ def test_rater_and_tenant_limits_answer_429_with_retry_after(limited_api, db_ses
         oid = seed_interactions(db_sessions, other, oalias, _key_id(db_sessions, okey), 1)[0]
         assert c.post("/v1/feedback", headers=bearer(okey),
                       json={"interaction_id": oid, "rating": "up"}).status_code == 201
-        assert 'flywheel_feedback_rate_limited_total{scope="rater"}' in c.get("/metrics").text
+        assert 'flywheel_feedback_rate_limited_total{scope="rater"}' in c.get("/metrics", headers=METRICS_AUTH).text

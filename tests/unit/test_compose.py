@@ -122,3 +122,13 @@ def test_grafana_dashboard_queries_metrics_flywheel_exports():
             base = re.sub(r"_(total|bucket|count|sum)$", "", name)
             assert base in exported or f'"{base}"' in source, f"{panel['title']}: {name} is not exported"
     assert metrics_db  # the module the DB-derived series come from
+
+
+def test_prometheus_scrapes_the_api_with_the_metrics_token_and_grafana_has_no_anonymous_access():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    token = compose["x-flywheel-env"]["FLYWHEEL_METRICS_TOKEN"]
+    prometheus = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    api_job = next(j for j in prometheus["scrape_configs"] if j["job_name"] == "flywheel-api")
+    assert token == "${FLYWHEEL_METRICS_TOKEN:-" + api_job["authorization"]["credentials"] + "}"
+    grafana = compose["services"]["grafana"]["environment"]
+    assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false" and "GF_AUTH_ANONYMOUS_ORG_ROLE" not in grafana

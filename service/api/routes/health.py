@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
+import time
+from typing import Annotated
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Header, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from service import metrics, metrics_db
+from service import metrics, metrics_db, metrics_redact
 from service.api.deps import State
+from service.api.errors import ApiError
 
 router = APIRouter(tags=["health"])
 
@@ -65,17 +69,41 @@ async def readyz(state: State) -> JSONResponse:
 
 
 @router.get("/metrics", include_in_schema=False)
-async def prometheus_metrics(state: State) -> Response:
+async def prometheus_metrics(state: State,
+                             authorization: Annotated[str | None, Header()] = None) -> Response:
     """This process's (or, in multiprocess mode, all API processes') metrics, plus the loop's
-    state from Postgres (omitted, not failed, while the database is down)."""
+    state from Postgres (omitted, not failed, while the database is down). With
+    FLYWHEEL_METRICS_TOKEN set: every series, for a bearer of that token only. Without: the
+    tenant-free series (service.metrics_redact), to anyone."""
+    token = state.settings.metrics_token
+    if token is not None:
+        sent = (authorization or "").partition(" ")[2].strip()
+        if not hmac.compare_digest(sent.encode(), token.get_secret_value().encode()):
+            raise ApiError(401, "metrics need the metrics token: Authorization: Bearer <token>",
+                           code="invalid_metrics_token", headers={"WWW-Authenticate": "Bearer"})
     body, content_type = metrics.render(state.settings.prometheus_multiproc_dir is not None)
+    body += await _db_metrics(state)
+    if token is None:
+        body = metrics_redact.tenant_free(body.decode()).encode()
+    return Response(body, media_type=content_type)
+
+
+async def _db_metrics(state) -> bytes:
+    """The loop's state from Postgres, cached for metrics_cache_s: seven aggregate queries per
+    scrape would otherwise run as often as anyone scrapes."""
+    now = time.monotonic()
+    cached = state.metrics_db_cache
+    if cached is not None and cached[0] > now:
+        return cached[1]
     try:
         async with state.sessions() as session:
             aliases = (await session.execute(text("SELECT tenant_id, alias FROM adapters"))).all()
             thresholds = {(t, a): state.policies.for_alias(a, t).trigger.min_new_ratings
                           for t, a in aliases}
-            body += await metrics_db.render(
+            body = await metrics_db.render(
                 session, thresholds, [(r.url, r.is_up()) for r in state.pool.replicas])
     except Exception:  # noqa: BLE001 - scrapes must not fail with the DB; the gap shows the outage
         metrics.SCRAPE_DB_FAILURES.inc()
-    return Response(body, media_type=content_type)
+        return b""
+    state.metrics_db_cache = (now + state.settings.metrics_cache_s, body)
+    return body
