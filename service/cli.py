@@ -92,8 +92,12 @@ def keys_create(
     from service.db.session import session_scope
     from service.security import display_prefix, generate_key, hash_key
 
-    if not tenant.strip():
-        raise typer.BadParameter("tenant must not be empty", param_hint="--tenant")
+    from service.names import NameRefused, check_name
+
+    try:
+        check_name("tenant id", tenant)
+    except NameRefused as exc:
+        raise typer.BadParameter(str(exc), param_hint="--tenant") from exc
     url, sessions = _sync_sessions()
     _require_migrated(url)
     key = generate_key()
@@ -154,8 +158,9 @@ def adapters_create(
     from service.db import repositories as repo
     from service.db.session import session_scope
 
-    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,62}", alias):
-        raise typer.BadParameter("use 1-63 chars of a-z, 0-9, '.', '_', '-'", param_hint="ALIAS")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,62}", alias) or "--" in alias:
+        raise typer.BadParameter("use 1-63 chars of a-z, 0-9, '.', '_', '-', and no '--' (the "
+                                 "separator of version names)", param_hint="ALIAS")
     url, sessions = _sync_sessions()
     _require_migrated(url)
     with session_scope(sessions) as session:

@@ -10,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from service.names import check_name
 from service.db.models import (
     Adapter,
     AdapterVersion,
@@ -48,6 +49,7 @@ class Route:
 def ensure_tenant(session: Session, tenant_id: str) -> Tenant:
     tenant = session.get(Tenant, tenant_id)
     if tenant is None:
+        check_name("tenant id", tenant_id)
         tenant = Tenant(id=tenant_id, name=tenant_id)
         session.add(tenant)
         session.flush()
@@ -87,6 +89,7 @@ def ensure_adapter(session: Session, tenant_id: str, alias: str, description: st
         select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.alias == alias)
     ).first()
     if adapter is None:
+        check_name("alias", alias)
         adapter = Adapter(tenant_id=tenant_id, alias=alias, description=description)
         session.add(adapter)
         session.flush()

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select, text
 
+from service.names import check_name
 from service.api.deps import OpsCaller, State
 from service.api.errors import ApiError
 from service.api.export_views import ExportOut, list_for_adapter
@@ -81,7 +82,7 @@ class AdapterCreate(BaseModel):
     def _slug(cls, v: str) -> str:
         if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,62}", v):
             raise ValueError("use lowercase letters, digits, '.', '_' and '-'")
-        return v
+        return check_name("alias", v)
 
 
 class RollbackBody(BaseModel):
