@@ -19,7 +19,9 @@ from tests.helpers.stack import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
-MIN_GAIN = 0.15  # the base answers 0%; working loops ended at 29% to 62% on test (BENCHMARKS §1)
+# The base answers 0% and a broken loop stays there. Working loops (BENCHMARKS §1, 3 seeds, 48
+# test prompts): round 1 alone reached 15-29%, three rounds ended at 29-67%.
+MIN_GAIN = 0.10
 
 
 @pytest.mark.timeout(1500)
@@ -28,7 +30,8 @@ def test_the_loop_learns_on_held_out_prompts_and_poisoned_raters_promote_nothing
     out, data = tmp_path / "result.json", tmp_path / "data"
     r = subprocess.run(
         [sys.executable, "-m", "bench.learning", "--task", "house_style", "--model", "tiny",
-         "--seeds", "1", "--rounds", "3", "--test-n", "48", "--arms", "clean", "poisoned", "--no-oracle",
+         "--seeds", "1", "--rounds", "3", "--test-n", "48", "--arms", "clean", "poisoned",
+         "--no-oracle",
          "--data-dir", str(data), "--out", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=1400)
     log = r.stdout + r.stderr
