@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from service.db import repositories as repo
 from service.db.models import Adapter, AdapterVersion, Export, ExportStatus, VersionStatus
+from service.engine.artifact import file_sha256
 from service.policy import ExportSpec
 from service.runs import _json
 
@@ -200,15 +201,33 @@ def claimable_exports(session: Session) -> list[uuid.UUID]:
 
 def file_path(export: Export, name: str) -> Path | None:
     """The on-disk path of a manifest file of the export, or None when it is missing, outside the
-    export's directory, or not the size the manifest recorded."""
+    export's directory, or not the size and sha256 the manifest recorded.
+
+    Blocking (hashes the file unless this process hashed the same unchanged file before: same
+    inode, size and modification time): call it through a thread from async code."""
     entry = next((f for f in export.files or [] if f["name"] == name), None)
     if entry is None or not export.path:
         return None
     root = Path(export.path).resolve()
     path = (root / name).resolve()
-    if not path.is_relative_to(root) or not path.is_file() or path.stat().st_size != entry["bytes"]:
+    if not path.is_relative_to(root) or not path.is_file():
         return None
+    st = path.stat()
+    if st.st_size != entry["bytes"]:
+        return None
+    stamp = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if _VERIFIED.get(stamp) != entry["sha256"]:
+        if file_sha256(path) != entry["sha256"]:
+            return None
+        if len(_VERIFIED) >= 4096:
+            _VERIFIED.clear()
+        _VERIFIED[stamp] = entry["sha256"]
     return path
+
+
+# (path, inode, size, mtime) -> the sha256 it was verified to have. Rewriting a file in place
+# changes its mtime, replacing it changes its inode, so a stale entry is never matched.
+_VERIFIED: dict[tuple, str] = {}
 
 
 def delete_export(session: Session, export: Export, *, actor: str, reason: str | None) -> list[Path]:

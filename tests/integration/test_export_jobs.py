@@ -199,3 +199,25 @@ def test_download_links_expire_and_are_stored_hashed(broker_url):
             await redis.aclose()
 
     asyncio.run(go())
+
+
+def test_a_one_time_link_opens_exactly_one_download_even_when_raced(broker_url):
+    import asyncio
+
+    from redis.asyncio import Redis
+
+    from service import download_links as links
+
+    async def go():
+        redis = Redis.from_url(broker_url)
+        try:
+            target = links.LinkTarget(uuid.uuid4(), "model.gguf", "t-1")
+            token = await links.create_link(redis, target, ttl_s=30, one_time=True)
+            got = await asyncio.gather(*(links.resolve_link(redis, token) for _ in range(20)))
+            assert got.count(target) == 1 and got.count(None) == 19
+            reusable = await links.create_link(redis, target, ttl_s=30)
+            assert [await links.resolve_link(redis, reusable) for _ in range(3)] == [target] * 3
+        finally:
+            await redis.aclose()
+
+    asyncio.run(go())

@@ -186,6 +186,26 @@ def test_gguf_export_passes_the_gate_and_downloads_by_checksum(
     assert f'flywheel_exports{{format="gguf",quant="q8_0",status="passed",tenant="{tenant}"}} 1.0' \
         in scraped
 
+    # A one-time link opens one download; the next use finds nothing.
+    once = client.post(links, headers=bearer(ops), json={"name": "Modelfile", "one_time": True})
+    assert once.status_code == 201 and once.json()["one_time"] is True
+    assert client.get(once.json()["url"]).status_code == 200
+    again = client.get(once.json()["url"])
+    assert again.status_code == 404 and again.json()["error"]["code"] == "link_not_found"
+
+    # A file changed on disk after the export, same size: size and sha256 are checked on every
+    # download, so neither the keyed route nor a link serves it.
+    with db_sessions() as s:
+        path = Path(s.get(Export, uuid.UUID(queued["id"])).path) / "model.gguf"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    link = client.post(links, headers=bearer(ops), json={"name": "model.gguf"}).json()
+    for r in (client.get(f"/v1/adapters/{alias}/exports/{queued['id']}/files/model.gguf",
+                         headers=bearer(ops)), client.get(link["url"])):
+        assert r.status_code == 410 and r.json()["error"]["code"] == "export_file_gone"
+        assert "sha256" in r.json()["error"]["message"]
+
 
 @needs_llama_cpp
 def test_too_aggressive_quant_fails_with_numbers_then_fallback_finds_one_that_passes(

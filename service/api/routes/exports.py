@@ -139,7 +139,7 @@ async def download_export_file(alias: AliasPath, export_id: uuid.UUID,
     async with state.sessions() as session:
         adapter = await _adapter(session, caller.tenant_id, alias)
         export, _ = await _export(session, adapter.id, export_id)
-    return _file_response(export, name)
+    return await _file_response(export, name)
 
 
 def _entry(export: Export, name: str) -> dict[str, Any]:
@@ -155,12 +155,15 @@ def _entry(export: Export, name: str) -> dict[str, Any]:
     return entry
 
 
-def _file_response(export: Export, name: str) -> FileResponse:
+async def _file_response(export: Export, name: str) -> FileResponse:
     entry = _entry(export, name)
-    path = domain.file_path(export, name)
+    # Size and sha256 checked on every download (the hash is reused only for the same unchanged
+    # file): what leaves is what the consistency gate passed.
+    path = await asyncio.to_thread(domain.file_path, export, name)
     if path is None:
-        raise ApiError(410, f"{name} is no longer on the artifact disk (or changed since it was "
-                       "exported): export again", param="name", code="export_file_gone")
+        raise ApiError(410, f"{name} is no longer on the artifact disk, or its size or sha256 "
+                       "changed since it was exported: export again", param="name",
+                       code="export_file_gone")
     return FileResponse(path, media_type="application/octet-stream", filename=path.name,
                         headers={"X-Checksum-Sha256": entry["sha256"],
                                  "ETag": f'"{entry["sha256"]}"'})
@@ -170,6 +173,7 @@ class LinkRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=300, description="A file of the export's manifest")
+    one_time: bool = Field(False, description="The link opens one download, then is gone")
 
 
 class LinkOut(BaseModel):
@@ -178,6 +182,7 @@ class LinkOut(BaseModel):
     name: str
     bytes: int
     sha256: str
+    one_time: bool
 
 
 def _redis_down(state, exc: Exception) -> ApiError:
@@ -192,7 +197,7 @@ async def create_download_link(alias: AliasPath, export_id: uuid.UUID, body: Lin
                                caller: OpsCaller, state: State) -> LinkOut:
     """A short-lived URL for one file (ops): it needs no Authorization header, so a browser or
     curl streams a multi-GB GGUF straight to disk. Anyone holding it can download until it
-    expires (FLYWHEEL_DOWNLOAD_LINK_TTL_S)."""
+    expires (FLYWHEEL_DOWNLOAD_LINK_TTL_S), or, with `one_time`, for one download."""
     async with state.sessions() as session:
         adapter = await _adapter(session, caller.tenant_id, alias)
         export, _ = await _export(session, adapter.id, export_id)
@@ -200,18 +205,20 @@ async def create_download_link(alias: AliasPath, export_id: uuid.UUID, body: Lin
     ttl = state.settings.download_link_ttl_s
     try:
         token = await links.create_link(
-            state.redis, links.LinkTarget(export.id, body.name, caller.tenant_id), ttl)
+            state.redis, links.LinkTarget(export.id, body.name, caller.tenant_id), ttl,
+            one_time=body.one_time)
     except (RedisError, OSError) as exc:
         raise _redis_down(state, exc) from exc
     return LinkOut(url=f"/v1/downloads/{token}", expires_in_s=ttl, name=body.name,
-                   bytes=entry["bytes"], sha256=entry["sha256"])
+                   bytes=entry["bytes"], sha256=entry["sha256"], one_time=body.one_time)
 
 
 @router.get("/v1/downloads/{token}", response_class=FileResponse,
             responses={200: {"content": {"application/octet-stream": {}}}})
 async def download_by_link(token: Annotated[str, Path(min_length=20, max_length=100)],
                            state: State) -> FileResponse:
-    """Download the file a link opens (no key: the link is the credential, until it expires)."""
+    """Download the file a link opens (no key: the link is the credential, until it expires or,
+    one-time, is used)."""
     try:
         target = await links.resolve_link(state.redis, token)
     except (RedisError, OSError) as exc:
@@ -225,4 +232,4 @@ async def download_by_link(token: Annotated[str, Path(min_length=20, max_length=
     if export is None:
         raise ApiError(404, "the export of this link no longer exists", code="export_not_found")
     # Checked again: the export may have been deleted since the link was made.
-    return _file_response(export, target.name)
+    return await _file_response(export, target.name)
