@@ -1,8 +1,12 @@
 """The policies the benchmark's product runs under, per base model, and the oracle's override.
 
-Picked on dev splits, never on test. SmolLM2's is the demo's (service/demo.py: SFT on the
-corrections, 10 epochs at 3e-4, LoRA r=16 on every linear projection; picked on the support
-desk's dev split, used unchanged for the other tasks) with automatic approval, so that the gate is the only judge, and a trigger at each round's ratings. The tiny
+Picked on dev splits, never on test. SmolLM2's training is the demo's (service/demo.py: SFT on
+the corrections, 10 epochs at 3e-4, LoRA r=16 on every linear projection; picked on the support
+desk's dev split, used unchanged for the other tasks) with automatic approval, so that the gate
+is the only judge, and a trigger at each round's ratings. Its golden suite is the shipped
+default's generic one (policies/default.yaml: small talk still answered, no template markup, no
+loops), not the demo's "capital of France": a task whose users want every answer in their house
+rules rightly trains that case away (BENCHMARKS.md §1, the support desk's first run). The tiny
 model's continues the serving adapter for 150 steps at 1e-3 on every linear projection, picked
 among four on the house-style task's dev split (BENCHMARKS.md §1); it has no golden case, since
 the tiny model knows no facts.
@@ -27,7 +31,8 @@ gate:
   min_preference_accuracy: 0.6
   max_nll_regression: 0.05
   golden:
-    - {{prompt: "What is the capital of France?", must_contain: ["Paris"], max_tokens: 48}}
+    - {{prompt: "Hello! How are you today?", non_empty: true, no_template_tokens: true, max_repetition: 0.5, max_tokens: 48}}
+    - {{prompt: "Thanks, that was helpful.", non_empty: true, no_template_tokens: true, max_repetition: 0.5, max_tokens: 48}}
 approval: auto
 watch: {{window_minutes: 30, min_samples: 20, max_drop: 0.2, alpha: 0.05}}
 """
