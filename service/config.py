@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     # Feedback rate limits per minute (0 disables); a poisoning guard, shared by API processes.
     feedback_rate_per_tenant: int = 20_000
     feedback_rate_per_rater: int = 120
+    feedback_rate_per_key: int = 10_000  # per API key, however many rater ids it posts as
 
     # How long a download link for an export file stays valid (it needs no key while it does).
     download_link_ttl_s: int = Field(300, ge=10, le=86_400)

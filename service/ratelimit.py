@@ -29,7 +29,7 @@ LIMITER_UNAVAILABLE = Counter("flywheel_rate_limiter_unavailable_total",
 @dataclass(frozen=True)
 class Verdict:
     allowed: bool
-    scope: str | None = None  # "tenant" | "rater"
+    scope: str | None = None  # "tenant" | "key" | "rater"
     limit: int = 0
     retry_after_s: int = 0
 
@@ -73,22 +73,28 @@ def key_part(*ids: str) -> str:
 
 
 async def check_feedback(counter: Batcher[tuple[str, ...], list[int]], tenant_id: str,
-                         rater_id: str, *, per_tenant: int, per_rater: int,
-                         now: float | None = None) -> Verdict:
-    """Count this feedback in the current minute; refuse it if either window is full."""
+                         rater_id: str, *, per_tenant: int, per_rater: int, key_id: str = "",
+                         per_key: int = 0, now: float | None = None) -> Verdict:
+    """Count this feedback in the current minute; refuse it if any window is full. A rater is
+    namespaced by the key that posts it (two keys' "alice" are two raters), and the key itself
+    has its own window: a key inventing rater ids still meets `per_key`."""
     now = time.time() if now is None else now
     window = int(now // 60)
     retry = max(1, 60 - int(now % 60))
     tenant_key = f"fw:rl:t:{key_part(tenant_id)}:{window}"
-    rater_key = f"fw:rl:r:{key_part(tenant_id, rater_id)}:{window}"
+    rater_key = f"fw:rl:r:{key_part(tenant_id, key_id, rater_id)}:{window}"
+    api_key = f"fw:rl:k:{key_part(tenant_id, key_id)}:{window}"
     try:
-        tenant_n, rater_n = await counter.submit((tenant_key, rater_key))
+        tenant_n, rater_n, key_n = await counter.submit((tenant_key, rater_key, api_key))
     except (RedisError, OSError):
         LIMITER_UNAVAILABLE.inc()
         return Verdict(True)
     if per_rater and rater_n > per_rater:
         RATE_LIMITED.labels("rater").inc()
         return Verdict(False, "rater", per_rater, retry)
+    if per_key and key_n > per_key:
+        RATE_LIMITED.labels("key").inc()
+        return Verdict(False, "key", per_key, retry)
     if per_tenant and tenant_n > per_tenant:
         RATE_LIMITED.labels("tenant").inc()
         return Verdict(False, "tenant", per_tenant, retry)

@@ -100,6 +100,7 @@ class RatedInteraction:
     rater_id: str  # "" if unknown
     created_at: datetime
     version: str | None = None  # lora name that answered
+    posted_by: str = ""  # the API key that posted the rating ("" if unknown)
 
 
 class ChatTokenizer(Protocol):
@@ -131,6 +132,8 @@ class DatasetPolicy:
     max_chars: int | None = 16_000  # on the rendered prompt+completion
     max_tokens: int | None = None  # same, in tokens; needs a tokenizer that can tokenize
     max_rater_share: float | None = None  # e.g. 0.5: poisoning guard; None disables
+    # The same cap per posting API key: one key inventing rater ids is still one key.
+    max_key_share: float | None = None
     min_examples: int = 8  # in the chosen format's training set
     seed: int = 0  # replay sampling and rater-cap tie breaking
     split_salt: str = ""  # change to re-draw the held-out set (invalidates comparability)
@@ -786,11 +789,21 @@ class _Curator:
         return prepared, seen_ids, set(seen_keys)
 
     def cap_raters(self, items: list[_Item]) -> list[_Item]:
-        """Apply the per-rater share cap, logging what it drops."""
+        """Apply the per-key share cap, then the per-rater one (raters namespaced by the key
+        that posted them), logging what each drops."""
         kept, capped = cap_rater_share(
             items,
+            self.policy.max_key_share,
+            rater=lambda i: i.src.posted_by,
+            item_id=lambda i: i.id,
+            seed=self.policy.seed,
+        )
+        for it in capped:
+            self.drop(it.id, "rater_cap", f"posting key over {self.policy.max_key_share:.0%} share")
+        kept, capped = cap_rater_share(
+            kept,
             self.policy.max_rater_share,
-            rater=lambda i: i.src.rater_id or "",
+            rater=lambda i: f"{i.src.posted_by}/{i.src.rater_id or ''}",
             item_id=lambda i: i.id,
             seed=self.policy.seed,
         )

@@ -56,7 +56,7 @@ def heldout_raw(ctx: WorkerContext, run_id: uuid.UUID) -> list[dict]:
 
 _RATED = text("""
 SELECT i.id, i.messages, i.response_text, i.served_model, f.rating, f.correction, f.rater_id,
-       f.created_at
+       f.created_at, f.api_key_id
 FROM feedback f JOIN interactions i ON i.id = f.interaction_id
 WHERE f.adapter_id = :adapter_id AND f.seq > :lo AND f.seq <= :hi
   AND (NOT :good_only OR f.rating = 'up' OR f.correction IS NOT NULL)
@@ -75,7 +75,8 @@ def load_rated(session, adapter_id: uuid.UUID, lo: int, hi: int, *, good_only: b
     return [RatedInteraction(interaction_id=str(r.id), messages=r.messages,
                              response_text=r.response_text, rating=r.rating,
                              correction=r.correction, rater_id=r.rater_id,
-                             created_at=r.created_at, version=r.served_model) for r in rows]
+                             created_at=r.created_at, version=r.served_model,
+                             posted_by=str(r.api_key_id or "")) for r in rows]
 
 
 def example_token_limit(policy: Policy, context_len: int) -> int:
@@ -159,14 +160,18 @@ def train(ctx: WorkerContext, claim: runs.Claim) -> str:
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     token_limit = example_token_limit(policy, ctx.context_len())
     d = policy.dataset
-    raters = {item.rater_id for item in new}
+    # Caps apply where there is more than one of a kind: a lone rater (or the one key a
+    # product posts with) is not capped against itself.
+    raters = {(item.posted_by, item.rater_id) for item in new}
     rater_cap = d.max_rater_share if len(raters) >= 2 else None
+    key_cap = d.max_rater_share if len({item.posted_by for item in new}) >= 2 else None
     try:
         built = build_dataset(new, replay_pool, tokenizer=tokenizer, redactor=get_redactor(d.redactor),
                               policy=DatasetPolicy(
                                   method=policy.training.method, heldout_fraction=d.heldout_fraction,
                                   replay_fraction=d.replay_fraction, max_chars=d.max_chars,
-                                  max_rater_share=rater_cap, min_examples=d.min_examples,
+                                  max_rater_share=rater_cap, max_key_share=key_cap,
+                                  min_examples=d.min_examples,
                                   max_tokens=token_limit,
                                   seed=policy.training.seed))
     except NotEnoughData as exc:

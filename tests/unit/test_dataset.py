@@ -572,6 +572,23 @@ def test_rater_cap_in_build() -> None:
     assert built.stats["sft_train"] == 8
 
 
+def test_one_key_posting_as_a_thousand_raters_is_capped_as_one_key() -> None:
+    """Rotating rater ids passes the per-rater cap; the per-key cap still holds the key to its
+    share (and the same rater id under two keys is two raters)."""
+    from dataclasses import replace
+
+    flood = [replace(ri(i, rater=f"sock{i}"), posted_by="key-mallory") for i in range(1000)]
+    honest = [replace(ri(1000 + i, rater=f"u{i}"), posted_by=f"key-{i % 3}") for i in range(30)]
+    built = build(flood + honest, max_rater_share=0.5, max_key_share=0.5)
+    kept = [d for d in built.drops if d["reason"] == "rater_cap"]
+    assert len(kept) == 1000 - 30  # the flood keeps as many items as everyone else together
+    assert built.stats["sft_train"] == 60
+    # Without the key cap the flood passes the rater cap untouched: 1,000 of 1,030.
+    assert build(flood + honest, max_rater_share=0.5).stats["sft_train"] == 1030
+    same_name = [replace(ri(i, rater="alice"), posted_by=f"key-{i % 2}") for i in range(4)]
+    assert build(same_name, max_rater_share=0.5).stats["sft_train"] == 4  # two raters, 50% each
+
+
 # ---------------------------------------------------------------------------------------------
 # Held-out split
 

@@ -27,9 +27,11 @@ async def post_feedback(body: FeedbackRequest, caller: Caller, state: State):
     settings = state.settings
     verdict = await ratelimit.check_feedback(
         state.rate_counter, caller.tenant_id, rater, per_tenant=settings.feedback_rate_per_tenant,
-        per_rater=settings.feedback_rate_per_rater)
+        per_rater=settings.feedback_rate_per_rater, key_id=str(caller.key_id),
+        per_key=settings.feedback_rate_per_key)
     if not verdict.allowed:
-        who = f"rater {rater!r}" if verdict.scope == "rater" else f"tenant {caller.tenant_id!r}"
+        who = {"rater": f"rater {rater!r}", "key": "this API key"}.get(
+            verdict.scope, f"tenant {caller.tenant_id!r}")
         raise ApiError(429, f"feedback rate limit for {who}: {verdict.limit} per minute",
                        param="rater_id" if verdict.scope == "rater" else None,
                        code=f"{verdict.scope}_rate_limited",
