@@ -1,8 +1,8 @@
 """Policies: what ops decide per alias (trigger, training, gate, approval, canary, watch, rollback,
 edge export).
 
-policies/default.yaml applies to every alias; policies/<alias>.yaml (or <tenant>--<alias>.yaml,
-which wins) is deep-merged over it. Files are validated at start; a bad file names itself, the
+policies/default.yaml applies to every alias; policies/<alias>.yaml (for the tenants it names)
+or <tenant>--<alias>.yaml (which wins) is deep-merged over it. Files are validated at start; a bad file names itself, the
 field and why. Policies are re-read when their files change (checked on each lookup, cheap stat).
 """
 
@@ -213,8 +213,29 @@ def _validate(path: Path, data: dict) -> Policy:
         raise PolicyError(f"{path}: field {field}: {first['msg']}") from exc
 
 
+_MISSING = object()
+
+
+def _tenants(path: Path, value: Any) -> frozenset[str] | None:
+    """A shared file's `tenants`: a list of tenant ids, or "*" (None: every tenant)."""
+    if value == "*":
+        return None
+    if value is _MISSING:
+        raise PolicyError(f"{path}: field tenants: a shared alias file must name the tenants it "
+                          f"applies to (tenants: [acme, globex], or tenants: \"*\" for every "
+                          f"tenant); a tenant's own file is <tenant>--<alias>.yaml")
+    if not isinstance(value, list) or not value or not all(isinstance(t, str) and t for t in value):
+        raise PolicyError(f"{path}: field tenants: a list of tenant ids, or \"*\"")
+    return frozenset(value)
+
+
 class PolicyStore:
-    """Loads and validates every policy file; reloads when a file changes."""
+    """Loads and validates every policy file; reloads when a file changes.
+
+    A shared alias file (`<alias>.yaml`) applies only to the tenants it names (`tenants:`), so
+    one tenant's alias never takes, or shows, a policy (golden prompts included) written for
+    another's alias of the same name; `<tenant>--<alias>.yaml` always wins.
+    """
 
     def __init__(self, policy_dir: Path) -> None:
         self.policy_dir = Path(policy_dir)
@@ -224,6 +245,7 @@ class PolicyStore:
         self._default: Policy = Policy()
         self._checked_at = 0.0
         self._cache: dict[tuple[str, str | None], Policy] = {}
+        self._shared: dict[str, frozenset[str] | None] = {}
         self.reload()
 
     def _current_stamp(self) -> tuple:
@@ -236,8 +258,17 @@ class PolicyStore:
         """Read and validate all files; raises PolicyError on the first bad one (state unchanged)."""
         stamp = self._current_stamp()
         raw: dict[str, dict] = {}
+        shared: dict[str, frozenset[str] | None] = {}
         for path in sorted(self.policy_dir.glob("*.yaml")) if self.policy_dir.is_dir() else []:
-            raw[path.stem] = _read_yaml(path)
+            data = _read_yaml(path)
+            tenants = data.pop("tenants", _MISSING)
+            if path.stem == "default" or "--" in path.stem:
+                if tenants is not _MISSING:
+                    raise PolicyError(f"{path}: field tenants: only a shared alias file "
+                                      f"(<alias>.yaml) names the tenants it applies to")
+            else:
+                shared[path.stem] = _tenants(path, tenants)
+            raw[path.stem] = data
         default_raw = raw.get("default", {})
         default = _validate(self.policy_dir / "default.yaml", default_raw)
         for name, data in raw.items():
@@ -245,6 +276,7 @@ class PolicyStore:
                 _validate(self.policy_dir / f"{name}.yaml", _merge(default_raw, data))
         with self._lock:
             self._raw, self._default, self._stamp = raw, default, stamp
+            self._shared = shared
             self._cache = {}
 
     def _maybe_reload(self) -> None:
@@ -282,11 +314,15 @@ class PolicyStore:
             general = ["default.yaml"] if "default" in self._raw else []
         return general + ([f"{own}.yaml"] if own else [])
 
-    @staticmethod
-    def _own_file(raw: dict[str, dict], alias: str, tenant_id: str | None) -> str | None:
-        for name in ([f"{tenant_id}--{alias}"] if tenant_id else []) + [alias]:
-            if name in raw and name != "default":
-                return name
+    def _own_file(self, raw: dict[str, dict], alias: str, tenant_id: str | None) -> str | None:
+        """The tenant's own file, else the shared alias file if it names this tenant (or "*");
+        with no tenant (the CLI without --tenant), the shared file."""
+        if tenant_id and f"{tenant_id}--{alias}" in raw:
+            return f"{tenant_id}--{alias}"
+        if alias in raw and alias != "default":
+            tenants = self._shared.get(alias)
+            if tenant_id is None or tenants is None or tenant_id in tenants:
+                return alias
         return None
 
     def _resolve(self, alias: str, tenant_id: str | None) -> Policy:

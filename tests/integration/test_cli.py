@@ -118,7 +118,7 @@ def test_policies_check_names_file_and_field(cli_env, tmp_path):
     (tmp_path / "default.yaml").write_text("approval: auto\n")
     ok = flywheel(cli_env, "policies", "check", policy_dir=str(tmp_path))
     assert ok.returncode == 0 and "valid" in ok.stdout
-    (tmp_path / "support-bot.yaml").write_text("trigger: {min_new_ratings: -3}\n")
+    (tmp_path / "support-bot.yaml").write_text("tenants: '*'\ntrigger: {min_new_ratings: -3}\n")
     bad = flywheel(cli_env, "policies", "check", policy_dir=str(tmp_path))
     assert bad.returncode == 1
     assert "support-bot.yaml" in bad.stderr and "trigger.min_new_ratings" in bad.stderr

@@ -22,7 +22,8 @@ def policy_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("policies")
     (d / "default.yaml").write_text("trigger: {min_new_ratings: 40}\n"
                                     "export: {fallback: true}\n")
-    (d / "bot.yaml").write_text("trigger: {min_new_ratings: 25}\napproval: auto\n")
+    (d / "bot.yaml").write_text(f"tenants: [{TENANT}]\ntrigger: {{min_new_ratings: 25}}\n"
+                                "approval: auto\n")
     (d / f"{TENANT}--bot.yaml").write_text("trigger: {min_new_ratings: 7}\n")
     return d
 
@@ -63,6 +64,18 @@ def test_policy_is_ops_only_and_per_tenant(policy_api, make_key, make_alias, ten
         assert c.get("/v1/adapters/bot/policy", headers=bearer(product)).status_code == 403
         r = c.get("/v1/adapters/bot/policy", headers=bearer(other_ops))
         assert r.status_code == 404 and r.json()["error"]["param"] == "alias"
+
+
+def test_another_tenants_alias_of_the_same_name_never_takes_the_shared_file(policy_api, make_key,
+                                                                            make_alias, tenant):
+    ops = make_key(tenant, "ops")
+    make_alias(tenant, "bot")
+    with httpx.Client(base_url=policy_api.url, timeout=30, headers=bearer(ops)) as c:
+        body = c.get("/v1/adapters/bot/policy").json()
+    # bot.yaml names only TENANT: this tenant's bot runs (and sees) the default alone.
+    assert body["sources"] == ["default.yaml"]
+    assert body["policy"]["approval"] == "manual"
+    assert body["policy"]["trigger"]["min_new_ratings"] == 40
 
 
 def test_cli_shows_the_same_policy(cli_env, policy_dir):  # noqa: F811 - the imported fixture

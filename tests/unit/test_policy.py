@@ -16,7 +16,7 @@ def write(d, name, text):
 
 def test_alias_file_overrides_default_and_tenant_file_wins(tmp_path):
     write(tmp_path, "default", "trigger: {min_new_ratings: 40}\napproval: manual\n")
-    write(tmp_path, "support-bot", "trigger: {min_up: 5}\n")
+    write(tmp_path, "support-bot", "tenants: '*'\ntrigger: {min_up: 5}\n")
     write(tmp_path, "acme--support-bot", "approval: auto\n")
     store = PolicyStore(tmp_path)
     p = store.for_alias("support-bot")
@@ -37,10 +37,36 @@ def test_alias_file_overrides_default_and_tenant_file_wins(tmp_path):
 ])
 def test_bad_field_names_file_and_field(tmp_path, text, field):
     write(tmp_path, "default", "approval: manual\n")
-    write(tmp_path, "support-bot", text)
+    write(tmp_path, "support-bot", "tenants: '*'\n" + text)
     with pytest.raises(PolicyError) as err:
         PolicyStore(tmp_path)
     assert "support-bot.yaml" in str(err.value) and f"field {field}" in str(err.value)
+
+
+def test_a_shared_alias_file_applies_only_to_the_tenants_it_names(tmp_path):
+    write(tmp_path, "default", "approval: manual\n")
+    write(tmp_path, "support-bot", "tenants: [acme]\napproval: auto\n"
+          "gate: {golden: [{prompt: acme's secret prompt}]}\n")
+    store = PolicyStore(tmp_path)
+    assert store.for_alias("support-bot", "acme").approval == "auto"
+    globex = store.for_alias("support-bot", "globex")
+    assert globex.approval == "manual" and globex.gate.golden == []  # nothing of acme's shows
+    assert store.source_for("support-bot", "globex") == ["default.yaml"]
+    assert store.source_for("support-bot", "acme") == ["default.yaml", "support-bot.yaml"]
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("support-bot", "approval: auto\n", "must name the tenants it applies to"),
+    ("support-bot", "tenants: []\n", "a list of tenant ids"),
+    ("support-bot", "tenants: acme\n", "a list of tenant ids"),
+    ("acme--support-bot", "tenants: [acme]\n", "only a shared alias file"),
+    ("default", "tenants: '*'\n", "only a shared alias file"),
+])
+def test_tenants_is_required_on_shared_files_and_refused_elsewhere(tmp_path, name, text, message):
+    write(tmp_path, name, text)
+    with pytest.raises(PolicyError, match=message) as err:
+        PolicyStore(tmp_path)
+    assert f"{name}.yaml" in str(err.value) and "field tenants" in str(err.value)
 
 
 def test_invalid_yaml_and_non_mapping_are_refused(tmp_path):
