@@ -73,6 +73,9 @@ class ReconcileReport:
     # Desired versions whose artifact failed verification: lora name -> why. Never loaded on a
     # replica that lacks them; a replica that already holds one keeps the copy it verified.
     refused: dict[str, str] = field(default_factory=dict)
+    # The same, for public eyes (/readyz): version id -> the rejection's code. Lora names and
+    # reasons (paths) carry tenant and alias names; the audit event has them, tenant-scoped.
+    refused_codes: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -180,16 +183,17 @@ async def _converge_replica(admin: VllmAdmin, state: ReplicaState,
 
 
 async def _verify_missing(sessions: sessionmaker, verify: Verify, want: list[desired.DesiredVersion],
-                          up: Sequence[ReplicaState], refused: dict[str, str]) -> None:
+                          up: Sequence[ReplicaState], report: ReconcileReport) -> None:
     """Verify (sha256, no pickles, loadable) every version some healthy replica is about to
-    load; a refusal is logged, audited once per version and reason, and kept in `refused`."""
+    load; a refusal is logged, audited once per version and reason, and kept in the report."""
     for d in want:
         if all(d.lora_name in (s.loaded or ()) for s in up):
             continue
         rejected = await asyncio.to_thread(verify, d.artifact_path, d.sha256)
         if rejected is None:
             continue
-        refused[d.lora_name] = rejected.reason
+        report.refused[d.lora_name] = rejected.reason
+        report.refused_codes[str(d.version_id)] = rejected.code
         log.error("reconcile: refusing to load %s: %s", d.lora_name, rejected.reason)
         await db_call(sessions, _audit_refused, d, rejected)
 
@@ -228,7 +232,7 @@ async def reconcile_once(sessions: sessionmaker, admins: Sequence[VllmAdmin], *,
             retired, want, names = await db_call(sessions, _retire_and_read, adapter_id,
                                              warm_grace_s, drain_s)
             report.retired += retired
-            await _verify_missing(sessions, verify, want, up, report.refused)
+            await _verify_missing(sessions, verify, want, up, report)
             await asyncio.gather(*(_converge_replica(by_url[s.url], s, want, names, report.errors,
                                                      report.refused)
                                    for s in up))
@@ -237,7 +241,7 @@ async def reconcile_once(sessions: sessionmaker, admins: Sequence[VllmAdmin], *,
     await db_call(sessions, _record, states)
     if pool is not None:
         apply_to_pool(pool, states)
-        pool.refused = dict(report.refused)
+        pool.refused = dict(report.refused_codes)
     report.seconds = time.perf_counter() - t0
     return report
 

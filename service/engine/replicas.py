@@ -48,7 +48,8 @@ class ReplicaPool:
             for u in urls
         ]
         self._rr = itertools.count()
-        # Desired versions the reconciler refused to load (lora name -> why), for /readyz.
+        # Desired versions the reconciler refused to load (version id -> rejection code), for
+        # /readyz: no lora names there, they carry tenant and alias names.
         self.refused: dict[str, str] = {}
 
     def candidates(self, model: str) -> list[Replica]:

@@ -220,7 +220,7 @@ def test_api_refuses_to_start_when_the_engine_is_too_small(swap_replicas, db_url
 async def test_an_artifact_changed_after_promotion_is_loaded_nowhere_and_shown(
         swap_api, swap_replicas, admins, versions, swap_cfg, db_sessions):
     """Tamper with a live version's weights, restart a replica: the API's reconciler refuses to
-    load it there (sha256), audits that once, and /readyz names it; a pickle dropped beside a
+    load it there (sha256), audits that once, and /readyz lists it (by version id); a pickle dropped beside a
     warm version's safetensors is refused the same way. The replica that kept its verified
     in-memory copy goes on serving it."""
     alias, _ = versions.alias()
@@ -242,13 +242,14 @@ async def test_an_artifact_changed_after_promotion_is_loaded_nowhere_and_shown(
     t0 = time.monotonic()
     async with httpx.AsyncClient(base_url=swap_api.url, timeout=10) as c:
         while True:
-            refused = {r["lora_name"]: r["reason"] for r in (await c.get("/readyz")).json()
-                       .get("refused_artifacts", [])}
-            if {name1, name2} <= set(refused):
+            ready = (await c.get("/readyz")).json()
+            refused = {r["version_id"]: r["code"] for r in ready.get("refused_artifacts", [])}
+            if {str(v1), str(v2)} <= set(refused):
                 break
             assert time.monotonic() - t0 < 60, refused
             await asyncio.sleep(0.5)
-    assert "sha256" in refused[name2] and "pickle" in refused[name1]
+    assert refused[str(v2)] == "sha256_mismatch" and refused[str(v1)] == "pickle"
+    assert versions.tenant not in str(ready) and alias not in str(ready)  # a public route
     await asyncio.sleep(2.5)  # more reconcile rounds: still refused, audited only once
     loaded_restarted, loaded_kept = await admins[0].loaded_loras(), await admins[1].loaded_loras()
     assert name1 not in loaded_restarted and name2 not in loaded_restarted

@@ -60,10 +60,11 @@ async def readyz(state: State) -> JSONResponse:
         report[name] = "ok" if problem is None else f"unavailable: {problem}"
     ready = all(v == "ok" for v in report.values())
     # Not a readiness failure (the process can serve everything else) but never hidden: a
-    # version whose artifact changed on disk is refused and named here until it is fixed.
+    # version whose artifact changed on disk is refused and listed here until it is fixed (by
+    # version id and code: this route is public; the audit event has names and the reason).
     body = {"ready": ready, "checks": report,
-            "refused_artifacts": [{"lora_name": n, "reason": r}
-                                  for n, r in sorted(state.pool.refused.items())]}
+            "refused_artifacts": [{"version_id": v, "code": c}
+                                  for v, c in sorted(state.pool.refused.items())]}
     return JSONResponse(body, status_code=200 if ready else 503,
                         headers=None if ready else {"Retry-After": str(state.settings.retry_after_s)})
 
