@@ -253,8 +253,7 @@ class SeedRun:
             "training": {key: (detail["metrics"].get("training") or {}).get(key)
                          for key in ("steps", "final_loss", "seconds")},
             "gate": gate_summary(detail),
-            "serving_before": {key: last[key] for key in ("rate", "ups", "n", "outcomes")
-                               if key in last},
+            "serving_before": {key: last[key] for key in ("rate", "ups", "n", "outcomes")},
             "serving": serving, "icl": icl,
         }
         artifact = (detail.get("lineage") or {}).get("artifact_path")
