@@ -2,8 +2,9 @@
 edge export).
 
 policies/default.yaml applies to every alias; policies/<alias>.yaml (for the tenants it names)
-or <tenant>--<alias>.yaml (which wins) is deep-merged over it. Files are validated at start; a bad file names itself, the
-field and why. Policies are re-read when their files change (checked on each lookup, cheap stat).
+or <tenant>--<alias>.yaml (which wins) is deep-merged over it. Files are validated at start;
+a bad file names itself, the field and why. Policies are re-read when their files change
+(checked on each lookup, cheap stat).
 """
 
 from __future__ import annotations

@@ -59,8 +59,8 @@ def window_counter(redis: Redis) -> Batcher[tuple[str, ...], list[int]]:
         return out
 
     return Batcher(run, max_batch=512, max_inflight=1,
-                   shared_failure=lambda exc: isinstance(exc, (ConnectionError, TimeoutError,
-                                                               OSError, RedisConnectionError,
+                   # OSError covers ConnectionError and TimeoutError; Redis has its own.
+                   shared_failure=lambda exc: isinstance(exc, (OSError, RedisConnectionError,
                                                                RedisTimeoutError)))
 
 
