@@ -51,8 +51,11 @@ dataset: {heldout_fraction: 0.2, min_examples: 8}
 gate:
   min_preference_accuracy: 0.6
   max_nll_regression: 0.05
-  golden:                    # generated through vLLM with the candidate loaded
-    - {prompt: "What is the capital of France?", must_contain: ["Paris"], max_tokens: 48}
+  golden:                    # generated through vLLM with the candidate loaded; generic on purpose:
+    # a fact case ("capital of France" must say Paris) is trained away by users who want every
+    # answer in the house rules (BENCHMARKS.md section 1, session 5's support-desk run)
+    - {prompt: "Hello! How are you today?", non_empty: true, no_template_tokens: true, max_repetition: 0.5, max_tokens: 48}
+    - {prompt: "Thanks, that was helpful.", non_empty: true, no_template_tokens: true, max_repetition: 0.5, max_tokens: 48}
 approval: manual
 watch: {window_minutes: 30, min_samples: 20, max_drop: 0.2, alpha: 0.05}
 """
