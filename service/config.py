@@ -50,6 +50,12 @@ class Settings(BaseSettings):
     # Failed key lookups per client address and minute before 429 (per API process).
     auth_failures_per_minute: int = Field(60, ge=1)
 
+    # Where interactions and ratings wait when Postgres cannot take them (fsync'd, replayed in
+    # order when it is back); default: data_dir/spool. Past spool_max_mb, writes get 503.
+    spool_dir: Path | None = None
+    spool_max_mb: int = Field(512, ge=1)
+    spool_replay_interval_s: float = Field(0.5, gt=0)
+
     # Feedback rate limits per minute (0 disables); a poisoning guard, shared by API processes.
     feedback_rate_per_tenant: int = 20_000
     feedback_rate_per_rater: int = 120
@@ -134,6 +140,18 @@ class Settings(BaseSettings):
     @property
     def resolved_artifact_dir(self) -> Path:
         return self.artifact_dir or (self.data_dir / "artifacts")
+
+    def spool_dir_for(self, database_url: str) -> Path:
+        """The spool folder for one database: records are only ever replayed into the
+        database they were meant for, even when checkouts share a spool_dir."""
+        from hashlib import blake2b
+
+        from sqlalchemy.engine import make_url
+
+        url = make_url(database_url)
+        where = f"{url.host}:{url.port}/{url.database}"
+        tag = blake2b(where.encode(), digest_size=6).hexdigest()
+        return (self.spool_dir or self.data_dir / "spool") / f"{url.database}-{tag}"
 
     @property
     def embedded_dir(self) -> Path:

@@ -40,7 +40,21 @@ FEEDBACK_BATCH = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
 STORAGE_FAILURES = Counter(
-    "flywheel_storage_failures_total", "Interactions the gateway answered but could not store",
+    "flywheel_storage_failures_total",
+    "Writes Postgres could not take (kind: interaction, response, feedback); spooled if it could",
+    ["kind"],
+)
+SPOOLED = Counter("flywheel_spooled_total", "Records written to the local spool", ["kind"])
+SPOOL_REPLAYED = Counter(
+    "flywheel_spool_replayed_total", "Spooled records written back to Postgres", ["kind"],
+)
+SPOOL_REJECTED = Counter(
+    "flywheel_spool_rejected_total",
+    "Spooled records Postgres refused on replay, set aside in the spool's rejected/ folder",
+    ["kind"],
+)
+SPOOL_FULL = Counter(
+    "flywheel_spool_refusals_total", "Writes neither Postgres nor the spool could take (503)",
     ["kind"],
 )
 UPSTREAM_ERRORS = Counter(

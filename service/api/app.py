@@ -80,7 +80,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # BENCHMARKS.md section 2).
         gc.collect()
         gc.freeze()
+        # Adopts what a previous process left in the spool; written back by the replay loop.
+        state.outbox.open()
         trigger_task = asyncio.create_task(state.trigger_loop(), name="trigger-loop")
+        replay_task = asyncio.create_task(
+            state.outbox.run(settings.spool_replay_interval_s), name="spool-replay")
         # Keeps state.pool following the replicas and converges them to the DB's desired state.
         watcher = reconcile.watcher_from_settings(settings, state.db_url, state.pool)
         log.info("flywheel API ready: db=%s replicas=%s", make_url(state.db_url).render_as_string(
@@ -90,7 +94,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             trigger_task.cancel()
-            await asyncio.gather(trigger_task, return_exceptions=True)
+            replay_task.cancel()
+            await asyncio.gather(trigger_task, replay_task, return_exceptions=True)
             await watcher.aclose()
             await state.aclose()
 

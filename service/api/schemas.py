@@ -79,6 +79,9 @@ class FeedbackOut(BaseModel):
     correction: str | None = None
     comment: str | None = None
     replaced: bool = False
+    # True (202): the interaction is in the local spool during a database outage; the rating
+    # is kept there too and attached when both are written back.
+    pending: bool = False
     created_at: datetime
     updated_at: datetime
 

@@ -23,7 +23,9 @@ from service.config import Settings
 from service.db import hotpath
 from service.db import repositories as repo
 from service.engine.replicas import ReplicaPool
-from service.metrics import FEEDBACK_BATCH, INTERACTIONS, STORAGE_FAILURES
+from service.spool import Spool
+from service.metrics import FEEDBACK, FEEDBACK_BATCH
+from service.outbox import Outbox, is_outage
 from service.policy import PolicyStore
 from service.runs import maybe_trigger_async
 from service.wakeup import wake_run
@@ -52,6 +54,11 @@ class TTLCache:
             return False, None
         self._data.move_to_end(key)
         return True, hit[1]
+
+    def stale(self, key: Any) -> tuple[bool, Any]:
+        """The last value stored for key, expired or not (until it is evicted)."""
+        hit = self._data.get(key)
+        return (False, None) if hit is None else (True, hit[1])
 
     def put(self, key: Any, value: Any) -> None:
         self._data[key] = (time.monotonic() + self.ttl_s, value)
@@ -83,9 +90,14 @@ class AppState:
     # Adapters with new feedback since the last trigger check: id -> (alias, tenant).
     dirty: dict[uuid.UUID, tuple[str, str]] = field(default_factory=dict)
     _sync_sessions: Any = None
+    # Interactions whose answer is being stored after the client got it: read-your-writes for
+    # GET /v1/interactions in this process.
+    completing: dict[uuid.UUID, asyncio.Task] = field(default_factory=dict)
     # Group commit for ratings and their rate-limit counters (see service.batching).
     feedback_writer: Batcher = field(init=False)
     rate_counter: Batcher = field(init=False)
+    # What Postgres could not take, kept on local disk and written back (service.outbox).
+    outbox: Outbox = field(init=False)
 
     def __post_init__(self) -> None:
         self.feedback_writer = Batcher(
@@ -94,6 +106,14 @@ class AppState:
             on_batch=FEEDBACK_BATCH.observe,
             shared_failure=lambda exc: isinstance(exc, (PgOperationalError, PgPoolTimeout, OSError)))
         self.rate_counter = ratelimit.window_counter(self.redis)
+        spool = Spool(self.settings.spool_dir_for(self.db_url),
+                      max_bytes=self.settings.spool_max_mb * 1024 * 1024)
+        self.outbox = Outbox(spool, self.fast_pool, on_feedback=self._feedback_replayed)
+
+    def _feedback_replayed(self, row: Any, write: hotpath.FeedbackWrite) -> None:
+        FEEDBACK.labels(row.alias or "", write.rating).inc()
+        if row.adapter_id is not None:
+            self.feedback_arrived(row.adapter_id, row.alias, write.tenant_id)
 
     def cached_principal(self, key_hash: str) -> repo.Principal | None:
         """A valid key seen within auth_cache_ttl_s, without touching the database."""
@@ -107,8 +127,20 @@ class AppState:
             return principal
         if self.auth_misses.get(key_hash)[0]:
             return None
-        async with self.sessions() as session:
-            principal = await repo.principal_for_hash(session, key_hash)
+        known, last = self.auth_cache.stale(key_hash)
+        if known and self.outbox.db_down:
+            return last
+        try:
+            async with self.sessions() as session:
+                principal = await repo.principal_for_hash(session, key_hash)
+        except Exception as exc:
+            # A database outage: keys seen before still work (nobody can revoke one while the
+            # database is down), so chats go on and land in the spool.
+            if is_outage(exc):
+                self.outbox.note_outage()
+                if known:
+                    return last
+            raise
         (self.auth_cache if principal is not None else self.auth_misses).put(key_hash, principal)
         return principal
 
@@ -118,23 +150,22 @@ class AppState:
         found, route = self.route_cache.get(key)
         if found:
             return route
-        async with self.sessions() as session:
-            route = await repo.route_for_alias(session, tenant_id, alias,
-                                               self.settings.base_model_name)
+        known, last = self.route_cache.stale(key)
+        if known and self.outbox.db_down:
+            return last
+        try:
+            async with self.sessions() as session:
+                route = await repo.route_for_alias(session, tenant_id, alias,
+                                                   self.settings.base_model_name)
+        except Exception as exc:
+            # A database outage: the last known route (no promotion can happen meanwhile).
+            if is_outage(exc):
+                self.outbox.note_outage()
+                if known:
+                    return last
+            raise
         self.route_cache.put(key, route)
         return route
-
-    async def store_interaction(self, values: dict[str, Any]) -> bool:
-        """Store one interaction; a failure is counted and logged, never raised to the client."""
-        try:
-            await hotpath.insert_interaction(self.fast_pool, values)
-        except Exception as exc:  # noqa: BLE001 - the client already has its answer
-            STORAGE_FAILURES.labels("interaction").inc()
-            # No message contents in logs: they may hold PII.
-            log.error("could not store interaction %s: %s", values.get("id"), type(exc).__name__)
-            return False
-        INTERACTIONS.labels(values.get("alias", "")).inc()
-        return True
 
     def feedback_arrived(self, adapter_id: uuid.UUID, alias: str, tenant_id: str) -> None:
         """Note new feedback; the trigger loop checks the adapter within trigger_debounce_s."""
@@ -191,6 +222,7 @@ class AppState:
             await self.check_triggers()
         if self.background:
             await asyncio.wait(self.background, timeout=10)
+        await self.outbox.aclose()
         await self.fast_pool.close()
         await self.pool.aclose()
         await self.redis.aclose()

@@ -21,15 +21,31 @@ from psycopg.rows import namedtuple_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+# ON CONFLICT: a spooled interaction is replayed again after a crash mid-replay.
 _INSERT_INTERACTION = """
 INSERT INTO interactions (id, tenant_id, api_key_id, alias, adapter_id, version_id, served_model,
-    replica, "user", messages, params, response_text, finish_reason, prompt_tokens,
-    completion_tokens, latency_ms, ttft_ms, stream, created_at)
+    replica, "user", messages, params, response_text, response_tool_calls, finish_reason,
+    prompt_tokens, completion_tokens, latency_ms, ttft_ms, stream, created_at)
 VALUES (%(id)s, %(tenant_id)s, %(api_key_id)s, %(alias)s, %(adapter_id)s, %(version_id)s,
     %(served_model)s, %(replica)s, %(user)s, %(messages)s, %(params)s, %(response_text)s,
-    %(finish_reason)s, %(prompt_tokens)s, %(completion_tokens)s, %(latency_ms)s, %(ttft_ms)s,
-    %(stream)s, now())
+    %(response_tool_calls)s, %(finish_reason)s, %(prompt_tokens)s, %(completion_tokens)s,
+    %(latency_ms)s, %(ttft_ms)s, %(stream)s, COALESCE(%(created_at)s::timestamptz, now()))
+ON CONFLICT (id) DO NOTHING
 """
+
+# The answer's half of an interaction stored while it was being generated.
+_COMPLETE_INTERACTION = """
+UPDATE interactions SET replica = %(replica)s, response_text = %(response_text)s,
+    response_tool_calls = %(response_tool_calls)s, finish_reason = %(finish_reason)s,
+    prompt_tokens = %(prompt_tokens)s, completion_tokens = %(completion_tokens)s,
+    latency_ms = %(latency_ms)s, ttft_ms = %(ttft_ms)s
+WHERE id = %(id)s
+"""
+PENDING = "pending"  # finish_reason of an interaction whose answer is not stored yet
+RESPONSE_FIELDS = ("replica", "response_text", "response_tool_calls", "finish_reason",
+                   "prompt_tokens", "completion_tokens", "latency_ms", "ttft_ms")
+_INTERACTION_DEFAULTS = {**dict.fromkeys(RESPONSE_FIELDS), "response_text": "",
+                         "finish_reason": PENDING, "created_at": None}
 
 # One statement for a batch of ratings (group commit): each must name an interaction that
 # exists and is visible to its caller, else nothing is written for it. A replaced rating draws
@@ -68,6 +84,7 @@ class FeedbackWrite:
     correction: str | None
     comment: str | None
     api_key_id: uuid.UUID
+    id: uuid.UUID | None = None  # set when the id was already given out (a spooled rating)
 
 
 def _strip_nul(value: Any) -> Any:
@@ -82,13 +99,36 @@ def _strip_nul(value: Any) -> Any:
     return value
 
 
+def _json_or_none(value: Any) -> Jsonb | None:
+    return None if value is None else Jsonb(value)
+
+
 async def insert_interaction(pool: AsyncConnectionPool, values: dict[str, Any]) -> None:
-    """Store one served interaction (autocommit: a single statement is its own transaction)."""
-    params = {k: _strip_nul(v) for k, v in values.items()}
+    """Store one interaction, with its answer or (absent answer fields) as pending; a row with
+    its id already stored is left alone (autocommit: one statement is its own transaction)."""
+    params = {**_INTERACTION_DEFAULTS, **{k: _strip_nul(v) for k, v in values.items()}}
     params["messages"] = Jsonb(params["messages"])
     params["params"] = Jsonb(params.get("params") or {})
+    params["response_tool_calls"] = _json_or_none(params["response_tool_calls"])
     async with pool.connection() as conn:
         await conn.execute(_INSERT_INTERACTION, params)
+
+
+async def complete_interaction(pool: AsyncConnectionPool, iid: uuid.UUID,
+                               fields: dict[str, Any]) -> None:
+    """Store the answer of an interaction inserted as pending."""
+    params = {**dict.fromkeys(RESPONSE_FIELDS), **{k: _strip_nul(v) for k, v in fields.items()},
+              "id": iid}
+    params["response_tool_calls"] = _json_or_none(params["response_tool_calls"])
+    async with pool.connection() as conn:
+        await conn.execute(_COMPLETE_INTERACTION, params)
+
+
+async def delete_unanswered(pool: AsyncConnectionPool, iid: uuid.UUID) -> None:
+    """Remove a pending interaction that was never answered (the engine refused or failed)."""
+    async with pool.connection() as conn:
+        await conn.execute("DELETE FROM interactions WHERE id = %s AND finish_reason = %s",
+                           (iid, PENDING))
 
 
 def _rounds(writes: list[FeedbackWrite]) -> list[list[int]]:
@@ -108,7 +148,7 @@ def _rounds(writes: list[FeedbackWrite]) -> list[list[int]]:
 async def _upsert(conn: AsyncConnection, writes: list[FeedbackWrite]) -> list[Any | None]:
     params: dict[str, list] = {c: [] for c in _FEEDBACK_COLUMNS}
     for w in writes:
-        params["id"].append(uuid.uuid4())
+        params["id"].append(w.id or uuid.uuid4())
         params["interaction_id"].append(w.interaction_id)
         params["tenant_id"].append(w.tenant_id)
         params["owner_key"].append(w.owner_key)

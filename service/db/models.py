@@ -192,6 +192,8 @@ class Interaction(Base):
     messages: Mapped[list[Any]] = mapped_column(JSONB)
     params: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
     response_text: Mapped[str] = mapped_column(Text, default="")
+    # The answer's tool calls (OpenAI's list), when it called tools.
+    response_tool_calls: Mapped[list[Any] | None] = mapped_column(JSONB)
     finish_reason: Mapped[str | None] = mapped_column(String(32))
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)

@@ -120,7 +120,10 @@ def test_postgres_restart_under_load_gives_503s_loses_nothing_and_recovers(api_s
     stop_postgres(root)
 
 
-def test_storage_failure_still_answers_and_is_counted(client, db_url, make_key, make_alias, tenant):
+def test_a_row_postgres_refuses_is_not_answered_as_stored(client, db_url, make_key, make_alias,
+                                                        tenant):
+    """Not an outage (the spool is for those) but a refusal: the client gets a 500 saying so,
+    never an interaction id for a row that does not exist."""
     key, alias = make_key(tenant, "product"), make_alias(tenant)
     constraint = f"reject_{uuid.uuid4().hex[:8]}"
     raw = db_url.replace("postgresql+psycopg://", "postgresql://")
@@ -130,10 +133,15 @@ def test_storage_failure_still_answers_and_is_counted(client, db_url, make_key, 
     try:
         before = _storage_failures(client)
         r = client.post("/v1/chat/completions", headers=bearer(key), json={**CHAT, "model": alias})
-        assert r.status_code == 200 and r.json()["choices"]
-        iid = r.headers["x-interaction-id"]
+        assert r.status_code == 500, r.text
+        assert r.json()["error"]["code"] == "interaction_not_stored"
+        assert "CheckViolation" in r.json()["error"]["message"] and "Traceback" not in r.text
+        assert "choices" not in r.json()
         assert _storage_failures(client) == before + 1
-        assert client.get(f"/v1/interactions/{iid}", headers=bearer(key)).status_code == 404
+        with client.stream("POST", "/v1/chat/completions", headers=bearer(key),
+                           json={**CHAT, "model": alias, "stream": True}) as r:
+            events = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert any('"interaction_not_stored"' in e for e in events), events
     finally:
         with psycopg.connect(raw, autocommit=True) as conn:
             conn.execute(f"ALTER TABLE interactions DROP CONSTRAINT {constraint}")

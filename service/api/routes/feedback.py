@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from dataclasses import replace
+from datetime import UTC, datetime
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from service import ratelimit
 from service.api.deps import Caller, State, owner_filter
-from service.api.errors import ApiError
+from service.api.errors import ApiError, unavailable
 from service.api.schemas import FeedbackOut, FeedbackRequest, InteractionOut
 from service.db import hotpath
 from service.db import repositories as repo
-from service.metrics import FEEDBACK
+from service.metrics import FEEDBACK, SPOOL_FULL
+from service.spool import SpoolFull, SpoolUnavailable
 
 router = APIRouter(tags=["feedback"])
 
 
 @router.post("/v1/feedback", response_model=FeedbackOut, status_code=201,
-             responses={200: {"model": FeedbackOut, "description": "an earlier rating replaced"}})
+             responses={200: {"model": FeedbackOut, "description": "an earlier rating replaced"},
+                        202: {"model": FeedbackOut, "description": "kept in the spool with its "
+                              "interaction during a database outage; written back after it"}})
 async def post_feedback(body: FeedbackRequest, caller: Caller, state: State):
     """Rate an interaction; posting again for the same (interaction, rater) replaces the rating."""
     # Without a rater_id, each key rates as one anonymous rater.
@@ -36,10 +42,16 @@ async def post_feedback(body: FeedbackRequest, caller: Caller, state: State):
                        param="rater_id" if verdict.scope == "rater" else None,
                        code=f"{verdict.scope}_rate_limited",
                        headers={"Retry-After": str(verdict.retry_after_s)})
-    row = await state.feedback_writer.submit(hotpath.FeedbackWrite(
+    write = hotpath.FeedbackWrite(
         interaction_id=body.interaction_id, tenant_id=caller.tenant_id,
         owner_key=owner_filter(caller), rater_id=rater, rating=body.rating,
-        correction=body.correction, comment=body.comment, api_key_id=caller.key_id))
+        correction=body.correction, comment=body.comment, api_key_id=caller.key_id)
+    if _visible_in_spool(state, write):
+        return await _spool_feedback(state, write)
+    if state.outbox.db_down:  # answered now, not after waiting for a connection
+        raise unavailable("database unavailable; retry shortly", state.settings.retry_after_s,
+                          "database_unavailable")
+    row = await state.feedback_writer.submit(write)
     if row is None:
         raise ApiError(404, f"interaction {body.interaction_id} not found", param="interaction_id",
                        code="interaction_not_found")
@@ -52,9 +64,34 @@ async def post_feedback(body: FeedbackRequest, caller: Caller, state: State):
     return JSONResponse(out.model_dump(mode="json"), status_code=200 if row.replaced else 201)
 
 
+def _visible_in_spool(state, write: hotpath.FeedbackWrite) -> bool:
+    held = state.outbox.held(write.interaction_id)
+    return held is not None and held.tenant_id == write.tenant_id and (
+        write.owner_key is None or held.api_key_id == write.owner_key)
+
+
+async def _spool_feedback(state, write: hotpath.FeedbackWrite) -> JSONResponse:
+    """A rating of an interaction still in the spool: kept after it, written back after it."""
+    write = replace(write, id=uuid.uuid4())
+    try:
+        await state.outbox.add_feedback(write)
+    except (SpoolFull, SpoolUnavailable) as exc:
+        SPOOL_FULL.labels("feedback").inc()
+        raise unavailable(f"database unavailable and the local spool cannot take more: {exc}",
+                          state.settings.retry_after_s, "storage_unavailable") from exc
+    now = datetime.now(UTC)
+    out = FeedbackOut(id=write.id, interaction_id=write.interaction_id, rating=write.rating,
+                      rater_id=write.rater_id, correction=write.correction,
+                      comment=write.comment, pending=True, created_at=now, updated_at=now)
+    return JSONResponse(out.model_dump(mode="json"), status_code=202)
+
+
 @router.get("/v1/interactions/{interaction_id}", response_model=InteractionOut)
 async def get_interaction(interaction_id: uuid.UUID, caller: Caller, state: State) -> InteractionOut:
     """An interaction with its feedback; other tenants' (and, for product keys, other keys') → 404."""
+    completing = state.completing.get(interaction_id)
+    if completing is not None:  # its answer is being stored by this process: read your writes
+        await asyncio.shield(completing)
     async with state.sessions() as session:
         found = await repo.get_interaction(session, interaction_id, caller.tenant_id,
                                            owner_filter(caller))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any
@@ -11,6 +12,7 @@ from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
 from service import context_window, gateway
+from service.api import storing
 from service.api.deps import Caller, State
 from service.api.errors import ApiError, unavailable
 from service.api.schemas import ChatCompletionRequest, ModelCard, ModelList
@@ -20,18 +22,30 @@ from service.metrics import GATEWAY_LATENCY, GATEWAY_TTFT
 router = APIRouter(tags=["gateway"])
 
 
-def _interaction_values(iid: uuid.UUID, caller, body: ChatCompletionRequest, route, served,
-                        capture: gateway.Capture) -> dict[str, Any]:
+def _request_values(iid: uuid.UUID, caller, body: ChatCompletionRequest, route,
+                    served) -> dict[str, Any]:
     return {
         "id": iid, "tenant_id": caller.tenant_id, "api_key_id": caller.key_id,
         "alias": body.model, "adapter_id": route.adapter_id, "version_id": served.version_id,
-        "served_model": served.model, "replica": capture.replica, "user": body.user,
+        "served_model": served.model, "user": body.user,
         "messages": [m.model_dump(exclude_none=True) for m in body.messages],
-        "params": body.stored_params(), "response_text": capture.text,
-        "finish_reason": capture.finish_reason, "prompt_tokens": capture.prompt_tokens,
-        "completion_tokens": capture.completion_tokens, "latency_ms": capture.latency_ms,
-        "ttft_ms": capture.ttft_ms, "stream": body.stream,
+        "params": body.stored_params(), "stream": body.stream,
     }
+
+
+def _answer_values(capture: gateway.Capture) -> dict[str, Any]:
+    return {
+        "replica": capture.replica, "response_text": capture.text,
+        "response_tool_calls": getattr(capture, "tool_calls", None), "finish_reason": capture.finish_reason,
+        "prompt_tokens": capture.prompt_tokens, "completion_tokens": capture.completion_tokens,
+        "latency_ms": capture.latency_ms, "ttft_ms": capture.ttft_ms,
+    }
+
+
+def _not_stored(exc: storing.NotStored, retry_after_s: int) -> ApiError:
+    if exc.status == 503:
+        return unavailable(exc.message, retry_after_s, exc.code)
+    return ApiError(exc.status, exc.message, code=exc.code)
 
 
 @router.post("/v1/chat/completions", response_model=None)
@@ -53,19 +67,29 @@ async def chat_completions(body: ChatCompletionRequest, caller: Caller, state: S
         await context_window.check_fits(state.pool, state.settings.base_model_name, payload)
     except context_window.ContextTooLong as exc:
         raise ApiError(400, exc.message(), param="messages", code="context_length_exceeded") from exc
+    # Stored while vLLM generates: the answer waits for whichever finishes last.
+    write = storing.InteractionWrite(state, _request_values(iid, caller, body, route, served))
     try:
         if body.stream:
             upstream = await gateway.open_stream(state.pool, served.model, payload, capture)
         else:
             result = await gateway.complete(state.pool, served.model, payload, capture)
     except gateway.UpstreamUnavailable as exc:
+        write.abandon()
         raise unavailable(f"engine unavailable: {exc.reason}", retry, "engine_unavailable") from exc
     except gateway.UpstreamRejected as exc:
+        write.abandon()
         return JSONResponse(exc.body, status_code=exc.status, headers=headers)
+    except BaseException:
+        write.abandon()
+        raise
 
     if not body.stream:
         GATEWAY_LATENCY.labels(*labels).observe(capture.latency_ms / 1000)
-        await state.store_interaction(_interaction_values(iid, caller, body, route, served, capture))
+        try:
+            await write.finish(_answer_values(capture), wait=False)
+        except storing.NotStored as exc:
+            raise _not_stored(exc, retry) from exc
         result["model"] = body.model
         result["interaction_id"] = str(iid)
         return JSONResponse(result, headers=headers)
@@ -80,9 +104,12 @@ async def chat_completions(body: ChatCompletionRequest, caller: Caller, state: S
                                                    client_wants_usage=wants_usage):
                 if data == "[DONE]":
                     # Stored before [DONE] so feedback posted right after finds the interaction.
-                    await state.store_interaction(
-                        _interaction_values(iid, caller, body, route, served, capture))
                     stored = True
+                    try:
+                        await write.finish(_answer_values(capture), wait=True)
+                    except storing.NotStored as exc:
+                        yield {"data": json.dumps({"error": {
+                            "message": exc.message, "type": "server_error", "code": exc.code}})}
                 yield {"data": data}
         finally:
             GATEWAY_LATENCY.labels(*labels).observe(capture.latency_ms / 1000)
@@ -90,10 +117,16 @@ async def chat_completions(body: ChatCompletionRequest, caller: Caller, state: S
                 GATEWAY_TTFT.labels(*labels).observe(capture.ttft_ms / 1000)
             if not stored:  # client went away or the engine broke: keep what was served
                 capture.finish_reason = capture.finish_reason or "disconnected"
-                state.spawn(state.store_interaction(
-                    _interaction_values(iid, caller, body, route, served, capture)))
+                state.spawn(_finish_quietly(write, _answer_values(capture)))
 
     return EventSourceResponse(events(), headers=headers, sep="\n", ping=30)
+
+
+async def _finish_quietly(write: storing.InteractionWrite, answer: dict[str, Any]) -> None:
+    try:
+        await write.finish(answer, wait=True)
+    except storing.NotStored:
+        pass  # counted and logged by finish(); nobody is left to tell
 
 
 @router.get("/v1/models", response_model=ModelList)

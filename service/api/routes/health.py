@@ -64,7 +64,9 @@ async def readyz(state: State) -> JSONResponse:
     # version id and code: this route is public; the audit event has names and the reason).
     body = {"ready": ready, "checks": report,
             "refused_artifacts": [{"version_id": v, "code": c}
-                                  for v, c in sorted(state.pool.refused.items())]}
+                                  for v, c in sorted(state.pool.refused.items())],
+            # What this process holds for Postgres (written back in order once it answers).
+            "spool": {"records": state.outbox.depth, "bytes": state.outbox.spool.size}}
     return JSONResponse(body, status_code=200 if ready else 503,
                         headers=None if ready else {"Retry-After": str(state.settings.retry_after_s)})
 
@@ -84,9 +86,19 @@ async def prometheus_metrics(state: State,
                            code="invalid_metrics_token", headers={"WWW-Authenticate": "Bearer"})
     body, content_type = metrics.render(state.settings.prometheus_multiproc_dir is not None)
     body += await _db_metrics(state)
+    body += _spool_metrics(state)
     if token is None:
         body = metrics_redact.tenant_free(body.decode()).encode()
     return Response(body, media_type=content_type)
+
+
+def _spool_metrics(state) -> bytes:
+    return (f"# HELP flywheel_spool_records Records this API process holds in its local spool "
+            f"for Postgres\n# TYPE flywheel_spool_records gauge\n"
+            f"flywheel_spool_records {state.outbox.depth}\n"
+            f"# HELP flywheel_spool_bytes Bytes of this API process's local spool\n"
+            f"# TYPE flywheel_spool_bytes gauge\nflywheel_spool_bytes {state.outbox.spool.size}\n"
+            ).encode()
 
 
 async def _db_metrics(state) -> bytes:
