@@ -177,6 +177,8 @@ class AppState:
         Exactly-once comes from the database (one active run per adapter), not from here; a
         crash between feedback and check is caught by the workers' sweeper.
         """
+        if self.outbox.db_down:  # kept marked until Postgres answers the spool's probe again
+            return 0
         batch, self.dirty = self.dirty, {}
         created = 0
         for adapter_id, (alias, tenant_id) in batch.items():
@@ -211,11 +213,13 @@ class AppState:
             self._sync_sessions = sessionmaker(make_sync_engine(self.db_url), expire_on_commit=False)
         return self._sync_sessions
 
-    def spawn(self, coro) -> None:
-        """Run coro in the background, keeping a reference until it finishes."""
+    def spawn(self, coro) -> asyncio.Task:
+        """Run coro in the background, keeping a reference until it finishes (and waiting for
+        it at shutdown)."""
         task = asyncio.ensure_future(coro)
         self.background.add(task)
         task.add_done_callback(self.background.discard)
+        return task
 
     async def aclose(self) -> None:
         if self.dirty:

@@ -66,7 +66,7 @@ class InteractionWrite:
             if wait:
                 await _complete(state, self.id, answer)
             else:
-                task = asyncio.ensure_future(_complete(state, self.id, answer))
+                task = state.spawn(_complete(state, self.id, answer))
                 state.completing[self.id] = task
                 task.add_done_callback(lambda _: state.completing.pop(self.id, None))
             return

@@ -121,3 +121,47 @@ def test_readyz_reports_all_services(client):
     r = client.get("/readyz")
     assert r.status_code == 200, r.text
     assert r.json()["checks"] == {"database": "ok", "broker": "ok", "engine": "ok"}
+
+
+def _row(db_sessions, iid: str):
+    from sqlalchemy import text
+
+    with db_sessions() as s:
+        return s.execute(text("SELECT finish_reason, response_text FROM interactions WHERE id = :i"),
+                         {"i": iid}).first()
+
+
+def test_interaction_is_stored_while_it_is_generated(api, db_sessions, product):
+    """The request's row exists (pending) before the answer is done; the answer fills it."""
+    import time
+
+    key, alias = product
+    body = {"model": alias, "messages": MESSAGES, "max_tokens": 200, "ignore_eos": True,
+            "stream": True}
+    with httpx.Client(base_url=api.url, timeout=60) as c, \
+            c.stream("POST", "/v1/chat/completions", headers=bearer(key), json=body) as r:
+        iid = r.headers["x-interaction-id"]
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        deadline = time.monotonic() + 2
+        while (row := _row(db_sessions, iid)) is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert row is not None and row.finish_reason == "pending" and row.response_text == ""
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]"
+    row = _row(db_sessions, iid)
+    assert row.finish_reason == "length" and row.response_text
+
+
+def test_a_request_the_engine_refuses_leaves_no_row(client, db_sessions, product):
+    import time
+
+    key, alias = product
+    r = client.post("/v1/chat/completions", headers=bearer(key),
+                    json={"model": alias, "messages": MESSAGES, "max_tokens": 4, "min_tokens": 50})
+    assert r.status_code == 400, r.text  # vLLM's own validation, relayed
+    iid = r.headers["x-interaction-id"]
+    deadline = time.monotonic() + 5
+    while _row(db_sessions, iid) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _row(db_sessions, iid) is None
