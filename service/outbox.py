@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -197,7 +198,9 @@ class Outbox:
         SPOOL_REJECTED.labels(record["kind"]).inc()
         folder = self.spool.directory / "rejected"
         folder.mkdir(exist_ok=True)
-        with open(folder / f"{file}.jsonl", "a", encoding="utf-8") as out:
+        # Private like the spool itself: records hold what users wrote.
+        fd = os.open(folder / f"{file}.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "a", encoding="utf-8") as out:
             out.write(json.dumps({"error": type(exc).__name__, "record": record}, default=str,
                                  ensure_ascii=False) + "\n")
         # No contents in logs (they may hold PII): the kind, the id and the error class.
