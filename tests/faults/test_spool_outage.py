@@ -185,7 +185,17 @@ def test_a_killed_api_replays_its_spool_when_started_again(api_settings, own_db,
         r = c.post("/v1/feedback", headers=bearer(own_db.key),
                    json={"interaction_id": str(uuid.uuid4()), "rating": "up"})
         assert r.status_code == 503 and r.json()["error"]["code"] == "database_unavailable"
-        assert c.get("/readyz").json()["spool"]["records"] == 16
+        # A stream the client drops mid-answer is kept too, with what was served of it.
+        body = {"model": "bot", "messages": [{"role": "user", "content": "a long one"}],
+                "max_tokens": 200, "ignore_eos": True, "stream": True}
+        with c.stream("POST", "/v1/chat/completions", headers=bearer(own_db.key),
+                      json=body) as r:
+            dropped = r.headers["x-interaction-id"]
+            next(line for line in r.iter_lines() if line.startswith("data: "))
+        deadline = time.monotonic() + 10
+        while c.get("/readyz").json()["spool"]["records"] < 17 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert c.get("/readyz").json()["spool"]["records"] == 17
     os.killpg(proc.proc.pid, signal.SIGKILL)
     proc.proc.wait()
     ensure_postgres(own_db.root)
@@ -200,6 +210,8 @@ def test_a_killed_api_replays_its_spool_when_started_again(api_settings, own_db,
         "SELECT id, response_text FROM interactions")}
     assert {i: stored.get(i) for i in answered} == {
         i: a.replace("\x00", "\ufffd") for i, a in answered.items()}
+    [kept] = own_db.rows(f"SELECT finish_reason FROM interactions WHERE id = '{dropped}'")
+    assert kept.finish_reason == "disconnected"
     ids = {str(i) for (i,) in own_db.rows("SELECT id FROM feedback")}
     assert ids == set(spooled_ratings)  # the ids the client got are the rows' ids
     assert not list((tmp_path / "data" / "spool").rglob("*.spool"))
