@@ -24,6 +24,7 @@ app.add_typer(adapters_app, name="adapters")
 def _register_ops_commands() -> None:
     # Kept in their own modules; registered here so `flywheel --help` lists them all.
     from service.cli_exports import export, exports_delete, exports_list
+    from service.cli_imports import adapters_import, import_feedback, imports_list
     from service.cli_models import models_app
     from service.cli_runs import policies_app, runs_app, status
     from service.cli_stack import demo, up
@@ -37,6 +38,9 @@ def _register_ops_commands() -> None:
     app.command("export")(export)
     app.command("exports")(exports_list)
     app.command("export-delete")(exports_delete)
+    app.command("import")(import_feedback)
+    app.command("imports")(imports_list)
+    adapters_app.command("import")(adapters_import)
 
 console = Console()
 err = Console(stderr=True)
@@ -170,6 +174,18 @@ def adapters_create(
     console.print(f"alias {alias!r} ready for tenant {tenant!r}")
 
 
+def fresh_multiproc_dir(folder: Path) -> None:
+    """Make PROMETHEUS_MULTIPROC_DIR and empty it, before any API process imports the metrics.
+
+    prometheus_client writes each process's series to files there and fails on a missing folder;
+    files a previous run left would add its counts to this one's. The folder belongs to one
+    `flywheel api` (its processes share it), never to two.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.db"):
+        stale.unlink()
+
+
 @app.command()
 def api(
     host: Annotated[str | None, typer.Option(help="Bind address.")] = None,
@@ -182,6 +198,8 @@ def api(
     settings = get_settings()
     url, _ = _sync_sessions()
     _require_migrated(url)
+    if settings.prometheus_multiproc_dir is not None:
+        fresh_multiproc_dir(settings.prometheus_multiproc_dir)
     uvicorn.run("service.api.app:create_app", factory=True, host=host or settings.api_host,
                 port=port or settings.api_port, workers=workers, log_level="warning",
                 access_log=False)

@@ -37,6 +37,12 @@ class Settings(BaseSettings):
 
     # Gateway
     max_body_bytes: int = 1_000_000
+    # The body limit of a feedback import (POST /v1/adapters/{alias}/imports), which is the
+    # whole export file held in memory while it is checked; bigger files: `flywheel import`.
+    import_max_bytes: int = Field(64_000_000, ge=1)
+    # The body limit of an adapter upload (POST /v1/adapters/{alias}/versions: a tar of the
+    # adapter directory, held in memory); bigger adapters: `flywheel adapters import`.
+    adapter_upload_max_bytes: int = Field(256_000_000, ge=1)
     upstream_timeout_s: float = 120.0
     upstream_connect_timeout_s: float = 2.0
     retry_after_s: int = 5

@@ -66,11 +66,20 @@ class Capture:
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     text: str = ""
+    # OpenAI's `tool_calls` list when the answer called tools (None for a text answer).
+    tool_calls: list[dict] | None = None
     finish_reason: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     replica: str | None = None
     error: str | None = None
+    # A stream's calls by their index while their pieces arrive.
+    _streamed_calls: dict[int, dict] = field(default_factory=dict, init=False, repr=False)
+
+    def add_tool_call_deltas(self, deltas: list) -> None:
+        """Fold one stream chunk's `delta.tool_calls` into tool_calls."""
+        merge_tool_call_deltas(self._streamed_calls, deltas)
+        self.tool_calls = [self._streamed_calls[i] for i in sorted(self._streamed_calls)] or None
 
     @property
     def latency_ms(self) -> float:
@@ -79,6 +88,30 @@ class Capture:
     @property
     def ttft_ms(self) -> float | None:
         return None if self.first_token_at is None else (self.first_token_at - self.started) * 1000
+
+
+def merge_tool_call_deltas(calls: dict[int, dict], deltas: list) -> None:
+    """Merge streamed tool-call pieces into `calls` by index (OpenAI's streaming format): id,
+    type and the function's name arrive once, the arguments in pieces to concatenate."""
+    for delta in deltas:
+        if not isinstance(delta, dict):
+            continue
+        call = calls.setdefault(delta.get("index", 0), {
+            "id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+        function = delta.get("function") or {}
+        # Servers that repeat the id or name on later pieces must not double them.
+        call["id"] = call["id"] or delta.get("id")
+        call["type"] = delta.get("type") or call["type"]
+        call["function"]["name"] = call["function"]["name"] or function.get("name") or ""
+        call["function"]["arguments"] += function.get("arguments") or ""
+
+
+def message_tool_calls(message: dict) -> list[dict] | None:
+    """A non-streamed answer's `tool_calls` (None when it called none)."""
+    calls = message.get("tool_calls")
+    if not isinstance(calls, list):
+        return None
+    return [c for c in calls if isinstance(c, dict)] or None
 
 
 def _error_body(response: httpx.Response) -> Any:
@@ -136,7 +169,9 @@ async def complete(pool: ReplicaPool, model: str, payload: dict, capture: Captur
     capture.replica = replica.url
     body = response.json()
     choice = (body.get("choices") or [{}])[0]
-    capture.text = (choice.get("message") or {}).get("content") or ""
+    message = choice.get("message") or {}
+    capture.text = message.get("content") or ""
+    capture.tool_calls = message_tool_calls(message)
     capture.finish_reason = choice.get("finish_reason")
     usage = body.get("usage") or {}
     capture.prompt_tokens = usage.get("prompt_tokens")
@@ -172,11 +207,14 @@ async def relay_stream(response: httpx.Response, capture: Capture, *, alias: str
                 capture.completion_tokens = usage.get("completion_tokens")
             choices = chunk.get("choices") or []
             for choice in choices:
-                delta = (choice.get("delta") or {}).get("content")
-                if delta:
-                    if capture.first_token_at is None:
-                        capture.first_token_at = time.perf_counter()
-                    capture.text += delta
+                delta = choice.get("delta") or {}
+                content, calls = delta.get("content"), delta.get("tool_calls")
+                if (content or calls) and capture.first_token_at is None:
+                    capture.first_token_at = time.perf_counter()  # a tool call is an answer too
+                if content:
+                    capture.text += content
+                if isinstance(calls, list):
+                    capture.add_tool_call_deltas(calls)
                 if choice.get("finish_reason"):
                     capture.finish_reason = choice["finish_reason"]
             if not choices and usage and not client_wants_usage:

@@ -2,7 +2,8 @@
 
 Pure functions, no I/O except `write_jsonl`: redaction, curation (empty, oversized, duplicates,
 per-rater cap), a deterministic held-out split by interaction id, rendering with the tokenizer's
-own chat template, example construction, method choice, replay sampling and lineage hashing.
+own chat template and the template arguments vLLM gave it (tools, chat_template_kwargs: see
+workers/chat_request.py), example construction, method choice, replay sampling and lineage hashing.
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from uuid import UUID
 
+from workers.chat_request import (
+    UnsupportedRequest,
+    template_args,
+    template_fields,
+    template_messages,
+)
 from workers.redaction import (  # re-exported: callers configure redaction through this module
     NullRedactor,
     PresidioRedactor,
@@ -45,6 +52,7 @@ __all__ = [
     "RegexRedactor",
     "Snapshot",
     "TemplateMismatch",
+    "answer_message",
     "auto_special_prefix",
     "build_dataset",
     "canonical_json",
@@ -52,6 +60,8 @@ __all__ = [
     "choose_method",
     "dataset_sha256",
     "get_redactor",
+    "heldout_answer",
+    "heldout_completion",
     "is_heldout",
     "kto_weights",
     "render_completion",
@@ -101,6 +111,9 @@ class RatedInteraction:
     created_at: datetime
     version: str | None = None  # lora name that answered
     posted_by: str = ""  # the API key that posted the rating ("" if unknown)
+    params: Mapping[str, Any] = field(default_factory=dict)  # the request's other fields (tools, ...)
+    response_tool_calls: list[dict] | None = None  # OpenAI's tool_calls when the answer called tools
+    finish_reason: str | None = None  # "pending": stored before its answer arrived
 
 
 class ChatTokenizer(Protocol):
@@ -220,7 +233,8 @@ class BuiltDataset:
     reason: str
     train: dict[str, list[dict[str, Any]]]  # "sft" | "dpo" | "kto" -> examples
     heldout: dict[str, list[dict[str, Any]]]
-    # Per held-out interaction: interaction_id, rating, messages, prompt, response, correction, version.
+    # Per held-out interaction: interaction_id, rating, messages, params, prompt, response,
+    # response_tool_calls, correction, version.
     heldout_raw: list[dict[str, Any]]
     kto_desirable_weight: float
     kto_undesirable_weight: float
@@ -349,28 +363,49 @@ def dataset_sha256(train: Mapping[str, Any], heldout: Mapping[str, Any]) -> str:
 # Rendering
 
 
-def render_prompt(messages: Sequence[Mapping[str, Any]], tokenizer: ChatTokenizer) -> str:
-    """The prompt exactly as the engine renders it: the tokenizer's chat template + generation prompt."""
-    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+def render_prompt(
+    messages: Sequence[Mapping[str, Any]], tokenizer: ChatTokenizer, *, template_args: Mapping[str, Any] | None = None
+) -> str:
+    """The prompt exactly as the engine renders it: the tokenizer's chat template + generation prompt.
+
+    `template_args` are the request's tools and template kwargs as vLLM passed them
+    (workers.chat_request.template_args); messages are OpenAI's, tool-call arguments as strings.
+    """
+    text = tokenizer.apply_chat_template(
+        template_messages(messages), tokenize=False, add_generation_prompt=True, **dict(template_args or {})
+    )
     if not isinstance(text, str):
         raise TypeError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}, expected str")
     return text
 
 
+def answer_message(text: str, tool_calls: list[dict] | None = None) -> str | dict[str, Any]:
+    """The assistant turn to train on: its text, or a message carrying the answer's tool calls."""
+    return {"role": "assistant", "content": text, "tool_calls": tool_calls} if tool_calls else text
+
+
 def render_completion(
-    messages: Sequence[Mapping[str, Any]], target: str, tokenizer: ChatTokenizer, *, prompt: str | None = None
+    messages: Sequence[Mapping[str, Any]],
+    target: str | Mapping[str, Any],
+    tokenizer: ChatTokenizer,
+    *,
+    prompt: str | None = None,
+    template_args: Mapping[str, Any] | None = None,
 ) -> str:
     """The assistant turn as the template renders it after `prompt`, ending with the eos token.
 
+    `target` is the answer's text, or an assistant message (one with tool calls: answer_message).
     prompt + completion equals the template's rendering of the whole conversation, minus trailing
     whitespace after the final end token (generation stops at eos and never produces it). If the
     template puts no eos after the turn, eos is appended so the model learns to stop. Ending
     exactly on eos also stops TRL from appending a second one (it checks `endswith(eos_token)`).
     """
     if prompt is None:
-        prompt = render_prompt(messages, tokenizer)
+        prompt = render_prompt(messages, tokenizer, template_args=template_args)
+    turn = dict(target) if isinstance(target, Mapping) else {"role": "assistant", "content": target}
     full = tokenizer.apply_chat_template(
-        [*messages, {"role": "assistant", "content": target}], tokenize=False, add_generation_prompt=False
+        template_messages([*messages, turn]), tokenize=False, add_generation_prompt=False,
+        **dict(template_args or {}),
     )
     if not isinstance(full, str):
         raise TypeError(f"apply_chat_template(tokenize=False) returned {type(full).__name__}, expected str")
@@ -384,6 +419,18 @@ def render_completion(
     if isinstance(eos, str) and eos and not completion.endswith(eos):
         completion += eos
     return completion
+
+
+def heldout_answer(record: Mapping[str, Any]) -> str | dict[str, Any]:
+    """A held-out record's rated answer as a target: its text, or its tool calls."""
+    return answer_message(record.get("response") or "", record.get("response_tool_calls"))
+
+
+def heldout_completion(record: Mapping[str, Any], target: str | Mapping[str, Any], tokenizer: ChatTokenizer) -> str:
+    """`target` rendered after a held-out record's prompt, with the request fields the template
+    saw (a record written before they were kept reads as a request without tools or kwargs)."""
+    args = template_args(record.get("params"))
+    return render_completion(record["messages"], target, tokenizer, prompt=record["prompt"], template_args=args)
 
 
 def auto_special_prefix(tokenizer: ChatTokenizer) -> str:
@@ -435,8 +482,9 @@ class _Drop(Exception):
 
 
 _ROLE_ALIASES = {"developer": "system"}
-_ROLES = ("system", "user", "assistant")
+_ROLES = ("system", "user", "assistant", "tool")
 _WS = re.compile(r"\s+")
+Clean = Callable[[str], str]
 
 
 def _norm_text(text: str) -> str:
@@ -462,16 +510,87 @@ def _content_text(content: Any) -> str:
     raise _Drop("invalid", f"unsupported content type {type(content).__name__}")
 
 
+def _redact_json(value: Any, clean: Clean) -> Any:
+    """value with every string in it redacted (keys are names, not content: kept)."""
+    if isinstance(value, str):
+        return clean(value)
+    if isinstance(value, list):
+        return [_redact_json(v, clean) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _redact_json(v, clean) for k, v in value.items()}
+    return value
+
+
+def _clean_arguments(arguments: Any, clean: Clean) -> Any:
+    """A tool call's arguments redacted. A JSON string stays a JSON string (re-encoded only when
+    something was redacted: vLLM parses it before the template sees it, so spacing is not served)."""
+    if not isinstance(arguments, str):
+        return _redact_json(arguments, clean)
+    try:
+        parsed = json.loads(arguments)
+    except json.JSONDecodeError:
+        return clean(arguments)
+    cleaned = _redact_json(parsed, clean)
+    return arguments if cleaned == parsed else json.dumps(cleaned, ensure_ascii=False)
+
+
+def _tool_calls(calls: Any, clean: Clean) -> list[dict[str, Any]] | None:
+    """OpenAI tool calls with their arguments redacted; None for none."""
+    if not calls:
+        return None
+    if not isinstance(calls, list):
+        raise _Drop("invalid", "tool_calls is not a list")
+    out = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(function, Mapping) or call.get("type", "function") != "function":
+            raise _Drop("invalid", "a tool call is not a function call")  # vLLM refuses it too
+        out.append({**call, "function": {**function,
+                                         "arguments": _clean_arguments(function.get("arguments"), clean)}})
+    return out
+
+
+def _prompt_message(m: Any, clean: Clean) -> dict[str, Any]:
+    """One message normalized and redacted, with the fields vLLM hands the template."""
+    if not isinstance(m, Mapping):
+        raise _Drop("invalid", "message is not an object")
+    role = _ROLE_ALIASES.get(str(m.get("role")), str(m.get("role")))
+    if role not in _ROLES:
+        raise _Drop("invalid", f"unsupported role {role[:32]!r}")  # the log must not carry content
+    out: dict[str, Any] = {"role": role, "content": clean(_content_text(m.get("content")))}
+    if role == "assistant" and (calls := _tool_calls(m.get("tool_calls"), clean)):
+        out["tool_calls"] = calls
+    if role == "assistant" and isinstance(m.get("reasoning"), str):
+        out["reasoning"] = clean(m["reasoning"])
+    if role == "tool" and "tool_call_id" in m:
+        out["tool_call_id"] = m["tool_call_id"]
+    if isinstance(m.get("name"), str):
+        out["name"] = m["name"]
+    return out
+
+
+def _request_params(params: Mapping[str, Any] | None, clean: Clean) -> dict[str, Any]:
+    """The request fields the template saw; documents (retrieved text) redacted like messages.
+    Tools and template kwargs are the product's configuration and are kept as served."""
+    kept = template_fields(params)
+    if "documents" in kept:
+        kept["documents"] = _redact_json(kept["documents"], clean)
+    return kept
+
+
 @dataclass
 class _Item:
     """An interaction after normalization, redaction and rendering."""
 
     src: RatedInteraction
     id: str
-    messages: list[dict[str, str]]
-    response: str  # stripped; may be "" only when there is a correction
+    messages: list[dict[str, Any]]  # OpenAI's shape: role, content text, tool_calls, tool_call_id
+    response: str  # stripped; may be "" when there is a correction or the answer called tools
     correction: str | None  # stripped; None when absent, blank or equal to the response
     rating: str
+    response_tool_calls: list[dict[str, Any]] | None = None  # the answer's calls (redacted)
+    params: dict[str, Any] = field(default_factory=dict)  # the request fields the template saw
+    template_args: dict[str, Any] = field(default_factory=dict)  # what vLLM passed for them
     redacted_fields: int = 0
     prompt: str = ""  # exactly the template's rendering (what the engine serves)
     train_prompt: str = ""  # the same minus a bos the trainer's tokenizer adds itself
@@ -479,10 +598,13 @@ class _Item:
     correction_completion: str | None = None
 
     def key(self) -> tuple[Any, ...]:
-        """Duplicate key: same normalized prompt messages, rating, response and correction."""
-        msgs = tuple((m["role"], _norm_text(m["content"])) for m in self.messages)
+        """Duplicate key: same normalized prompt messages and template arguments, rating,
+        response (text and tool calls) and correction."""
+        extras = [canonical_json({k: m[k] for k in m if k not in ("role", "content")}) for m in self.messages]
+        msgs = tuple((m["role"], _norm_text(m["content"]), x) for m, x in zip(self.messages, extras, strict=True))
         corr = None if self.correction is None else _norm_text(self.correction)
-        return (msgs, self.rating, _norm_text(self.response), corr)
+        calls = canonical_json(self.response_tool_calls) if self.response_tool_calls else None
+        return (msgs, canonical_json(self.template_args), self.rating, _norm_text(self.response), calls, corr)
 
     def renderings(self) -> list[str]:
         """Full prompt+completion texts this item contributes (for size limits)."""
@@ -498,6 +620,8 @@ def _prepare(
     bos_prefix: str,
 ) -> _Item:
     """Validate, normalize, redact, render and size-check one interaction, or raise _Drop."""
+    if item.finish_reason == "pending":
+        raise _Drop("pending", "stored before its answer arrived")
     rating = str(item.rating).strip().lower()
     if rating not in RATINGS:
         raise _Drop("invalid", f"rating {item.rating!r}")
@@ -511,23 +635,22 @@ def _prepare(
         redacted += out != text
         return out
 
-    messages: list[dict[str, str]] = []
-    for m in item.messages:
-        if not isinstance(m, Mapping):
-            raise _Drop("invalid", "message is not an object")
-        role = _ROLE_ALIASES.get(str(m.get("role")), str(m.get("role")))
-        if role not in _ROLES:
-            raise _Drop("invalid", f"unsupported role {role[:32]!r}")  # the log must not carry content
-        messages.append({"role": role, "content": clean(_content_text(m.get("content")))})
-    if not any(m["content"].strip() for m in messages):
+    params = _request_params(item.params, clean)
+    try:
+        args = template_args(params)
+    except UnsupportedRequest as exc:
+        raise _Drop("invalid", str(exc)) from exc
+    messages = [_prompt_message(m, clean) for m in item.messages]
+    if not any(m["content"].strip() or m.get("tool_calls") for m in messages):
         raise _Drop("empty", "prompt is blank")
 
     # Targets are stripped: trailing blank lines before eos are noise the model should not learn.
     response = clean(item.response_text or "").strip()
+    calls = _tool_calls(item.response_tool_calls, clean)
     correction = clean(item.correction).strip() if item.correction else ""
-    if correction and _norm_text(correction) == _norm_text(response):
+    if correction and not calls and _norm_text(correction) == _norm_text(response):
         correction = ""  # an "edit" that changes nothing carries only the rating
-    if not response and not correction:
+    if not response and not calls and not correction:
         raise _Drop("empty", "response and correction are blank")
 
     prepared = _Item(
@@ -537,32 +660,46 @@ def _prepare(
         response=response,
         correction=correction or None,
         rating=rating,
+        response_tool_calls=calls,
+        params=params,
+        template_args=args,
         redacted_fields=redacted,
     )
+    _render(prepared, tokenizer, bos_prefix)
+    _check_size(prepared, tokenizer, policy)
+    return prepared
+
+
+def _render(item: _Item, tokenizer: ChatTokenizer, bos_prefix: str) -> None:
+    """Fill the item's prompt and completions (a tool-call answer's completion is its calls; a
+    correction is text), or raise _Drop when the template cannot render them consistently."""
     try:
-        prepared.prompt = render_prompt(messages, tokenizer)
-        prepared.train_prompt = training_prompt(prepared.prompt, bos_prefix)
-        if response:
-            prepared.response_completion = render_completion(
-                messages, response, tokenizer, prompt=prepared.prompt
+        item.prompt = render_prompt(item.messages, tokenizer, template_args=item.template_args)
+        item.train_prompt = training_prompt(item.prompt, bos_prefix)
+        if item.response or item.response_tool_calls:
+            item.response_completion = render_completion(
+                item.messages, answer_message(item.response, item.response_tool_calls), tokenizer,
+                prompt=item.prompt, template_args=item.template_args,
             )
-        if correction:
-            prepared.correction_completion = render_completion(
-                messages, correction, tokenizer, prompt=prepared.prompt
+        if item.correction:
+            item.correction_completion = render_completion(
+                item.messages, item.correction, tokenizer, prompt=item.prompt, template_args=item.template_args
             )
     except TemplateMismatch as exc:
         raise _Drop("template", str(exc)) from exc
     except Exception as exc:  # templates raise_exception() on roles/orders they do not support
         raise _Drop("template", f"{type(exc).__name__}: {str(exc)[:200]}") from exc
 
-    texts = prepared.renderings()
+
+def _check_size(item: _Item, tokenizer: ChatTokenizer, policy: DatasetPolicy) -> None:
+    """Raise _Drop when a rendering is over the policy's size limits."""
+    texts = item.renderings()
     if policy.max_chars is not None and max(len(t) for t in texts) > policy.max_chars:
         raise _Drop("oversized", f"> {policy.max_chars} chars")
     if policy.max_tokens is not None:
         n_tokens = max(_count_tokens(t, tokenizer) for t in texts)
         if n_tokens > policy.max_tokens:
             raise _Drop("oversized", f"{n_tokens} > {policy.max_tokens} tokens")
-    return prepared
 
 
 def _sort_key(item: RatedInteraction) -> tuple[Any, ...]:
@@ -954,6 +1091,7 @@ _STAT_KEYS = (
     "input_replay_pool",
     "redacted_fields",
     "dropped_invalid",
+    "dropped_pending",
     "dropped_empty",
     "dropped_template",
     "dropped_oversized",
@@ -978,13 +1116,17 @@ def _finish_stats(stats: Mapping[str, int]) -> dict[str, int]:
 
 
 def _raw_record(it: _Item) -> dict[str, Any]:
-    """What an eval gate needs per held-out interaction (already redacted)."""
+    """What an eval gate needs per held-out interaction (already redacted). `params` are the
+    request fields the template saw (workers.chat_request); older files lack them and the
+    response's tool calls, which reads as a request without tools."""
     return {
         "interaction_id": it.id,
         "rating": it.rating,
         "messages": it.messages,
+        "params": it.params,
         "prompt": it.prompt,
         "response": it.response,
+        "response_tool_calls": it.response_tool_calls,
         "correction": it.correction,
         "version": it.src.version,
     }
@@ -1008,8 +1150,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def _jsonl(rows: Iterable[Mapping[str, Any]]) -> bytes:
-    return b"".join(json.dumps(r, ensure_ascii=False, sort_keys=True).encode("utf-8") + b"\n" for r in rows)
+def _jsonl(rows: Iterable[Mapping[str, Any]], *, sort_keys: bool = True) -> bytes:
+    return b"".join(json.dumps(r, ensure_ascii=False, sort_keys=sort_keys).encode("utf-8") + b"\n" for r in rows)
 
 
 def write_jsonl(built: BuiltDataset, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
@@ -1027,7 +1169,9 @@ def write_jsonl(built: BuiltDataset, out_dir: str | os.PathLike[str]) -> dict[st
             _write_atomic(path, _jsonl(data.get(fmt, [])))
             paths[f"{fmt}_{split}"] = path
     paths["heldout_raw"] = out / "heldout_raw.jsonl"
-    _write_atomic(paths["heldout_raw"], _jsonl(built.heldout_raw))
+    # Key order is content there: a template dumps a request's tools (their JSON schemas) as JSON,
+    # so sorting them would render another prompt than the one served.
+    _write_atomic(paths["heldout_raw"], _jsonl(built.heldout_raw, sort_keys=False))
     paths["manifest"] = out / "manifest.json"
     _write_atomic(paths["manifest"], json.dumps(built.manifest(), indent=2, sort_keys=True).encode("utf-8"))
     return paths

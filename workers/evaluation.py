@@ -50,7 +50,7 @@ def offline_metrics(base_model: str, candidate_dir: str, reference_dir: str | No
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from workers.dataset import render_completion
+    from workers.dataset import heldout_answer, heldout_completion
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(base_model)
@@ -69,15 +69,15 @@ def offline_metrics(base_model: str, candidate_dir: str, reference_dir: str | No
 
     ref_name = "reference" if reference_dir else "base"
 
-    def completion(h, text):
-        return (h["prompt"], render_completion(h["messages"], text, tokenizer, prompt=h["prompt"]))
+    def completion(h, target):
+        return (h["prompt"], heldout_completion(h, target, tokenizer))
 
     # Implicit rewards r = log p_candidate - log p_reference (as in DPO) of every rated answer
     # and correction. Preference accuracy compares rewards across pairs, so a candidate that
     # lifts all in-domain text alike gains nothing: (correction, rejected answer) pairs and
-    # (thumbs-up, thumbs-down) cross pairs.
-    rated = [h for h in heldout if h.get("response")]
-    items = [completion(h, h["response"]) for h in rated]
+    # (thumbs-up, thumbs-down) cross pairs. An answer that called tools is rated as its calls.
+    rated = [h for h in heldout if h.get("response") or h.get("response_tool_calls")]
+    items = [completion(h, heldout_answer(h)) for h in rated]
     corrected = [h for h in rated if h.get("correction")]
     items += [completion(h, h["correction"]) for h in corrected]
     # Evidence: held-out ratings that enter a measurement (a pair, or a good answer's NLL); a
@@ -99,7 +99,7 @@ def offline_metrics(base_model: str, candidate_dir: str, reference_dir: str | No
             margins = [c - r for c, r in pairs]
             metrics.update(preference_accuracy=sum(m > 0 for m in margins) / len(margins),
                            reward_margin=sum(margins) / len(margins), n_preference=len(margins))
-    good = [completion(h, h["correction"] or h["response"])
+    good = [completion(h, h["correction"] or heldout_answer(h))
             for h in heldout if h.get("correction") or h.get("rating") == "up"]
     if good:
         def nll(scores):
@@ -144,9 +144,14 @@ async def _through_vllm(ctx: WorkerContext, version_id, lora_name: str, referenc
 
             async def both(h: dict) -> tuple[str, str, str]:
                 async with sem:
+                    # The request's tools and template kwargs too, so both answer the prompt
+                    # the user was served (older records have none).
+                    request = h.get("params") or {}
                     cand, ref = await asyncio.gather(
-                        admins[0].complete(lora_name, h["messages"], gate.answer_max_tokens),
-                        admins[0].complete(reference_name, h["messages"], gate.answer_max_tokens))
+                        admins[0].complete(lora_name, h["messages"], gate.answer_max_tokens,
+                                           request=request),
+                        admins[0].complete(reference_name, h["messages"], gate.answer_max_tokens,
+                                           request=request))
                 return cand, ref, h["correction"]
 
             rows = await asyncio.gather(*(both(h) for h in answer_items))

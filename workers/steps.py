@@ -29,6 +29,10 @@ class StepFailed(RuntimeError):
 def run_step(ctx: WorkerContext, claim: runs.Claim) -> str:
     """Dispatch on the claimed state; returns the state the run is in afterwards."""
     if claim.state in (RunState.pending.value, RunState.training.value):
+        from workers.adapter_import import is_adapter_import, prepare_gate
+
+        if is_adapter_import(ctx, claim.run_id):  # trained elsewhere: only the gate's data to gather
+            return prepare_gate(ctx, claim)
         return train(ctx, claim)
     if claim.state == RunState.evaluating.value:
         from workers.evaluation import evaluate_step
@@ -55,8 +59,8 @@ def heldout_raw(ctx: WorkerContext, run_id: uuid.UUID) -> list[dict]:
 
 
 _RATED = text("""
-SELECT i.id, i.messages, i.response_text, i.served_model, f.rating, f.correction, f.rater_id,
-       f.created_at, f.api_key_id
+SELECT i.id, i.messages, i.params, i.response_text, i.response_tool_calls, i.finish_reason,
+       i.served_model, f.rating, f.correction, f.rater_id, f.created_at, f.api_key_id
 FROM feedback f JOIN interactions i ON i.id = f.interaction_id
 WHERE f.adapter_id = :adapter_id AND f.seq > :lo AND f.seq <= :hi
   AND (NOT :good_only OR f.rating = 'up' OR f.correction IS NOT NULL)
@@ -76,7 +80,9 @@ def load_rated(session, adapter_id: uuid.UUID, lo: int, hi: int, *, good_only: b
                              response_text=r.response_text, rating=r.rating,
                              correction=r.correction, rater_id=r.rater_id,
                              created_at=r.created_at, version=r.served_model,
-                             posted_by=str(r.api_key_id or "")) for r in rows]
+                             posted_by=str(r.api_key_id or ""), params=r.params or {},
+                             response_tool_calls=r.response_tool_calls,
+                             finish_reason=r.finish_reason) for r in rows]
 
 
 def example_token_limit(policy: Policy, context_len: int) -> int:
@@ -119,6 +125,7 @@ def train(ctx: WorkerContext, claim: runs.Claim) -> str:
     """Build the dataset from the run's feedback window and train a candidate version."""
     from transformers import AutoTokenizer
 
+    from service.imports.store import imported_from
     from workers.dataset import DatasetPolicy, NotEnoughData, build_dataset, write_jsonl
     from workers.redaction import get_redactor
     from workers.training import train_adapter
@@ -194,7 +201,9 @@ def train(ctx: WorkerContext, claim: runs.Claim) -> str:
     lineage = {"run_id": str(claim.run_id), "parent": parent_info, "base_model": base_model,
                "base_model_provenance": ctx.base_model_provenance(),
                "dataset": {"sha256": built.snapshot.sha256,
-                           "interaction_ids": built.snapshot.interaction_ids},
+                           "interaction_ids": built.snapshot.interaction_ids,
+                           # Which of them came from which feedback import, per import.
+                           "imports": imported_from(ctx.sessions, built.snapshot)},
                "method": built.method, "method_reason": built.reason,
                "policy": policy.training.model_dump()}
     out_dir = base_dir / "adapter"

@@ -547,10 +547,12 @@ def _sft_rows(records: list[dict[str, Any]], tokenizer, max_length: int) -> list
     special tokens) and so padding-free batches, which TRL leaves untruncated, still respect
     ``max_length``.
     """
+    prefix = _auto_prefix(tokenizer)
     rows = []
     for rec in records:
-        prompt_ids = tokenizer(rec["prompt"], add_special_tokens=False)["input_ids"]
-        ids = tokenizer(rec["prompt"] + rec["completion"], add_special_tokens=False)["input_ids"]
+        prompt = _with_prefix(rec["prompt"], prefix)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(prompt + rec["completion"], add_special_tokens=False)["input_ids"]
         # Tokens may merge across the boundary: the completion starts where the two diverge.
         n = _common_prefix_len(prompt_ids, ids)
         labels = [-100] * n + ids[n:]
@@ -562,6 +564,13 @@ def _sft_rows(records: list[dict[str, Any]], tokenizer, max_length: int) -> list
     if len(rows) < len(records):
         log.warning("dropped %d SFT records whose prompt fills max_length=%d", len(records) - len(rows), max_length)
     return rows
+
+
+def _with_prefix(prompt: str, prefix: str | None) -> str:
+    """The rendered prompt with the bos workers.dataset left out of it put back: the dataset
+    leaves it to the trainer's tokenizer (training_prompt), and these rows are tokenized
+    without special tokens."""
+    return prefix + prompt if prefix and not prompt.startswith(prefix) else prompt
 
 
 def _common_prefix_len(a: list[int], b: list[int]) -> int:

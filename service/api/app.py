@@ -19,7 +19,7 @@ from service.api.auth_guard import FailedAuthThrottle
 from service.api.limits import BodyLimitMiddleware
 from service.api.observe import RequestMetricsMiddleware
 from service.api.routes import adapters, audit, exports, feedback, gateway, health, runs
-from service.api.routes import ops_page
+from service.api.routes import imports, ops_page
 from service.api.state import AppState, TTLCache
 from service.config import Settings, get_settings
 from service.db import hotpath, migrate
@@ -107,11 +107,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(runs.router)
     app.include_router(adapters.router)
     app.include_router(exports.router)
+    app.include_router(imports.router)
     app.include_router(audit.router)
     app.include_router(health.router)
     app.include_router(ops_page.router)
 
     app.add_middleware(RequestMetricsMiddleware)
     # Outermost, so oversized bodies are refused before anything reads them.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       path_limits=[(imports.IMPORT_PATH, settings.import_max_bytes),
+                                    (imports.ADAPTER_UPLOAD_PATH, settings.adapter_upload_max_bytes)])
     return app

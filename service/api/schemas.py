@@ -96,6 +96,8 @@ class InteractionOut(BaseModel):
     messages: list[Any]
     params: dict[str, Any]
     response_text: str
+    # OpenAI's tool_calls when the answer called tools (null for a text answer).
+    response_tool_calls: list[Any] | None = None
     finish_reason: str | None
     prompt_tokens: int | None
     completion_tokens: int | None
@@ -103,6 +105,11 @@ class InteractionOut(BaseModel):
     ttft_ms: float | None
     stream: bool
     created_at: datetime
+    # Imported interactions: the source ("openwebui", "langfuse", "jsonl"), the record's id
+    # there and the import; null for what the gateway served.
+    source: str | None = None
+    source_id: str | None = None
+    import_id: uuid.UUID | None = None
     feedback: list[FeedbackOut]
 
 

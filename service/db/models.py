@@ -173,6 +173,9 @@ class Interaction(Base):
     __table_args__ = (
         Index("ix_interactions_tenant_created", "tenant_id", "created_at"),
         Index("ix_interactions_adapter_created", "adapter_id", "created_at"),
+        # Partial: the gateway's rows (source NULL) write no entry on the hot path.
+        Index("uq_interactions_source", "tenant_id", "source", "source_id", unique=True,
+              postgresql_where=text("source IS NOT NULL")),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=_uuid)
@@ -201,6 +204,14 @@ class Interaction(Base):
     ttft_ms: Mapped[float | None] = mapped_column(Float)
     stream: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # Where an imported interaction came from ("openwebui", "langfuse", "jsonl") and its id
+    # there; NULL for what the gateway served. Unique per tenant (uq_interactions_source), so
+    # importing a record twice adds nothing.
+    source: Mapped[str | None] = mapped_column(String(32))
+    source_id: Mapped[str | None] = mapped_column(String(300))
+    import_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("feedback_imports.id", ondelete="SET NULL")
+    )
 
 
 # Drawn again on every feedback upsert, so a replaced rating counts as new for the trigger.
@@ -395,3 +406,46 @@ class Export(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ImportStatus(str, enum.Enum):
+    running = "running"
+    done = "done"  # every record read: imported, skipped (counted by reason) or reported
+    failed = "failed"  # stopped early (reason in failure_reason); what it committed stays
+
+
+class FeedbackImport(Base):
+    """One import of ratings collected elsewhere into an alias's feedback buffer."""
+
+    __tablename__ = "feedback_imports"
+    __table_args__ = (Index("ix_feedback_imports_adapter_created", "adapter_id", "created_at"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=_uuid)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    adapter_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("adapters.id", ondelete="CASCADE"))
+    source: Mapped[str] = mapped_column(String(16))  # "openwebui" | "langfuse" | "jsonl"
+    status: Mapped[str] = mapped_column(String(16), default=ImportStatus.running.value)
+    requested_by: Mapped[str] = mapped_column(String(200))
+    file_name: Mapped[str | None] = mapped_column(Text)
+    file_sha256: Mapped[str | None] = mapped_column(String(64))
+    file_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    # The rating rule it ran with (score name, thresholds).
+    options: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    # Records in the file; each ends imported, skipped (reason counted) or an error (reported).
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    imported: Mapped[int] = mapped_column(Integer, default=0)
+    skipped: Mapped[int] = mapped_column(Integer, default=0)
+    errors: Mapped[int] = mapped_column(Integer, default=0)
+    skipped_reasons: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    # The first malformed records: [{where, reason}] (where: "line 7", "item 3 (id ...)").
+    error_samples: Mapped[list[Any]] = mapped_column(JSONB, default=list)
+    # The run the import's ratings started, when they crossed the alias's trigger.
+    run_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("training_runs.id", ondelete="SET NULL")
+    )
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Moved on every committed batch: a running import whose heartbeat stops was interrupted.
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -189,6 +189,11 @@ def _walk(root: Path) -> list[tuple[str, Path]]:
     return out
 
 
+def read_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """adapter_config.json, checked as verify_artifact checks it; ArtifactRejected otherwise."""
+    return _read_config(Path(path))
+
+
 def _read_config(path: Path) -> dict[str, Any]:
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))

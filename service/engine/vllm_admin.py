@@ -172,9 +172,11 @@ class VllmAdmin:
                                    op="smoke")
 
     async def complete(self, model_name: str, messages: list[dict], max_tokens: int, *,
-                       op: str = "complete") -> str:
-        """A greedy chat completion of a whole conversation; returns the text ("" if none)."""
-        body = {"model": model_name, "messages": messages,
+                       request: dict | None = None, op: str = "complete") -> str:
+        """A greedy chat completion of a whole conversation; returns the text ("" if none).
+        `request` adds the original request's other fields (tools, chat_template_kwargs, ...)
+        so the prompt is rendered as it was served."""
+        body = {**(request or {}), "model": model_name, "messages": messages,
                 "max_tokens": max_tokens, "temperature": 0, "stream": False}
         resp = self._ok(await self._send(op, "POST", "/v1/chat/completions", json=body), op)
         data = self._json(resp, op)

@@ -4,18 +4,26 @@ An SFT adapter is trained until its greedy answers clearly differ from the base 
 into a real vLLM at runtime, and vLLM's greedy completions (chat endpoint and plain completions on
 the rendered prompt) must equal PEFT + transformers `generate(do_sample=False)` token for token.
 Any drift in chat template rendering, bos handling, LoRA scaling or target modules shows up here.
+
+Tool use: the dataset's records of a conversation with tools, tool calls, tool results and
+chat_template_kwargs must tokenize to what vLLM tokenizes for the same request (its /tokenize and
+its chat endpoint), with a template that renders all of them.
 """
 
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import pytest
 
 from service.engine.managed import ManagedVllm
-from workers.training import TrainingConfig, train_adapter
+from tests.helpers.chat_templates import TOOLS_TEMPLATE
+from workers.dataset import DatasetPolicy, RatedInteraction, build_dataset
+from workers.redaction import NullRedactor
+from workers.training import TrainingConfig, _to_dataset, train_adapter
 
 pytestmark = pytest.mark.vllm
 
@@ -148,3 +156,91 @@ def test_vllm_serves_what_peft_generates(server, tiny_model, tmp_path):
         finally:
             http.post("/v1/unload_lora_adapter", json={"lora_name": name})
     assert checked >= MIN_CHECKED, f"only {checked} prompts had a clear greedy answer"
+
+
+# A client's tool: keys in another order than vLLM's tool model, no description (vLLM renders it
+# as null), a schema whose key order is the client's.
+TOOLS = [{"function": {"parameters": {"type": "object", "properties": {"unit": {"type": "string"},
+                                                                       "city": {"type": "string"}},
+                                      "required": ["city"]}, "name": "get_weather"},
+          "type": "function"}]
+CALL = {"id": "call-1", "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "unit": "C"}'}}
+ASKED = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Weather in Oslo?"}]
+ANSWERED = [*ASKED, {"role": "assistant", "content": None, "tool_calls": [CALL]},
+            {"role": "tool", "tool_call_id": "call-1", "content": "snow, -3"}]
+KWARGS = {"enable_thinking": False}
+# vLLM without a tool parser serves tools only with tool_choice "none" (they are still rendered).
+PARAMS = {"tools": TOOLS, "tool_choice": "none", "chat_template_kwargs": KWARGS, "temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def tools_server(tiny_model, tmp_path_factory):
+    """vLLM serving the tiny model with TOOLS_TEMPLATE (--chat-template)."""
+    from service.embedded import free_port
+
+    root = tmp_path_factory.mktemp("tools-vllm")
+    (root / "tools.jinja").write_text(TOOLS_TEMPLATE)
+    # The tools' JSON takes ~250 of the byte-level tokenizer's tokens: the model's full context.
+    srv = ManagedVllm(tiny_model, free_port(), kv_cache_gb=0.0625, max_model_len=1024,
+                      log_path=root / "vllm.log", extra_args=["--chat-template", str(root / "tools.jinja")])
+    srv.start()
+    try:
+        srv.wait_healthy(timeout=300)
+        yield srv
+    finally:
+        srv.stop()
+
+
+def _rated(n: int, messages: list[dict], **answer) -> RatedInteraction:
+    return RatedInteraction(interaction_id=f"00000000-0000-4000-8000-{n:012d}", messages=messages,
+                            rating="up", correction=None, rater_id="", params=PARAMS,
+                            created_at=datetime(2026, 1, 1, tzinfo=UTC), **answer)
+
+
+def _tokenize(http: httpx.Client, messages: list[dict], **kw) -> list[int]:
+    body = {"model": "base", "messages": messages, "tools": TOOLS, "chat_template_kwargs": KWARGS, **kw}
+    return http.post("/tokenize", json=body).raise_for_status().json()["tokens"]
+
+
+def test_tool_conversations_train_on_what_vllm_tokenizes(tools_server, tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.chat_template = TOOLS_TEMPLATE
+    after_result = _rated(1, ANSWERED, response_text="It is snowing.")
+    called = _rated(2, ASKED, response_text="", response_tool_calls=[CALL])
+    built = build_dataset([after_result, called], tokenizer=tok, redactor=NullRedactor(),
+                          policy=DatasetPolicy(method="sft", heldout_fraction=0.0, replay_fraction=0.0,
+                                               min_examples=2))
+    names = ("after_result", "called")
+    records = dict(zip(names, built.train["sft"], strict=True))
+    rows = dict(zip(names, _to_dataset("sft", built.train["sft"], tok, max_length=1024), strict=True))
+    turns = {"after_result": (ANSWERED, {"role": "assistant", "content": "It is snowing."}),
+             "called": (ASKED, {"role": "assistant", "content": None, "tool_calls": [CALL]})}
+
+    with httpx.Client(base_url=tools_server.url, timeout=120) as http:
+        for name, (messages, answer) in turns.items():
+            record, row = records[name], rows[name]
+            prompt_ids = _tokenize(http, messages, add_generation_prompt=True)
+            # TRL tokenizes a record's text itself (DPO, KTO) with special tokens on.
+            assert tok(record["prompt"])["input_ids"] == prompt_ids, name
+            # The answer is what vLLM renders when the product sends the conversation back; the
+            # newline after the final eos is never generated.
+            served = _tokenize(http, [*messages, answer], add_generation_prompt=False)
+            trained = row["input_ids"]  # SFT's own tokenization (workers.training)
+            assert trained == served[:len(trained)], name
+            assert tok.decode(served[len(trained):]).strip() == "", name
+            assert row["labels"][:len(prompt_ids)] == [-100] * len(prompt_ids)
+            assert row["labels"][len(prompt_ids):] == trained[len(prompt_ids):]
+            # The chat endpoint (what the gateway calls) renders the prompt the same way.
+            chat = http.post("/v1/chat/completions", json={
+                "model": "base", "messages": messages, **PARAMS, "max_tokens": 1,
+                "return_token_ids": True})
+            assert chat.status_code == 200, chat.text
+            assert chat.json()["prompt_token_ids"] == prompt_ids, name
+        # The tools and the kwarg change vLLM's rendering: without them the ids differ.
+        bare = http.post("/tokenize", json={"model": "base", "messages": ASKED}).raise_for_status().json()
+        assert bare["tokens"] != tok(records["called"]["prompt"])["input_ids"]
+    assert '"description": null' in records["called"]["prompt"] and "<think></think>" in records["called"]["prompt"]
+    assert records["called"]["completion"].startswith('<call>{"name": "get_weather", "arguments": {"city": "Oslo"')

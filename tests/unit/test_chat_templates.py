@@ -14,7 +14,7 @@ tokens, bos/eos and bos behaviour added, so both the strings and the token ids c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
@@ -215,3 +215,51 @@ def test_system_prompt_the_template_cannot_train_on_is_dropped(tiny_model, name:
     (drop,) = built.drops
     assert drop["interaction_id"] == bad.interaction_id and drop["reason"] == "template"
     assert drop["detail"].startswith(detail)
+
+
+# Tool use, for the two families whose templates render tools: the request's tools and template
+# kwargs (Llama 3.1 reads date_string and tools_in_user_message) reach the template as vLLM passes
+# them, the tool turns stay, and an answer that called a tool is trained as that call.
+TOOL = {"type": "function", "function": {
+    "name": "order_status", "description": "Where an order is.",
+    "parameters": {"type": "object", "properties": {"order": {"type": "string"}}, "required": ["order"]}}}
+CALL = {"id": "call-7", "type": "function", "function": {"name": "order_status", "arguments": '{"order": "4471"}'}}
+ASKED = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Where is order 4471?"}]
+TOOL_TURNS = [*ASKED, {"role": "assistant", "content": None, "tool_calls": [CALL]},
+              {"role": "tool", "tool_call_id": "call-7", "content": '{"status": "shipped"}'}]
+# The same turns as vLLM hands them to the template: arguments parsed, no content as "".
+SERVED_CALL = {**CALL, "function": {"name": "order_status", "arguments": {"order": "4471"}}}
+SERVED_TURNS = [*ASKED, {"role": "assistant", "content": "", "tool_calls": [SERVED_CALL]},
+                {"role": "tool", "content": '{"status": "shipped"}', "tool_call_id": "call-7"}]
+TOOL_KWARGS = {"qwen2.5": {}, "llama-3.1": {"date_string": "02 Dec 2026", "tools_in_user_message": False}}
+
+
+@pytest.mark.parametrize("name", list(TOOL_KWARGS))
+def test_tool_conversations_continue_the_served_prompt(tiny_model, name: str) -> None:
+    tok, fam, kwargs = family_tokenizer(tiny_model, name), FAMILIES[name], TOOL_KWARGS[name]
+    params = {"tools": [TOOL], "tool_choice": "auto", "chat_template_kwargs": kwargs}
+
+    def served(conversation: list[dict], **kw) -> str:
+        return tok.apply_chat_template(conversation, tools=[TOOL], tokenize=False, **kwargs, **kw)
+
+    after_result = replace(rated(1, TOOL_TURNS), params=params)
+    called = replace(rated(2, ASKED), params=params, response_text="", response_tool_calls=[CALL])
+    built = build(tok, [after_result, called])
+    assert built.stats["dropped_template"] == 0
+    sft = {r["prompt"]: r["completion"] for r in built.train["sft"]}
+    rejected = {r["prompt"]: r["rejected"] for r in built.train["dpo"]}
+
+    prompt = served(SERVED_TURNS, add_generation_prompt=True)
+    assert "order_status" in prompt and "shipped" in prompt
+    assert all(v in prompt for v in kwargs.values() if isinstance(v, str))
+    full = served([*SERVED_TURNS, {"role": "assistant", "content": CORRECTION}])
+    key = prompt.removeprefix(fam.bos or "")
+    assert key + sft[key] == full[: full.rindex(fam.end) + len(fam.end)].removeprefix(fam.bos or "")
+
+    prompt = served(ASKED, add_generation_prompt=True)
+    full = served([*ASKED, {"role": "assistant", "content": "", "tool_calls": [SERVED_CALL]}])
+    key = prompt.removeprefix(fam.bos or "")
+    assert full.startswith(prompt + rejected[key].removesuffix(fam.eos))
+    assert '"4471"' in rejected[key] and rejected[key].endswith(fam.eos)
+    # What TRL feeds the model is what the engine tokenizes for the whole conversation.
+    assert ids(tok, key + rejected[key], special=True) == ids(tok, full.rstrip(), special=False)

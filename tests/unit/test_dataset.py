@@ -17,6 +17,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from tests.helpers.chat_templates import TOOLS_TEMPLATE
 from workers.dataset import (
     DataCounts,
     DatasetPolicy,
@@ -27,6 +28,8 @@ from workers.dataset import (
     build_dataset,
     cap_rater_share,
     choose_method,
+    heldout_answer,
+    heldout_completion,
     is_heldout,
     kto_weights,
     render_completion,
@@ -84,6 +87,8 @@ TEMPLATES: dict[str, tuple[str, str, str | None]] = {
         "<eos>",
         None,
     ),
+    # Tools, tool calls, tool results and an enable_thinking switch (tests/helpers/chat_templates.py).
+    "tools": (TOOLS_TEMPLATE, "</s>", "<s>"),
     # Renders a think-prefix only in the generation prompt: prompt is not a prefix of the full text.
     "mismatch": (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -352,15 +357,142 @@ def test_openai_content_parts_and_developer_role_are_normalized() -> None:
 
 
 def test_invalid_items_are_dropped_with_reason() -> None:
-    tool = dataclasses.replace(ri(1), messages=[{"role": "tool", "content": "x"}])
+    function = dataclasses.replace(ri(1), messages=[{"role": "function", "content": "x"}])
     image = dataclasses.replace(
         ri(2), messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]
     )
     bad_rating = dataclasses.replace(ri(3), rating="meh")
-    built = build([tool, image, bad_rating, ri(4)])
-    assert built.stats["dropped_invalid"] == 3
-    assert {d["interaction_id"] for d in built.drops} == {uid(1), uid(2), uid(3)}
+    own_template = dataclasses.replace(ri(5), params={"chat_template": "{{ messages }}"})
+    built = build([function, image, bad_rating, ri(4), own_template])
+    assert built.stats["dropped_invalid"] == 4
+    assert {d["interaction_id"] for d in built.drops} == {uid(1), uid(2), uid(3), uid(5)}
     assert built.stats["sft_train"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Tool calls: the turns stay, the template gets the request's tools and kwargs as vLLM gave them
+
+WEATHER = {
+    "type": "function",
+    "function": {"name": "get_weather", "description": "the weather now",
+                 "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},
+}
+CALL = {"id": "call-1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "oslo"}'}}
+ASKED = [{"role": "system", "content": "you are a helpful assistant"},
+         {"role": "user", "content": "what is the weather in oslo"}]
+TOOL_TURNS = [*ASKED, {"role": "assistant", "content": None, "tool_calls": [CALL]},
+              {"role": "tool", "tool_call_id": "call-1", "content": "snow"}]
+TOOL_PARAMS = {"tools": [WEATHER], "tool_choice": "auto", "chat_template_kwargs": {"enable_thinking": False},
+               "temperature": 0.3}
+# What vLLM hands the template for those: arguments parsed, content "" for none.
+SERVED_CALL = {**CALL, "function": {"name": "get_weather", "arguments": {"city": "oslo"}}}
+SERVED_TURNS = [*ASKED, {"role": "assistant", "content": "", "tool_calls": [SERVED_CALL]},
+                {"role": "tool", "content": "snow", "tool_call_id": "call-1"}]
+
+
+def tool_item(i: int, messages: list[dict], *, response: str = "it is snowing", calls=None, rating: str = "up",
+              correction: str | None = None, params=TOOL_PARAMS) -> RatedInteraction:
+    return dataclasses.replace(ri(i, response=response, rating=rating, correction=correction),
+                               messages=messages, params=params, response_tool_calls=calls)
+
+
+def held_and_trained(n_held: int) -> tuple[list[int], int]:
+    """Item numbers whose ids land in the held-out half, and one that trains (a build needs one)."""
+    held = [i for i in range(1000) if is_heldout(uid(i), 0.5)]
+    return held[:n_held], next(i for i in range(1000) if not is_heldout(uid(i), 0.5))
+
+
+def served(conversation: list[dict], **kw) -> str:
+    """The tools template's rendering with WEATHER and enable_thinking=False, as vLLM calls it."""
+    return make_tokenizer("tools").apply_chat_template(
+        conversation, tools=[WEATHER], enable_thinking=False, tokenize=False, **kw)
+
+
+def test_tool_turns_stay_in_the_prompt_rendered_with_the_requests_tools_and_kwargs() -> None:
+    built = build([tool_item(1, TOOL_TURNS)], kind="tools")
+    (sft,) = built.train["sft"]
+    assert sft["prompt"] == served(SERVED_TURNS, add_generation_prompt=True)
+    for part in ('"name": "get_weather"', '<call>{"name": "get_weather", "arguments": {"city": "oslo"}}</call>',
+                 '<result id="call-1">snow</result>', "<think></think>"):
+        assert part in sft["prompt"], part
+    assert sft["prompt"].endswith("<|assistant|>\n<think></think>\n")
+    assert sft["completion"] == "it is snowing</s>"
+    # Without the request's fields the same turns render without tools or the think block.
+    bare = build([tool_item(1, TOOL_TURNS, params={})], kind="tools").train["sft"][0]["prompt"]
+    assert "get_weather\"," not in bare.split("<|user|>")[0] and "<think>" not in bare
+
+
+def test_an_answer_that_called_tools_is_trained_as_its_calls() -> None:
+    up = tool_item(1, ASKED, response="", calls=[CALL])
+    corrected = tool_item(2, [*ASKED[:1], {"role": "user", "content": "weather in paris"}], response="",
+                          calls=[CALL], rating="down", correction="please say which city")
+    built = build([up, corrected], kind="tools")
+    prompt = served(ASKED, add_generation_prompt=True)
+    full = served([*ASKED, {"role": "assistant", "content": "", "tool_calls": [SERVED_CALL]}])
+    assert built.train["sft"][0] == {"prompt": prompt, "completion": full[len(prompt):].rstrip()}
+    assert built.train["sft"][0]["completion"] == (
+        '<call>{"name": "get_weather", "arguments": {"city": "oslo"}}</call></s>')
+    # A correction stays text: it is chosen over the calls the answer made.
+    (dpo,) = built.train["dpo"]
+    assert dpo["chosen"] == "please say which city</s>"
+    assert dpo["rejected"].startswith("<call>")
+    assert [k["label"] for k in built.train["kto"]] == [True, False, True]
+
+
+def test_a_pending_interaction_has_no_answer_to_train_on() -> None:
+    pending = dataclasses.replace(ri(1, response=""), finish_reason="pending")
+    built = build([pending, ri(2)])
+    assert built.stats["dropped_pending"] == 1
+    assert built.drops == [{"interaction_id": uid(1), "reason": "pending",
+                            "detail": "stored before its answer arrived"}]
+
+
+def test_tool_arguments_and_results_are_redacted_and_stay_json() -> None:
+    call = {**CALL, "function": {"name": "email", "arguments": '{"to": "jane.doe@example.com", "n": 1}'}}
+    turns = [{"role": "user", "content": "mail jane"},
+             {"role": "assistant", "content": None, "tool_calls": [call]},
+             {"role": "tool", "tool_call_id": "call-1", "content": "sent to jane.doe@example.com"}]
+    (held,), trained = held_and_trained(1)
+    built = build([tool_item(held, turns, calls=[call], response=""), ri(trained)], kind="tools",
+                  heldout_fraction=0.5)
+    (raw,) = built.heldout_raw
+    blob = json.dumps(raw) + json.dumps(built.heldout)
+    assert "jane.doe@example.com" not in blob and "[EMAIL]" in blob
+    assert json.loads(raw["messages"][1]["tool_calls"][0]["function"]["arguments"]) == {"to": "[EMAIL]", "n": 1}
+    assert json.loads(raw["response_tool_calls"][0]["function"]["arguments"]) == {"to": "[EMAIL]", "n": 1}
+
+
+def test_the_same_words_with_other_tools_are_not_duplicates() -> None:
+    other = {**TOOL_PARAMS, "tools": [{**WEATHER, "function": {**WEATHER["function"], "name": "get_forecast"}}]}
+    built = build([tool_item(1, TOOL_TURNS), tool_item(2, TOOL_TURNS, params=other), tool_item(3, TOOL_TURNS)],
+                  kind="tools")
+    assert built.stats["dropped_duplicates"] == 1 and len(built.train["sft"]) == 2
+
+
+def test_heldout_records_render_their_answers_as_training_did(tmp_path: Path) -> None:
+    (one, two), trained = held_and_trained(2)
+    items = [tool_item(one, ASKED, response="", calls=[CALL], rating="down", correction="which city"),
+             tool_item(two, TOOL_TURNS), ri(trained)]
+    built = build(items, kind="tools", heldout_fraction=0.5)
+    write_jsonl(built, tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "heldout_raw.jsonl").read_text().splitlines()]
+    by_id = {r["interaction_id"]: r for r in records}
+    tok = make_tokenizer("tools")
+    called, answered = by_id[uid(one)], by_id[uid(two)]
+    assert called["params"] == {"tools": [WEATHER], "tool_choice": "auto",
+                                "chat_template_kwargs": {"enable_thinking": False}}
+    (dpo,) = built.heldout["dpo"]
+    assert heldout_completion(called, heldout_answer(called), tok) == dpo["rejected"]
+    assert heldout_completion(called, called["correction"], tok) == dpo["chosen"]
+    assert heldout_completion(answered, heldout_answer(answered), tok) == "it is snowing</s>"
+    # A record written before params were kept reads as a request without tools or kwargs: its
+    # answer turn renders without the think block the kwarg adds.
+    old = {k: v for k, v in answered.items() if k not in ("params", "response_tool_calls")}
+    old["prompt"] = render_prompt(old["messages"], tok)
+    assert not old["prompt"].endswith("<think></think>\n")
+    assert old["prompt"] + heldout_completion(old, heldout_answer(old), tok) == (
+        tok.apply_chat_template([*SERVED_TURNS, {"role": "assistant", "content": "it is snowing"}],
+                                tokenize=False).rstrip())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -251,6 +251,39 @@ def test_training_tokenizes_like_the_engine(method, tiny_model, tokenizer):
             assert tokenizer(row["prompt"])["input_ids"] == engine_ids
 
 
+@pytest.mark.parametrize("method", ["sft", "dpo", "kto"])
+def test_dataset_records_train_on_the_engines_ids(method, tiny_model, tokenizer):
+    """workers.dataset leaves the template's bos to the trainer's tokenizer; every method's ids
+    must still be the engine's, with one bos."""
+    from datetime import UTC, datetime
+
+    from workers.dataset import DatasetPolicy, RatedInteraction, build_dataset
+    from workers.redaction import NullRedactor
+    from workers.training import _to_dataset
+
+    items = [RatedInteraction(interaction_id=f"00000000-0000-4000-8000-{i:012d}",
+                              messages=[{"role": "user", "content": q}], response_text="I do not know.",
+                              rating="down", correction=a, rater_id="", created_at=datetime(2026, 1, 1, tzinfo=UTC))
+             for i, (q, a) in enumerate(QA[:2])]
+    built = build_dataset(items, tokenizer=tokenizer, redactor=NullRedactor(), policy=DatasetPolicy(
+        method=method, heldout_fraction=0.0, replay_fraction=0.0, min_examples=1))
+    records = built.train[method]
+    rows = list(_to_dataset(method, records, tokenizer, max_length=1024))
+    assert len(rows) == len(records) >= 2
+    for n, row in enumerate(rows):
+        q, a = QA[n] if method != "kto" else QA[n // 2]  # kto: the answer, then the correction
+        engine_prompt = tokenizer.apply_chat_template([{"role": "user", "content": q}],
+                                                      add_generation_prompt=True, return_dict=False)
+        assert engine_prompt.count(tokenizer.bos_token_id) == 1
+        if method == "sft":
+            engine_ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": q}, {"role": "assistant", "content": a}], return_dict=False)
+            assert row["input_ids"] == engine_ids[:len(row["input_ids"])]
+            assert row["labels"][:len(engine_prompt)] == [-100] * len(engine_prompt)
+        else:  # TRL tokenizes these itself, with add_special_tokens=True
+            assert tokenizer(row["prompt"])["input_ids"] == engine_prompt
+
+
 def test_sft_rows_respect_max_length(tiny_model, tokenizer):
     from workers.training import _to_dataset
 

@@ -292,6 +292,25 @@ async def test_smoke(fake: FakeVllm, admin: VllmAdmin) -> None:
     assert await a.smoke("base") == ""
 
 
+async def test_complete_replays_the_request_fields(fake: FakeVllm) -> None:
+    # The gate's answer check asks with the stored request's tools and template kwargs; the
+    # model, messages and greedy settings stay its own.
+    seen: list[dict[str, Any]] = []
+
+    def spy(request: httpx.Request) -> httpx.Response:
+        seen.append(json.loads(request.content))
+        return fake(request)
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    request = {"tools": tools, "tool_choice": "none", "chat_template_kwargs": {"enable_thinking": False},
+               "model": "other", "temperature": 1.0}
+    messages = [{"role": "user", "content": "Weather?"}]
+    assert await admin_for(spy).complete("base", messages, 8, request=request) == "Hi there"
+    assert seen == [{"tools": tools, "tool_choice": "none",
+                     "chat_template_kwargs": {"enable_thinking": False}, "model": "base",
+                     "messages": messages, "max_tokens": 8, "temperature": 0, "stream": False}]
+
+
 async def test_smoke_errors(fake: FakeVllm, admin: VllmAdmin) -> None:
     with pytest.raises(ReplicaError) as ei:
         await admin.smoke("not-loaded")

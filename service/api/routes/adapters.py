@@ -228,10 +228,12 @@ async def adapter_stats(alias: AliasPath, caller: OpsCaller, state: State,
     async with state.sessions() as session:
         adapter = await _adapter(session, caller.tenant_id, alias)
         rows = await session.execute(text("""
-            SELECT coalesce(v.lora_name, :base) AS version,
+            SELECT coalesce(v.lora_name, i.served_model, :base) AS version,
                    to_timestamp(floor(extract(epoch FROM f.created_at) / (:b * 60)) * (:b * 60)) AS bucket,
                    count(*) FILTER (WHERE f.rating = 'up') AS up, count(*) AS n
             FROM feedback f LEFT JOIN adapter_versions v ON v.id = f.version_id
+            -- Imported ratings are their own series ("import:<source>"), not the base model's.
+            LEFT JOIN interactions i ON i.id = f.interaction_id AND i.source IS NOT NULL
             WHERE f.adapter_id = :a AND f.created_at > now() - make_interval(hours => :h)
             GROUP BY 1, 2 ORDER BY 2"""), {"a": adapter.id, "b": bucket_minutes, "h": hours,
                                              "base": state.settings.base_model_name})
