@@ -36,7 +36,7 @@ def _request_values(iid: uuid.UUID, caller, body: ChatCompletionRequest, route,
 def _answer_values(capture: gateway.Capture) -> dict[str, Any]:
     return {
         "replica": capture.replica, "response_text": capture.text,
-        "response_tool_calls": getattr(capture, "tool_calls", None), "finish_reason": capture.finish_reason,
+        "response_tool_calls": capture.tool_calls, "finish_reason": capture.finish_reason,
         "prompt_tokens": capture.prompt_tokens, "completion_tokens": capture.completion_tokens,
         "latency_ms": capture.latency_ms, "ttft_ms": capture.ttft_ms,
     }
