@@ -119,6 +119,23 @@ class AppState:
         """A valid key seen within auth_cache_ttl_s, without touching the database."""
         return self.auth_cache.get(key_hash)[1]
 
+    async def _from_db(self, cache: TTLCache, key: Any, load) -> tuple[Any, bool]:
+        """(load(session), True); while Postgres is unreachable, (the last value cache held for
+        key, False) instead: nothing can revoke a key or promote a version meanwhile, so chats
+        go on and land in the spool. The outage is raised when the cache held nothing for key."""
+        known, last = cache.stale(key)
+        if known and self.outbox.db_down:
+            return last, False
+        try:
+            async with self.sessions() as session:
+                return await load(session), True
+        except Exception as exc:
+            if is_outage(exc):
+                self.outbox.note_outage()
+                if known:
+                    return last, False
+            raise
+
     async def principal(self, key_hash: str) -> repo.Principal | None:
         """The key's principal, or None for an unknown or revoked key. Valid keys and misses
         are cached apart, so misses (a key-guessing flood) never evict valid keys."""
@@ -127,20 +144,10 @@ class AppState:
             return principal
         if self.auth_misses.get(key_hash)[0]:
             return None
-        known, last = self.auth_cache.stale(key_hash)
-        if known and self.outbox.db_down:
-            return last
-        try:
-            async with self.sessions() as session:
-                principal = await repo.principal_for_hash(session, key_hash)
-        except Exception as exc:
-            # A database outage: keys seen before still work (nobody can revoke one while the
-            # database is down), so chats go on and land in the spool.
-            if is_outage(exc):
-                self.outbox.note_outage()
-                if known:
-                    return last
-            raise
+        principal, fresh = await self._from_db(
+            self.auth_cache, key_hash, lambda s: repo.principal_for_hash(s, key_hash))
+        if not fresh:
+            return principal
         (self.auth_cache if principal is not None else self.auth_misses).put(key_hash, principal)
         return principal
 
@@ -150,20 +157,10 @@ class AppState:
         found, route = self.route_cache.get(key)
         if found:
             return route
-        known, last = self.route_cache.stale(key)
-        if known and self.outbox.db_down:
-            return last
-        try:
-            async with self.sessions() as session:
-                route = await repo.route_for_alias(session, tenant_id, alias,
-                                                   self.settings.base_model_name)
-        except Exception as exc:
-            # A database outage: the last known route (no promotion can happen meanwhile).
-            if is_outage(exc):
-                self.outbox.note_outage()
-                if known:
-                    return last
-            raise
+        route, fresh = await self._from_db(self.route_cache, key, lambda s: repo.route_for_alias(
+            s, tenant_id, alias, self.settings.base_model_name))
+        if not fresh:
+            return route
         self.route_cache.put(key, route)
         return route
 
