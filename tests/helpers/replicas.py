@@ -327,17 +327,27 @@ class Traffic:
         return [s for s in self.shots if s.status != 200]
 
 
-def served_models(sessions: sessionmaker, interaction_ids: list[str]) -> dict[str, tuple[str, str]]:
-    """interaction id -> (served_model, replica) as the gateway stored it."""
+def served_models(sessions: sessionmaker, interaction_ids: list[str],
+                  timeout: float = 10.0) -> dict[str, tuple[str, str]]:
+    """interaction id -> (served_model, replica) as the gateway stored it.
+
+    The gateway writes a non-stream answer just after replying (the row is `pending` until
+    then), so this waits until every asked-for row carries its answer."""
     from sqlalchemy import select
 
+    from service.db.hotpath import PENDING
     from service.db.models import Interaction
 
     ids = [uuid.UUID(i) for i in interaction_ids if i]
-    with session_scope(sessions) as s:
-        rows = s.execute(select(Interaction.id, Interaction.served_model, Interaction.replica)
-                         .where(Interaction.id.in_(ids)))
-        return {str(r.id): (r.served_model, r.replica) for r in rows}
+    deadline = time.monotonic() + timeout
+    while True:
+        with session_scope(sessions) as s:
+            rows = list(s.execute(select(Interaction.id, Interaction.served_model,
+                                         Interaction.replica, Interaction.finish_reason)
+                                  .where(Interaction.id.in_(ids))))
+        if all(r.finish_reason != PENDING for r in rows) or time.monotonic() > deadline:
+            return {str(r.id): (r.served_model, r.replica) for r in rows}
+        time.sleep(0.05)
 
 
 # --- fixtures ----------------------------------------------------------------------------------
