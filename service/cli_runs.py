@@ -45,6 +45,23 @@ def _progress_text(progress: dict) -> str:
             + (f" eta {eta:.0f}s" if isinstance(eta, (int, float)) else ""))
 
 
+def _quantization_short(metrics: dict) -> str:
+    """The list's word for a run's quantization ("" when it asked for none)."""
+    q = (metrics or {}).get("quantization") or {}
+    if not q or q.get("requested") in (None, "none"):
+        return ""
+    if q.get("fallback"):
+        return "qlora -> LoRA fallback"
+    return "qlora" if q.get("used") == "qlora" else "qlora unavailable"
+
+
+def _quantization_text(metrics: dict) -> str:
+    """What `runs show` says about the run's quantization: what was asked, used, and why."""
+    q = (metrics or {}).get("quantization") or {}
+    short = _quantization_short(metrics)
+    return f"{short}: {q['reason']}" if short and q.get("reason") else short
+
+
 @runs_app.command("list")
 def runs_list(
     tenant: Annotated[str | None, typer.Option(help="Only this tenant.")] = None,
@@ -60,12 +77,12 @@ def runs_list(
         q = q.where(TrainingRun.tenant_id == tenant)
     if alias:
         q = q.where(Adapter.alias == alias)
-    table = Table("tenant", "alias", "state", "method", "progress", "created")
+    table = Table("tenant", "alias", "state", "method", "quant", "progress", "created")
     table.add_column("run", no_wrap=True, min_width=36)
     with _sessions()() as s:
         for run, a in s.execute(q):
             table.add_row(run.tenant_id, a, run.state, run.method or "",
-                          _progress_text(run.progress or {}), f"{run.created_at:%Y-%m-%d %H:%M:%S}",
+                          _quantization_short(run.metrics or {}), _progress_text(run.progress or {}), f"{run.created_at:%Y-%m-%d %H:%M:%S}",
                           str(run.id))
     console.print(table)
 
@@ -91,6 +108,7 @@ def runs_show(
             run = s.get(TrainingRun, rid)
     table = Table(show_header=False)
     for label, value in [("state", run.state), ("method", f"{run.method} ({run.method_reason})"),
+                         ("quantization", _quantization_text(run.metrics or {})),
                          ("trigger", run.trigger), ("dataset", run.dataset_stats),
                          ("progress", _progress_text(run.progress or {})),
                          ("gate", (run.metrics or {}).get("gate")), ("verdict", run.verdict),

@@ -61,6 +61,10 @@ class TrainingPolicy(_Strict):
     # dropped (counted in the run's dataset stats), never cut mid-answer.
     max_length: int | None = Field(None, ge=16)
     quantization: Literal["none", "qlora"] = "none"
+    # Where qlora cannot run (no CUDA, or no bitsandbytes): "fail" fails the run naming what is
+    # missing; "lora" trains plain LoRA and the run shows the fallback (CLI, ops page). Never
+    # silent. No effect with quantization: none.
+    quantization_fallback: Literal["fail", "lora"] = "fail"
     checkpoint_every_steps: int = Field(20, ge=1)
     seed: int = 0
 

@@ -105,7 +105,8 @@ def _training_config(policy: Policy, method: str, built, max_length: int | None 
         desirable_weight=built.kto_desirable_weight,
         undesirable_weight=built.kto_undesirable_weight,
         **({"max_length": n} if (n := max_length or t.max_length) else {}),
-        checkpoint_every_steps=t.checkpoint_every_steps, quantization=t.quantization, seed=t.seed,
+        checkpoint_every_steps=t.checkpoint_every_steps, quantization=t.quantization,
+        quantization_fallback=t.quantization_fallback, seed=t.seed,
     )
 
 
@@ -119,6 +120,30 @@ def _recorded_artifact(out_dir: Path) -> tuple[Path, str, dict, dict]:
     training = lineage.get("training", {})
     return (out_dir, artifact_sha256(out_dir), training.get("metrics", {}),
             training.get("library_versions", {}))
+
+
+def check_quantization(ctx: WorkerContext, claim: runs.Claim, policy: Policy) -> dict:
+    """Decide the run's quantization before any data or model is loaded: a qlora policy this
+    machine cannot honour fails the run naming what is missing, unless it allows the LoRA
+    fallback; then the run's metrics say so from the start of training (CLI, ops page). Returns
+    the metrics entry to keep ({} without a quantization)."""
+    from workers.quantization import plan_quantization
+
+    t = policy.training
+    plan = plan_quantization(t.quantization, t.quantization_fallback)
+    if plan.requested == "none":
+        return {}
+    entry = {"quantization": plan.as_dict()}
+    with session_scope(ctx.sessions) as s:
+        s.execute(text("""UPDATE training_runs
+                          SET metrics = coalesce(metrics, '{}'::jsonb) || CAST(:m AS jsonb)
+                          WHERE id = :id AND lease_owner = :owner"""),
+                  {"m": runs._json(entry), "id": claim.run_id, "owner": claim.owner})
+    if plan.failure:
+        raise StepFailed(plan.failure)
+    if plan.fallback:
+        log.warning("run %s: %s", claim.run_id, plan.reason)
+    return entry
 
 
 def train(ctx: WorkerContext, claim: runs.Claim) -> str:
@@ -154,6 +179,7 @@ def train(ctx: WorkerContext, claim: runs.Claim) -> str:
                        "sha256": parent.sha256} if parent else None
         parent_sha = parent.sha256 if parent else None
         tenant_id, alias, adapter_id = adapter.tenant_id, adapter.alias, adapter.id
+    quantization = check_quantization(ctx, claim, policy)
 
     if parent_dir is not None:
         # Training loads the parent's weights: only after its checksum matches the record.
@@ -229,7 +255,8 @@ def train(ctx: WorkerContext, claim: runs.Claim) -> str:
             parent_version_id=parent.id if parent else None, run_id=claim.run_id,
             lineage={**lineage, "training": trained[2], "library_versions": trained[3]})
         runs.transition(s, claim.run_id, claim.owner, RunState.evaluating,
-                        candidate_version_id=version.id, metrics={"training": trained[2]})
+                        candidate_version_id=version.id,
+                        metrics={**quantization, "training": trained[2]})
         repo.audit(s, tenant_id=tenant_id, actor="worker", action="run.trained", target_type="run",
                    target_id=str(claim.run_id),
                    detail={"version": version.lora_name, "method": built.method})

@@ -41,6 +41,7 @@ from service.engine.artifact import (
     artifact_sha256,
     verify_artifact,
 )
+from workers.quantization import FALLBACKS, QUANTIZATIONS, QuantizationUnavailable, plan_quantization
 
 __all__ = [
     "LINEAGE_FILE",
@@ -48,6 +49,7 @@ __all__ = [
     "ProgressFn",
     "TrainResult",
     "TrainingConfig",
+    "QuantizationUnavailable",
     "TrainingError",
     "latest_checkpoint",
     "main",
@@ -58,7 +60,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 METHODS = ("sft", "dpo", "kto")
-QUANTIZATIONS = ("none", "qlora")
 PRECISIONS = ("auto", "bf16", "fp32")
 LINEAGE_FILE = "lineage.json"
 LINEAGE_FORMAT = 1
@@ -73,8 +74,10 @@ REQUIRED_KEYS = {
 # LoRA learning rates (TRL's own defaults, 2e-5 / 1e-6, are meant for full fine-tuning).
 DEFAULT_LEARNING_RATE = {"sft": 2e-4, "dpo": 5e-5, "kto": 5e-5}
 # Changing these between a crash and its retry still resumes the same run.
+# (quantization_fallback only decides whether a run may train without QLoRA at all.)
 _RESUMABLE_FIELDS = frozenset(
-    {"epochs", "max_steps", "checkpoint_every_steps", "keep_checkpoints", "logging_steps"}
+    {"epochs", "max_steps", "checkpoint_every_steps", "keep_checkpoints", "logging_steps",
+     "quantization_fallback"}
 )
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -133,8 +136,11 @@ class TrainingConfig:
         gradient_checkpointing: recompute activations in backward to save memory (slower); worth
             it for long sequences on big models, not for small ones.
         quantization: "none" or "qlora" (4-bit NF4 base, double quantization, bf16 compute).
-            QLoRA needs CUDA and bitsandbytes; without them plain LoRA is trained and the
-            result says why.
+            QLoRA needs CUDA and bitsandbytes; without them training raises
+            QuantizationUnavailable (naming what is missing) unless quantization_fallback is
+            "lora".
+        quantization_fallback: "fail" (default) or "lora": where QLoRA cannot run, train plain
+            LoRA instead; the result's quantization_reason says so.
         precision: "auto" (bf16 on a GPU that supports it, else fp32), "bf16" or "fp32".
         seed: seeds LoRA init, data order and dropout.
     """
@@ -165,6 +171,7 @@ class TrainingConfig:
     logging_steps: int = 1
     gradient_checkpointing: bool = False
     quantization: str = "none"
+    quantization_fallback: str = "fail"
     precision: str = "auto"
     seed: int = 0
 
@@ -174,6 +181,9 @@ class TrainingConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        if self.quantization_fallback not in FALLBACKS:
+            raise ValueError(f"quantization_fallback must be one of {FALLBACKS}, "
+                             f"got {self.quantization_fallback!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         positive = ("lora_r", "per_device_batch_size", "gradient_accumulation_steps", "max_length",
@@ -261,7 +271,10 @@ def train_adapter(
     logging step (main process only). ``lineage`` (e.g. parent version, dataset hash) is merged
     into lineage.json. ``callbacks`` are extra transformers ``TrainerCallback`` instances.
     ``out_dir`` must not exist yet (artifacts are immutable); it appears complete or not at all.
+    Raises QuantizationUnavailable, before loading anything, when ``config`` asks for QLoRA that
+    this machine cannot run and allows no fallback.
     """
+    quantization, quantization_reason = _choose_quantization(config)
     base_str = str(base_model_dir)  # the engine compares adapter_config's base with this string
     out_dir, work_dir = Path(out_dir), Path(work_dir)
     parent = Path(parent_adapter_dir) if parent_adapter_dir is not None else None
@@ -280,7 +293,6 @@ def train_adapter(
     import torch
 
     precision, precision_reason = _choose_precision(config.precision)
-    quantization, quantization_reason = _choose_quantization(config.quantization)
     data_sha = _records_sha256(train_records, eval_records)
     fingerprint = _run_fingerprint(base_str, config, data_sha, parent_info)
     ckpt_dir = work_dir / CHECKPOINTS_DIR
@@ -425,18 +437,11 @@ def _choose_precision(requested: str) -> tuple[str, str]:
     return "fp32", "auto: CPU training runs in fp32"
 
 
-def _choose_quantization(requested: str) -> tuple[str, str | None]:
-    import importlib.util
-
-    import torch
-
-    if requested == "none":
-        return "none", None
-    if not torch.cuda.is_available():
-        return "none", "qlora requested, but CUDA is not available (bitsandbytes 4-bit needs a GPU): trained plain LoRA"
-    if importlib.util.find_spec("bitsandbytes") is None:
-        return "none", "qlora requested, but bitsandbytes is not installed: trained plain LoRA"
-    return "qlora", "4-bit NF4 base weights, double quantization, bf16 compute"
+def _choose_quantization(config: TrainingConfig) -> tuple[str, str | None]:
+    plan = plan_quantization(config.quantization, config.quantization_fallback)
+    if plan.failure:
+        raise QuantizationUnavailable(plan.failure)
+    return plan.used, plan.reason
 
 
 def library_versions(quantization: str = "none") -> dict[str, str]:

@@ -15,6 +15,7 @@ from service.engine.artifact import PICKLE_SUFFIXES, verify_artifact
 from service.tiny_model import weights_sha256
 from workers.training import (
     LINEAGE_FILE,
+    QuantizationUnavailable,
     TrainingConfig,
     TrainingError,
     latest_checkpoint,
@@ -219,17 +220,33 @@ def test_eval_records_are_evaluated(tiny_model, tokenizer, tmp_path):
     assert math.isfinite(result.metrics["eval_loss"])
 
 
-def test_qlora_on_cpu_falls_back_to_lora_and_says_why(tiny_model, tokenizer, tmp_path):
+def test_qlora_without_cuda_fails_before_loading_anything(tiny_model, tokenizer, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: QLoRA would really run")
+    with pytest.raises(QuantizationUnavailable, match="CUDA is not available") as info:
+        train_adapter(base_model_dir=tiny_model, data={"train": make_records(tokenizer, "sft")},
+                      config=_config(max_steps=1, quantization="qlora"), out_dir=tmp_path / "art",
+                      work_dir=tmp_path / "work")
+    assert "quantization_fallback: lora" in str(info.value)
+    assert not (tmp_path / "art").exists() and not (tmp_path / "work").exists()
+
+
+def test_qlora_without_cuda_trains_lora_when_the_fallback_is_allowed(tiny_model, tokenizer, tmp_path):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: QLoRA would really run")
     result = train_adapter(base_model_dir=tiny_model, data={"train": make_records(tokenizer, "sft")},
-                           config=_config(max_steps=1, quantization="qlora"), out_dir=tmp_path / "art",
-                           work_dir=tmp_path / "work")
+                           config=_config(max_steps=1, quantization="qlora",
+                                          quantization_fallback="lora"),
+                           out_dir=tmp_path / "art", work_dir=tmp_path / "work")
     assert result.quantization == "none" and "CUDA" in result.quantization_reason
+    assert "trained plain LoRA" in result.quantization_reason
     lineage = json.loads((result.artifact_dir / LINEAGE_FILE).read_text())
     assert "CUDA" in lineage["training"]["quantization_reason"]
+    assert lineage["training"]["config"]["quantization_fallback"] == "lora"
 
 
 @pytest.mark.parametrize("method", ["sft", "dpo"])
@@ -356,6 +373,8 @@ def test_config_validation_and_round_trip():
         TrainingConfig(method="kto", per_device_batch_size=1)
     with pytest.raises(ValueError):
         TrainingConfig(quantization="int8")
+    with pytest.raises(ValueError, match="quantization_fallback"):
+        TrainingConfig(quantization="qlora", quantization_fallback="int8")
 
 
 def _mean_logp(base: Path, adapter: Path, tok, pairs: list[tuple[str, str]]) -> float:

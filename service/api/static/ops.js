@@ -866,7 +866,7 @@
       h("td", {}, when(r.created_at)),
       h("td", {}, r.alias),
       h("td", {}, badge(r.state)),
-      h("td", {}, r.method || "—"),
+      h("td", {}, r.method || "—", quantTag(r)),
       h("td", { class: "progress-cell" }, progressView(r)),
       h("td", { "data-testid": "run-gate" }, gateSummary(r)),
       h("td", {}, r.candidate_version ? h("code", { text: r.candidate_version }) : "—"),
@@ -874,6 +874,25 @@
         type: "button", "data-testid": "open-run", onclick: () => selectRun(r.id) },
         r.state === "awaiting_approval" ? "Review" : "Report", srOnly(` run ${short(r.id)} of ${r.alias}`))))));
     fill($("runs-body"), rows.length ? rows : emptyRow(8, "No runs yet: they start when an alias collects enough ratings."));
+  }
+
+  // A qlora policy where QLoRA cannot run: plain LoRA trained (the policy allowed the fallback)
+  // or the run failed. Shown, never silent (workers/quantization.py).
+  function quantTag(r) {
+    const q = (r.metrics || {}).quantization;
+    if (!q || q.requested === "none") return null;
+    if (q.fallback) return h("span", { class: "tag warn-tag", "data-testid": "run-quant-fallback",
+                                       title: q.reason || "", text: "QLoRA → LoRA fallback" });
+    return h("span", { class: "tag", "data-testid": "run-quant", title: q.reason || "",
+                       text: q.used === "qlora" ? "QLoRA" : "QLoRA unavailable" });
+  }
+
+  function quantFact(run) {
+    const q = (run.metrics || {}).quantization;
+    if (!q || q.requested === "none") return null;
+    const what = q.fallback ? "plain LoRA (fallback from QLoRA)" : q.used === "qlora" ? "QLoRA" : "QLoRA unavailable";
+    return h("span", { class: q.fallback || !q.used ? "bad" : null, "data-testid": "run-quantization",
+                       text: q.reason ? `${what}: ${q.reason}` : what });
   }
 
   function progressView(r) {
@@ -952,6 +971,8 @@
       ["Dataset sha256", lin.dataset && lin.dataset.sha256 ? h("code", { title: lin.dataset.sha256, text: short(lin.dataset.sha256) }) : "—"],
       ["Artifact sha256", lin.sha256 ? h("code", { title: lin.sha256, text: short(lin.sha256) }) : "—"],
     ];
+    const quant = quantFact(run);
+    if (quant) facts.splice(3, 0, ["Quantization", quant]);
     if (run.failure_reason) facts.push(["Failure", h("span", { class: "bad", text: run.failure_reason })]);
     fill($("run-facts"), facts.map(([k, v]) => [h("dt", { text: k }), h("dd", {}, v)]));
 
