@@ -111,6 +111,12 @@ class Settings(BaseSettings):
     wake_resend_after_s: float = 600.0
     watch_interval_s: float = 15.0
     training_device: str = "auto"
+    # The AI judge (policy `judge`): how often beat sends its sweep, the most one sweep may take
+    # (it shares the control queue with the trigger sweep and the watch), and the key sent to
+    # judge endpoints that want one.
+    judge_interval_s: float = Field(60.0, gt=0)
+    judge_sweep_max_s: float = Field(45.0, gt=0)
+    judge_api_key: SecretStr | None = None
 
     # Database pool
     db_pool_size: int = 20

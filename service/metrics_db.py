@@ -8,6 +8,8 @@ from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.judge_stats import METRIC_QUERIES as _JUDGE_QUERIES
+
 _QUERIES = {
     "runs": "SELECT state, count(*) AS n FROM training_runs GROUP BY state",
     "buffer": """
@@ -36,6 +38,7 @@ _QUERIES = {
         SELECT tenant_id, format, coalesce(quant, '') AS quant, status, count(*) AS n,
                max(bytes) FILTER (WHERE status = 'passed') AS bytes
         FROM exports GROUP BY tenant_id, format, coalesce(quant, ''), status""",
+    **_JUDGE_QUERIES,
 }
 
 
@@ -86,9 +89,27 @@ async def render(session: AsyncSession, thresholds: dict[tuple[str, str], int],
     for url, healthy in replicas:
         up.add_metric([url], 1 if healthy else 0)
 
+    ratings = GaugeMetricFamily("flywheel_ratings", "Ratings by source (human: posted or "
+                                "imported; judge: the AI judge) and rating",
+                                labels=["tenant", "alias", "source", "rating"])
+    for r in rows["feedback_by_source"]:
+        ratings.add_metric([r.tenant_id, r.alias, r.source, r.rating], r.n)
+    pairs = GaugeMetricFamily("flywheel_judge_agreement_pairs", "Answers both a human and the "
+                              "AI judge rated (human, judge pairs)", labels=["tenant", "alias"])
+    agree = GaugeMetricFamily("flywheel_judge_agreement_agree", "Of those pairs, how many agree",
+                              labels=["tenant", "alias"])
+    for r in rows["judge_agreement"]:
+        pairs.add_metric([r.tenant_id, r.alias], r.pairs)
+        agree.add_metric([r.tenant_id, r.alias], r.agree)
+    skips = GaugeMetricFamily("flywheel_judge_skipped", "Answers the AI judge was asked about "
+                              "and gave no usable verdict, by reason",
+                              labels=["tenant", "alias", "reason"])
+    for r in rows["judge_skips"]:
+        skips.add_metric([r.tenant_id, r.alias, r.reason], r.n)
+
     registry = CollectorRegistry()
     families = [runs, buffer, threshold, seconds, tps, verdicts, swap, rollbacks, exports,
-                export_bytes, up]
+                export_bytes, up, ratings, pairs, agree, skips]
 
     class _Fixed:
         def collect(self):

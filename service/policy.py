@@ -168,6 +168,58 @@ class ExportPolicy(_Strict):
     max_new_tokens: int = Field(16, ge=1, le=256)
 
 
+DEFAULT_RUBRIC = ("A good answer does what the user asked, is correct, stays on topic and "
+                  "follows any instructions in the conversation. A bad answer is wrong, "
+                  "evasive, off topic, rude, or ignores the instructions.")
+
+
+class JudgePolicy(_Strict):
+    """An LLM judge that rates traffic nobody rated (workers.judge). Off unless url and model
+    are set. Its ratings are stored as feedback with source `judge`, capped to `max_share` of a
+    training set, never held out or used by the gate, the watch window or the thumbs-up rates."""
+
+    # An OpenAI-compatible base URL (".../v1"); its key, if any, is FLYWHEEL_JUDGE_API_KEY.
+    url: str | None = Field(None, pattern=r"^https?://\S+$")
+    model: str | None = Field(None, min_length=1, max_length=200)
+    rubric: str = Field(DEFAULT_RUBRIC, min_length=1, max_length=8000)
+    # absolute: each answer alone, up or down. relative: the answers to one prompt are scored
+    # against each other in one call (RULER-style); a prompt with one answer is rated alone.
+    mode: Literal["absolute", "relative"] = "absolute"
+    group_size: int = Field(4, ge=2, le=8)
+    # relative: an answer scoring at least this (0-1) is a thumbs-up.
+    up_threshold: float = Field(0.5, ge=0, le=1)
+    # Interactions sent to the judge per rolling hour, failed attempts included.
+    budget_per_hour: int = Field(60, ge=0, le=100_000)
+    # The most judge-rated examples in a training set, as a share of it.
+    max_share: float = Field(0.25, ge=0, lt=1)
+    # The budget's share spent on interactions humans rated too: only these measure agreement
+    # (human ratings win there, so they never train).
+    calibration_share: float = Field(0.1, ge=0, le=1)
+    # Whether judge ratings count toward the trigger's min_new_ratings (they always train).
+    counts_toward_trigger: bool = False
+    # Only answers at least this old (a human rates first) and at most lookback_hours old.
+    min_age_s: float = Field(60.0, ge=0)
+    lookback_hours: float = Field(24.0, gt=0)
+    timeout_s: float = Field(30.0, gt=0, le=600)
+    # Retries of one call (backoff doubling from backoff_s) before it is skipped with a reason.
+    retries: int = Field(2, ge=0, le=10)
+    backoff_s: float = Field(1.0, ge=0, le=60)
+    max_tokens: int = Field(256, ge=16, le=4096)
+    # Ask for JSON by schema (response_format json_schema); off for endpoints without it.
+    structured: bool = True
+
+    @property
+    def enabled(self) -> bool:
+        """Whether a judge is configured."""
+        return bool(self.url and self.model and self.budget_per_hour > 0)
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> JudgePolicy:
+        if bool(self.url) != bool(self.model):
+            raise ValueError("a judge needs both url and model (or neither)")
+        return self
+
+
 class Policy(_Strict):
     """The whole policy of one alias."""
 
@@ -180,6 +232,7 @@ class Policy(_Strict):
     watch: WatchPolicy = Field(default_factory=WatchPolicy)
     rollback: RollbackPolicy = Field(default_factory=RollbackPolicy)
     export: ExportPolicy = Field(default_factory=ExportPolicy)
+    judge: JudgePolicy = Field(default_factory=JudgePolicy)
 
     @model_validator(mode="after")
     def _consistent(self) -> Policy:

@@ -38,6 +38,7 @@ WITH a AS (
            max(f.seq) AS hi,
            min(f.created_at) AS oldest
     FROM feedback f, a WHERE f.adapter_id = a.id AND f.seq > a.feedback_watermark
+      AND (f.source = 'human' OR :judge_counts)
 ), created AS (
     INSERT INTO training_runs (id, tenant_id, adapter_id, state, trigger, policy, feedback_seq_from,
                                feedback_seq_to, parent_version_id, attempts, progress,
@@ -70,6 +71,8 @@ def _trigger_params(adapter_id: uuid.UUID, policy: Policy) -> dict[str, Any]:
         "min_up": t.min_up, "min_down": t.min_down,
         "interval_s": t.max_interval_minutes * 60 if t.max_interval_minutes else None,
         "min_for_interval": t.min_ratings_for_interval, "policy": policy.model_dump_json(),
+        # The judge's ratings ride along in the run the humans' start unless the policy says.
+        "judge_counts": policy.judge.counts_toward_trigger,
     }
 
 

@@ -41,7 +41,7 @@ def prepare_gate(ctx: WorkerContext, claim: runs.Claim) -> str:
         # Every rating so far (the run consumes none: the trigger's buffer is left as it was).
         upto = s.execute(text("SELECT coalesce(max(seq), 0) FROM feedback WHERE adapter_id = :a"),
                          {"a": run.adapter_id}).scalar()
-        rated = load_rated(s, run.adapter_id, 0, upto)
+        rated = load_rated(s, run.adapter_id, 0, upto, judge=False)  # the gate: humans only
     d = policy.dataset
     stats: dict = {"rated": len(rated), "rated_up_to_seq": upto, "heldout_items": 0}
     if rated:

@@ -20,9 +20,9 @@ from service.wakeup import ADVANCE_RUN_TASK, EXPORT_TASK, TRAINING_QUEUE
 # Beat's periodic tasks (sweep, watch) have a queue of their own, so a deployment can give them a
 # worker of their own that no long training holds up.
 CONTROL_QUEUE = "default"
-SWEEP_TASK, WATCH_TASK = "flywheel.sweep", "flywheel.watch"
+SWEEP_TASK, WATCH_TASK, JUDGE_TASK = "flywheel.sweep", "flywheel.watch", "flywheel.judge"
 ROUTES = {ADVANCE_RUN_TASK: TRAINING_QUEUE, EXPORT_TASK: TRAINING_QUEUE,
-          SWEEP_TASK: CONTROL_QUEUE, WATCH_TASK: CONTROL_QUEUE}
+          SWEEP_TASK: CONTROL_QUEUE, WATCH_TASK: CONTROL_QUEUE, JUDGE_TASK: CONTROL_QUEUE}
 # Every queue a worker deployment must consume (`celery worker -Q training,default`): work in a
 # queue nobody consumes never runs (compose's worker once took only `training`: no sweeper, no
 # watch window, no automatic rollback).
@@ -49,6 +49,9 @@ app.conf.update(
                   "options": {"expires": settings.sweep_interval_s}},
         "watch": {"task": WATCH_TASK, "schedule": settings.watch_interval_s,
                   "options": {"expires": settings.watch_interval_s}},
+        # Does nothing for aliases whose policy names no judge; bounded by judge_sweep_max_s.
+        "judge": {"task": JUDGE_TASK, "schedule": settings.judge_interval_s,
+                  "options": {"expires": settings.judge_interval_s}},
     },
     timezone="UTC",
 )

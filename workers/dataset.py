@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -74,6 +75,7 @@ __all__ = [
 METHODS = ("sft", "kto", "dpo")
 POLICY_METHODS = (*METHODS, "auto")
 RATINGS = ("up", "down")
+JUDGE = "judge"  # feedback.source of the AI judge's ratings (service.db.models)
 FORMATS = ("sft", "dpo", "kto")
 
 # TRL's KTO guidance: weighted desirable:undesirable between 1:1 and 4:3. Aim inside, not at an edge.
@@ -114,6 +116,7 @@ class RatedInteraction:
     params: Mapping[str, Any] = field(default_factory=dict)  # the request's other fields (tools, ...)
     response_tool_calls: list[dict] | None = None  # OpenAI's tool_calls when the answer called tools
     finish_reason: str | None = None  # "pending": stored before its answer arrived
+    source: str = "human"  # "judge": rated by the AI judge (capped, never held out)
 
 
 class ChatTokenizer(Protocol):
@@ -153,6 +156,8 @@ class DatasetPolicy:
     dpo_min_pairs: int = 8  # auto: DPO needs at least this many correction pairs...
     dpo_min_share: float = 0.25  # ...making up at least this share of rated responses
     kto_min_per_class: int = 4  # auto: KTO needs this many desirable and undesirable examples
+    # The most judge-rated items in the training set, as a share of it (0: none train).
+    max_judge_share: float = 0.0
 
     def __post_init__(self) -> None:
         if self.method not in POLICY_METHODS:
@@ -171,6 +176,8 @@ class DatasetPolicy:
             raise ValueError("min_examples, dpo_min_pairs and kto_min_per_class must be >= 1")
         if not 0.0 <= self.dpo_min_share <= 1.0:
             raise ValueError("dpo_min_share must be in [0, 1]")
+        if not 0.0 <= self.max_judge_share < 1.0:
+            raise ValueError("max_judge_share must be in [0, 1)")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DatasetPolicy:
@@ -948,6 +955,35 @@ class _Curator:
             self.drop(it.id, "rater_cap", f"rater over {self.policy.max_rater_share:.0%} share")
         return kept
 
+    def judged(self, items: Sequence[RatedInteraction], human_ids: set[str], human_keys: set,
+               n_human_train: int) -> tuple[list[_Item], set[str], set]:
+        """The judge's ratings that may train: none of an interaction a human rated (the human
+        wins), none whose id is held out (so it can never leak into a later held-out set), and
+        at most max_judge_share of the training set. Returns them with the seen ids and keys."""
+        p = self.policy
+        fresh: list[RatedInteraction] = []
+        for raw in items:
+            rid = _norm_id(raw.interaction_id)
+            if rid in human_ids:
+                self.drop(rid, "judge_overridden", "a human rated it too")
+            elif is_heldout(rid, p.heldout_fraction, p.split_salt):
+                self.drop(rid, "judge_heldout", "held-out ids are for human ratings only")
+            else:
+                fresh.append(raw)
+        prepared, ids, keys = self.curate(fresh)
+        out: list[_Item] = []
+        for it in prepared:
+            if it.key() in human_keys:
+                self.drop(it.id, "duplicates", "same as a human-rated example")
+            else:
+                out.append(it)
+        share = p.max_judge_share
+        cap = math.floor(share / (1.0 - share) * n_human_train + 1e-9)
+        ranked = sorted(out, key=lambda it: (_unit_hash("judge-cap", str(p.seed), it.id), it.id))
+        for it in ranked[cap:]:
+            self.drop(it.id, "judge_cap", f"judge ratings over {share:.0%} of the training set")
+        return ranked[:cap], human_ids | ids, human_keys | keys
+
     def replay(
         self, pool: Sequence[RatedInteraction], k: int, exclude_ids: set[str], exclude_keys: set
     ) -> list[_Item]:
@@ -999,10 +1035,15 @@ def build_dataset(
     stats = cur.stats
     stats["input"], stats["input_replay_pool"] = len(new), len(replay_pool)
 
-    items, seen_ids, seen_keys = cur.curate(new)
+    human = [r for r in new if r.source != JUDGE]
+    items, seen_ids, seen_keys = cur.curate(human)
     kept = cur.cap_raters(items)
     heldout_items = [it for it in kept if is_heldout(it.id, policy.heldout_fraction, policy.split_salt)]
     train_items = [it for it in kept if not is_heldout(it.id, policy.heldout_fraction, policy.split_salt)]
+    judged, seen_ids, seen_keys = cur.judged([r for r in new if r.source == JUDGE], seen_ids,
+                                             seen_keys, len(train_items))
+    train_items += judged
+    stats["judge_items"] = len(judged)
 
     counts = _counts(train_items)
     stats.update(ups=counts.ups, downs=counts.downs, corrections=counts.corrections, pairs=counts.dpo_pairs)
@@ -1097,6 +1138,10 @@ _STAT_KEYS = (
     "dropped_oversized",
     "dropped_duplicates",
     "dropped_rater_cap",
+    "dropped_judge_overridden",
+    "dropped_judge_heldout",
+    "dropped_judge_cap",
+    "judge_items",
     "replay",
     "ups",
     "downs",

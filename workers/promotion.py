@@ -105,13 +105,15 @@ def _supersede_others(s, adapter_id: uuid.UUID, keep_run: uuid.UUID) -> None:
 
 
 # Imported ratings (interactions.source set) rate answers no version of the alias gave: their
-# version_id is NULL like the base model's, so they are left out of the base's rate here.
+# version_id is NULL like the base model's, so they are left out of the base's rate here. The
+# AI judge's are left out too: the watch compares what users think.
 _RATES = text("""
 SELECT count(*) FILTER (WHERE f.rating = 'up') AS ups, count(*) AS n
 FROM feedback f JOIN interactions i ON i.id = f.interaction_id
 WHERE f.adapter_id = :adapter_id
   AND f.version_id IS NOT DISTINCT FROM :version_id
   AND i.source IS NULL
+  AND f.source = 'human'
   AND (CAST(:since AS timestamptz) IS NULL OR f.created_at >= CAST(:since AS timestamptz))
 """)
 

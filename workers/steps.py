@@ -60,29 +60,33 @@ def heldout_raw(ctx: WorkerContext, run_id: uuid.UUID) -> list[dict]:
 
 _RATED = text("""
 SELECT i.id, i.messages, i.params, i.response_text, i.response_tool_calls, i.finish_reason,
-       i.served_model, f.rating, f.correction, f.rater_id, f.created_at, f.api_key_id
+       i.served_model, f.rating, f.correction, f.rater_id, f.created_at, f.api_key_id, f.source
 FROM feedback f JOIN interactions i ON i.id = f.interaction_id
 WHERE f.adapter_id = :adapter_id AND f.seq > :lo AND f.seq <= :hi
   AND (NOT :good_only OR f.rating = 'up' OR f.correction IS NOT NULL)
+  AND (f.source = 'human' OR (:judge AND NOT EXISTS (
+      -- A human rating of the same interaction wins over the judge's (calibration samples).
+      SELECT 1 FROM feedback h WHERE h.interaction_id = f.interaction_id AND h.source = 'human')))
 ORDER BY f.seq DESC
 LIMIT :limit
 """)
 
 
 def load_rated(session, adapter_id: uuid.UUID, lo: int, hi: int, *, good_only: bool = False,
-               limit: int = 1_000_000) -> list:
-    """Rated interactions of an adapter with feedback seq in (lo, hi]."""
+               judge: bool = True, limit: int = 1_000_000) -> list:
+    """Rated interactions of an adapter with feedback seq in (lo, hi]; judge=False: human
+    ratings only."""
     from workers.dataset import RatedInteraction
 
     rows = session.execute(_RATED, {"adapter_id": adapter_id, "lo": lo, "hi": hi,
-                                    "good_only": good_only, "limit": limit})
+                                    "good_only": good_only, "judge": judge, "limit": limit})
     return [RatedInteraction(interaction_id=str(r.id), messages=r.messages,
                              response_text=r.response_text, rating=r.rating,
                              correction=r.correction, rater_id=r.rater_id,
                              created_at=r.created_at, version=r.served_model,
                              posted_by=str(r.api_key_id or ""), params=r.params or {},
                              response_tool_calls=r.response_tool_calls,
-                             finish_reason=r.finish_reason) for r in rows]
+                             finish_reason=r.finish_reason, source=r.source) for r in rows]
 
 
 def example_token_limit(policy: Policy, context_len: int) -> int:
@@ -171,8 +175,9 @@ def train(ctx: WorkerContext, claim: runs.Claim) -> str:
         adapter = s.get(Adapter, run.adapter_id)
         policy = Policy.model_validate(run.policy)
         new = load_rated(s, adapter.id, run.feedback_seq_from, run.feedback_seq_to)
+        # Replay is earlier human-approved answers: the judge's ratings train once, capped.
         replay_pool = load_rated(s, adapter.id, 0, run.feedback_seq_from, good_only=True,
-                                 limit=REPLAY_POOL_LIMIT)
+                                 judge=False, limit=REPLAY_POOL_LIMIT)
         parent = s.get(AdapterVersion, run.parent_version_id) if run.parent_version_id else None
         parent_dir = Path(parent.artifact_path) if parent and policy.training.start_from == "serving" else None
         parent_info = {"version_id": str(parent.id), "lora_name": parent.lora_name,
@@ -195,9 +200,10 @@ def train(ctx: WorkerContext, claim: runs.Claim) -> str:
     d = policy.dataset
     # Caps apply where there is more than one of a kind: a lone rater (or the one key a
     # product posts with) is not capped against itself.
-    raters = {(item.posted_by, item.rater_id) for item in new}
+    human = [item for item in new if item.source != "judge"]  # the judge has a cap of its own
+    raters = {(item.posted_by, item.rater_id) for item in human}
     rater_cap = d.max_rater_share if len(raters) >= 2 else None
-    key_cap = d.max_rater_share if len({item.posted_by for item in new}) >= 2 else None
+    key_cap = d.max_rater_share if len({item.posted_by for item in human}) >= 2 else None
     try:
         built = build_dataset(new, replay_pool, tokenizer=tokenizer, redactor=get_redactor(d.redactor),
                               policy=DatasetPolicy(
@@ -206,6 +212,7 @@ def train(ctx: WorkerContext, claim: runs.Claim) -> str:
                                   max_rater_share=rater_cap, max_key_share=key_cap,
                                   min_examples=d.min_examples,
                                   max_tokens=token_limit,
+                                  max_judge_share=policy.judge.max_share,
                                   seed=policy.training.seed))
     except NotEnoughData as exc:
         with session_scope(ctx.sessions) as s:

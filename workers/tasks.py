@@ -43,3 +43,11 @@ def watch() -> list:
     from workers.promotion import watch_all
 
     return watch_all(context())
+
+
+@app.task(name="flywheel.judge")
+def judge() -> list:
+    """Rate a sample of unrated answers for aliases whose policy names an AI judge."""
+    from workers.judge import sweep_all
+
+    return sweep_all(context())

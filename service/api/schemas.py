@@ -9,6 +9,8 @@ from typing import Annotated, Any, Literal
 from fastapi import Path, Query
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from service.db.models import JUDGE_RATER_PREFIX
+
 
 def _no_nul(value: str) -> str:
     # Postgres text cannot hold U+0000: refuse it as bad input rather than fail in the database.
@@ -70,6 +72,14 @@ class FeedbackRequest(BaseModel):
             raise ValueError("correction must not be blank; omit it instead")
         return v
 
+    @field_validator("rater_id")
+    @classmethod
+    def _not_the_judge(cls, v: str | None) -> str | None:
+        if v is not None and v.lower().startswith(JUDGE_RATER_PREFIX):
+            raise ValueError(f"the prefix {JUDGE_RATER_PREFIX!r} is reserved for the AI judge's "
+                             "ratings")
+        return v
+
 
 class FeedbackOut(BaseModel):
     id: uuid.UUID
@@ -78,6 +88,8 @@ class FeedbackOut(BaseModel):
     rater_id: str
     correction: str | None = None
     comment: str | None = None
+    # "human" (posted or imported) or "judge" (the AI judge; rater_id "judge:<model>").
+    source: str = "human"
     replaced: bool = False
     # True (202): the interaction is in the local spool during a database outage; the rating
     # is kept there too and attached when both are written back.

@@ -218,6 +218,10 @@ class Interaction(Base):
 FEEDBACK_SEQ = Sequence("feedback_seq_seq", metadata=Base.metadata)
 
 
+FEEDBACK_SOURCE_HUMAN, FEEDBACK_SOURCE_JUDGE = "human", "judge"
+JUDGE_RATER_PREFIX = "judge:"  # reserved: no product or import may rate under it
+
+
 class Feedback(Base):
     """A rating of one interaction by one rater; posting again replaces it."""
 
@@ -226,6 +230,9 @@ class Feedback(Base):
         UniqueConstraint("interaction_id", "rater_id", name="uq_feedback_interaction_rater"),
         # The trigger's hot query: new feedback for an adapter above its watermark.
         Index("ix_feedback_adapter_seq", "adapter_id", "seq"),
+        # The judge's ratings of an alias (agreement, caps); partial: human ratings skip it.
+        Index("ix_feedback_judge", "adapter_id", "interaction_id",
+              postgresql_where=text("source = 'judge'")),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=_uuid)
@@ -243,6 +250,8 @@ class Feedback(Base):
     )
     rater_id: Mapped[str] = mapped_column(String(200), default="")
     rating: Mapped[str] = mapped_column(String(8))
+    # "human" (posted or imported) or "judge" (workers.judge; rater_id "judge:<model>").
+    source: Mapped[str] = mapped_column(String(16), server_default=FEEDBACK_SOURCE_HUMAN)
     correction: Mapped[str | None] = mapped_column(Text)
     comment: Mapped[str | None] = mapped_column(Text)
     api_key_id: Mapped[uuid.UUID | None] = mapped_column(
@@ -449,3 +458,28 @@ class FeedbackImport(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Moved on every committed batch: a running import whose heartbeat stops was interrupted.
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class JudgeSweep(Base):
+    """One pass of the AI judge over an alias's unrated traffic (workers.judge)."""
+
+    __tablename__ = "judge_sweeps"
+    __table_args__ = (Index("ix_judge_sweeps_adapter_started", "adapter_id", "started_at"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True, default=_uuid)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    adapter_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("adapters.id", ondelete="CASCADE"))
+    model: Mapped[str] = mapped_column(String(200))
+    mode: Mapped[str] = mapped_column(String(16))
+    # Interactions sent to the judge (what the hourly budget counts), failures included.
+    attempted: Mapped[int] = mapped_column(Integer, default=0)
+    rated: Mapped[int] = mapped_column(Integer, default=0)
+    up: Mapped[int] = mapped_column(Integer, default=0)
+    down: Mapped[int] = mapped_column(Integer, default=0)
+    calibration: Mapped[int] = mapped_column(Integer, default=0)  # of rated: humans rated too
+    skipped: Mapped[int] = mapped_column(Integer, default=0)
+    skipped_reasons: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    # Why the sweep stopped early (the judge unreachable, out of time); NULL when it finished.
+    stopped: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service import runs
 from service.db import repositories as repo
-from service.db.models import Adapter, FeedbackImport, ImportStatus
+from service.db.models import JUDGE_RATER_PREFIX, Adapter, FeedbackImport, ImportStatus
 from service.db.session import session_scope
 from service.imports.records import ImportRecord, ParsedFile, RatingRule, RecordError, Unrated
 from service.policy import Policy
@@ -141,10 +141,18 @@ def _write_record(session: Session, job: dict[str, Any], record: ImportRecord) -
         return False
     session.execute(_INSERT_FEEDBACK, {
         "id": uuid.uuid4(), "interaction_id": iid, "tenant_id": job["tenant_id"],
-        "adapter_id": job["adapter_id"], "rater_id": _clean(record.rater_id or "")[:200],
+        "adapter_id": job["adapter_id"], "rater_id": _rater(record.rater_id),
         "rating": record.rating, "correction": _clean(record.correction),
         "comment": _clean(record.comment), "api_key_id": job["api_key_id"]})
     return True
+
+
+def _rater(rater_id: str | None) -> str:
+    """The imported rater's id; one named like the AI judge (judge:*) is kept apart from it."""
+    rater = _clean(rater_id or "")
+    if rater.lower().startswith(JUDGE_RATER_PREFIX):
+        rater = f"imported:{rater}"
+    return rater[:200]
 
 
 def _save_tally(session: Session, job_id: uuid.UUID, tally: Tally, **more: Any) -> None:

@@ -36,8 +36,11 @@ class VersionOut(BaseModel):
     failure_reason: str | None
     created_at: datetime
     promoted_at: datetime | None
+    # Human ratings (posted or imported); the AI judge's are counted apart.
     thumbs_up: int = 0
     thumbs_down: int = 0
+    judge_up: int = 0
+    judge_down: int = 0
 
 
 class VersionBrief(BaseModel):
@@ -49,6 +52,8 @@ class VersionBrief(BaseModel):
     status: str
     thumbs_up: int = 0
     thumbs_down: int = 0
+    judge_up: int = 0
+    judge_down: int = 0
 
 
 class AdapterOut(BaseModel):
@@ -119,6 +124,14 @@ async def _version_names(session, adapters: list[Adapter]) -> dict[uuid.UUID, st
                                        .where(AdapterVersion.id.in_(ids)))).all())
 
 
+def _thumbs(counts: dict[tuple, int], version_id: uuid.UUID) -> dict[str, int]:
+    """A version's ratings from (version, source, rating) counts: human and judge apart."""
+    return {"thumbs_up": counts.get((version_id, "human", "up"), 0),
+            "thumbs_down": counts.get((version_id, "human", "down"), 0),
+            "judge_up": counts.get((version_id, "judge", "up"), 0),
+            "judge_down": counts.get((version_id, "judge", "down"), 0)}
+
+
 async def _recent_versions(session, adapter_ids: list[uuid.UUID]
                            ) -> tuple[dict[uuid.UUID, list[VersionBrief]], dict[uuid.UUID, int]]:
     """Each adapter's newest RECENT_VERSIONS versions with ratings, and its version count.
@@ -137,10 +150,10 @@ async def _recent_versions(session, adapter_ids: list[uuid.UUID]
     counts: dict[tuple[uuid.UUID, str], int] = {}
     if rows:
         # adapter_id narrows the scan to ix_feedback_adapter_seq; version_id has no index.
-        counts = {(r.version_id, r.rating): r.n for r in await session.execute(text(
-            "SELECT version_id, rating, count(*) AS n FROM feedback "
+        counts = {(r.version_id, r.source, r.rating): r.n for r in await session.execute(text(
+            "SELECT version_id, source, rating, count(*) AS n FROM feedback "
             "WHERE adapter_id = ANY(:adapters) AND version_id = ANY(:ids) "
-            "GROUP BY version_id, rating"),
+            "GROUP BY version_id, source, rating"),
             {"adapters": adapter_ids, "ids": [r.id for r in rows]})}
     recent: dict[uuid.UUID, list[VersionBrief]] = {}
     totals: dict[uuid.UUID, int] = {}
@@ -148,7 +161,7 @@ async def _recent_versions(session, adapter_ids: list[uuid.UUID]
         totals[r.adapter_id] = r.total
         recent.setdefault(r.adapter_id, []).append(VersionBrief(
             id=r.id, number=r.number, lora_name=r.lora_name, status=r.status,
-            thumbs_up=counts.get((r.id, "up"), 0), thumbs_down=counts.get((r.id, "down"), 0)))
+            **_thumbs(counts, r.id)))
     return recent, totals
 
 
@@ -189,14 +202,13 @@ async def get_adapter(alias: AliasPath, caller: OpsCaller, state: State) -> Adap
         adapter = await _adapter(session, caller.tenant_id, alias)
         versions = (await session.scalars(select(AdapterVersion).where(
             AdapterVersion.adapter_id == adapter.id).order_by(AdapterVersion.number))).all()
-        counts = {(r.version_id, r.rating): r.n for r in await session.execute(text(
-            "SELECT version_id, rating, count(*) AS n FROM feedback WHERE adapter_id = :a "
-            "GROUP BY version_id, rating"), {"a": adapter.id})}
+        counts = {(r.version_id, r.source, r.rating): r.n for r in await session.execute(text(
+            "SELECT version_id, source, rating, count(*) AS n FROM feedback WHERE adapter_id = :a "
+            "GROUP BY version_id, source, rating"), {"a": adapter.id})}
         exports = await list_for_adapter(session, adapter.id)
     names = {v.id: v.lora_name for v in versions}
-    out = [VersionOut.model_validate(v, from_attributes=True).model_copy(update={
-        "thumbs_up": counts.get((v.id, "up"), 0), "thumbs_down": counts.get((v.id, "down"), 0)})
-        for v in versions]
+    out = [VersionOut.model_validate(v, from_attributes=True).model_copy(
+        update=_thumbs(counts, v.id)) for v in versions]
     recent = [VersionBrief(**v.model_dump(include=set(VersionBrief.model_fields)))
               for v in out[::-1][:RECENT_VERSIONS]]
     return AdapterDetail(**_summary(adapter, names, state.settings.base_model_name, recent,
@@ -228,11 +240,13 @@ async def adapter_stats(alias: AliasPath, caller: OpsCaller, state: State,
     async with state.sessions() as session:
         adapter = await _adapter(session, caller.tenant_id, alias)
         rows = await session.execute(text("""
-            SELECT coalesce(v.lora_name, i.served_model, :base) AS version,
+            SELECT CASE WHEN f.source = 'judge' THEN 'judge'
+                        ELSE coalesce(v.lora_name, i.served_model, :base) END AS version,
                    to_timestamp(floor(extract(epoch FROM f.created_at) / (:b * 60)) * (:b * 60)) AS bucket,
                    count(*) FILTER (WHERE f.rating = 'up') AS up, count(*) AS n
             FROM feedback f LEFT JOIN adapter_versions v ON v.id = f.version_id
-            -- Imported ratings are their own series ("import:<source>"), not the base model's.
+            -- Imported ratings are their own series ("import:<source>"), not the base model's;
+            -- the AI judge's ratings are one series ("judge"), apart from every version's.
             LEFT JOIN interactions i ON i.id = f.interaction_id AND i.source IS NOT NULL
             WHERE f.adapter_id = :a AND f.created_at > now() - make_interval(hours => :h)
             GROUP BY 1, 2 ORDER BY 2"""), {"a": adapter.id, "b": bucket_minutes, "h": hours,
@@ -243,6 +257,19 @@ async def adapter_stats(alias: AliasPath, caller: OpsCaller, state: State,
                 {"t": r.bucket.isoformat(), "up": r.up, "n": r.n, "rate": r.up / r.n if r.n else None})
     return {"alias": alias, "bucket_minutes": bucket_minutes, "series": series,
             "feedback": sum(p["n"] for points in series.values() for p in points)}
+
+
+@router.get("/v1/adapters/{alias}/judge")
+async def adapter_judge(alias: AliasPath, caller: OpsCaller, state: State,
+                        sweeps: Annotated[int, Query(ge=1, le=100)] = 10) -> dict:
+    """The AI judge of an alias: its policy (endpoint without credentials), the hour's budget
+    used, ratings by source, agreement with humans on answers both rated, recent sweeps."""
+    from service.judge_stats import summary
+
+    async with state.sessions() as session:
+        adapter = await _adapter(session, caller.tenant_id, alias)
+        policy = state.policies.for_alias(alias, caller.tenant_id).judge
+        return {"alias": alias, **await summary(session, adapter.id, policy, sweeps)}
 
 
 @router.post("/v1/adapters/{alias}/rollback", response_model=AdapterDetail)

@@ -103,5 +103,5 @@ async def get_interaction(interaction_id: uuid.UUID, caller: Caller, state: Stat
         **{c: getattr(interaction, c) for c in InteractionOut.model_fields if c != "feedback"},
         feedback=[FeedbackOut(id=f.id, interaction_id=f.interaction_id, rating=f.rating,
                               rater_id=f.rater_id, correction=f.correction, comment=f.comment,
-                              created_at=f.created_at, updated_at=f.updated_at) for f in feedback],
+                              source=f.source, created_at=f.created_at, updated_at=f.updated_at) for f in feedback],
     )

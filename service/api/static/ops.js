@@ -12,10 +12,13 @@
   const PALETTE = ["#2563eb", "#d97706", "#059669", "#db2777", "#7c3aed", "#0891b2", "#65a30d",
                    "#dc2626"];
   const BASE_COLOR = "#6b7280";
+  // The AI judge's line in the thumbs-up chart: its own colour (no version has it), dashed.
+  const JUDGE_COLOR = "#9333ea";
 
   const S = { key: null, me: null, runs: [], adapters: [], runId: null, alias: null,
               timer: null, inflight: null, again: false, busy: false, pinned: false,
               detail: null, exportOpen: null, exportJust: null, exporting: false,
+              imports: null,  // { alias, list } of the selected alias (list: array or { failed })
               session: 0 };  // bumped at sign-out: answers to an older session are dropped
 
   const $ = (id) => document.getElementById(id);
@@ -186,6 +189,7 @@
     S.alias = null;
     S.pinned = false;
     S.detail = null;
+    S.imports = null;
     clearTimeout(S.timer);
     sessionStorage.removeItem(KEY_STORE);
     // Nothing fetched with the old key stays on the page.
@@ -196,7 +200,7 @@
     for (const id of ["aliases-body", "runs-body", "audit-body", "versions-body", "gate-head",
                       "gate-body", "golden-body", "run-facts", "verdict", "dataset-facts",
                       "training-facts", "thumbs-chart", "version-gate-chart", "gate-chart",
-                      "loss-chart", "exports-body"]) {
+                      "loss-chart", "exports-body", "imports-body", "judge-body"]) {
       $(id).replaceChildren();
     }
     $("report-body").hidden = true;
@@ -220,7 +224,9 @@
     if (S.runs.some((r) => ACTIVE.has(r.state))) return true;
     // Only the selected alias's exports are on screen (and fetched).
     const exports = S.detail && S.detail.alias === S.alias ? S.detail.exports : null;
-    return Array.isArray(exports) && exports.some((e) => EXPORT_ACTIVE.has(e.status));
+    if (Array.isArray(exports) && exports.some((e) => EXPORT_ACTIVE.has(e.status))) return true;
+    const imports = S.imports && S.imports.alias === S.alias ? S.imports.list : null;
+    return Array.isArray(imports) && imports.some((j) => j.status === "running");
   }
 
   function refresh() {
@@ -337,18 +343,33 @@
                 : null);
   }
 
-  // Only the selected alias's detail is fetched: its versions table, charts and exports.
+  // A panel whose data cannot be read says so in place of its content, and the rest of the
+  // page still renders; a key the API refuses still signs out.
+  function soft(promise) {
+    return promise.catch((err) => {
+      if (err.status === 401 || err.status === 403) throw err;
+      return { failed: `${err.message}${err.status ? ` (HTTP ${err.status})` : ""}` };
+    });
+  }
+
+  // Only the selected alias's detail is fetched: its versions table, charts, imports, judge and
+  // exports.
   async function loadAlias(alias) {
     const [range, bucket] = $("stats-range").value.split(":");
     const enc = encodeURIComponent(alias);
     const session = S.session;
-    const [detail, stats, policy] = await Promise.all([
+    const [detail, stats, policy, imports, judge] = await Promise.all([
       api(`/v1/adapters/${enc}`),
       api(`/v1/adapters/${enc}/stats?hours=${range}&bucket_minutes=${bucket}`),
-      api(`/v1/adapters/${enc}/policy`)]);
+      api(`/v1/adapters/${enc}/policy`),
+      soft(api(`/v1/adapters/${enc}/imports?limit=${IMPORTS_SHOWN}`)),
+      soft(api(`/v1/adapters/${enc}/judge?sweeps=${SWEEPS_SHOWN}`))]);
     if (!S.key || session !== S.session || S.alias !== alias) return;
     renderAliasDetail(detail, stats);
     renderPolicy(policy);
+    S.imports = { alias, list: imports };
+    renderImports(alias, imports);
+    renderJudge(judge);
   }
 
   // The policy files are re-read by the server when they change, so this follows edits.
@@ -368,7 +389,10 @@
     S.detail = detail;
     $("alias-detail").hidden = false;
     fill($("alias-detail-title"), `${detail.alias}: versions and feedback`);
-    const names = ["base", ...detail.versions.map((v) => v.lora_name)];
+    // Versions first, so a version keeps its colour; then the other series (imported ratings,
+    // "import:<source>"). The AI judge's series is not a version: it has its own look.
+    const seriesNames = Object.keys(stats.series || {}).filter((name) => name !== JUDGE_SERIES);
+    const names = ["base", ...detail.versions.map((v) => v.lora_name), ...seriesNames];
     const colors = versionColors(names);
     const gateByVersion = new Map();
     for (const r of S.runs) {
@@ -384,8 +408,8 @@
           v.lora_name === detail.serving ? h("span", { class: "tag", text: "serving" }) : null,
           v.lora_name === detail.canary ? h("span", { class: "tag", text: "canary" }) : null),
         h("td", {}, h("span", { class: `badge vs-${v.status}`, text: v.status })),
-        h("td", { class: "num", text: v.thumbs_up }),
-        h("td", { class: "num", text: v.thumbs_down }),
+        h("td", { class: "num" }, String(v.thumbs_up), judgeCount(v, "up")),
+        h("td", { class: "num" }, String(v.thumbs_down), judgeCount(v, "down")),
         h("td", { class: "num", text: n ? pct(v.thumbs_up / n) : "—" }),
         h("td", { class: "num", text: fixed(g.preference_accuracy, 2) }),
         h("td", { class: "num", text: fixed(g.reward_margin, 3) }),
@@ -393,15 +417,24 @@
         h("td", {}, when(v.promoted_at)));
     }) : emptyRow(9, "No trained versions yet: the alias serves the base model."));
 
-    const series = Object.entries(stats.series || {}).map(([name, points]) => ({
-      name, color: colors.get(name) || PALETTE[0],
-      points: points.map((p) => ({ x: new Date(p.t).getTime(), y: p.rate,
-                                   tip: `${name}: ${pct(p.rate)} of ${p.n} (${stamp.format(new Date(p.t))})` })),
-    }));
+    // The judge's line comes last: drawn on top, and last in the legend.
+    const entries = Object.entries(stats.series || {}).sort(
+      ([a], [b]) => (a === JUDGE_SERIES) - (b === JUDGE_SERIES));
+    const series = entries.map(([name, points]) => {
+      const judge = name === JUDGE_SERIES;
+      const shown = judge ? "AI judge" : name;
+      return {
+        name: shown, color: judge ? JUDGE_COLOR : colors.get(name) || PALETTE[0], dash: judge,
+        points: points.map((p) => ({ x: new Date(p.t).getTime(), y: p.rate,
+                                     tip: `${shown}: ${pct(p.rate)} of ${p.n} (${stamp.format(new Date(p.t))})` })),
+      };
+    });
+    const judged = entries.some(([name]) => name === JUDGE_SERIES);
     lineChart($("thumbs-chart"), series, {
       yMin: 0, yMax: 1, yFmt: pct, xFmt: (t) => clock.format(new Date(t)),
       empty: `No feedback in this range (${stats.feedback || 0} ratings).`,
-      title: `Thumbs-up rate over time for ${detail.alias}, one line per version`,
+      title: `Thumbs-up rate over time for ${detail.alias}, one line per version` +
+             (judged ? "; the AI judge's ratings as a dashed line of their own" : ""),
     });
 
     const groups = detail.versions.filter((v) => gateByVersion.has(v.lora_name)).map((v) => {
@@ -421,10 +454,19 @@
     renderExports(detail);
   }
 
-  function swatch(color) {
-    const el = h("span", { class: "swatch", "aria-hidden": "true" });
-    el.style.background = color || BASE_COLOR;
+  function swatch(color, dashed) {
+    const el = h("span", { class: dashed ? "swatch dashed" : "swatch", "aria-hidden": "true" });
+    if (dashed) el.style.borderColor = color || BASE_COLOR;
+    else el.style.background = color || BASE_COLOR;
     return el;
+  }
+
+  // The AI judge's ratings of a version, under the human counts: never in the thumbs-up rate.
+  function judgeCount(v, which) {
+    if (!v.judge_up && !v.judge_down) return null;
+    return h("div", { class: "judge-count", "data-testid": `version-judge-${which}`,
+                      title: "The AI judge's ratings, counted apart from the humans' (not in the rate)" },
+      srOnly("AI "), `judge ${which === "up" ? v.judge_up : v.judge_down}`);
   }
 
   function srOnly(text) {
@@ -433,6 +475,229 @@
 
   function emptyRow(cols, text) {
     return h("tr", {}, h("td", { colspan: cols, class: "muted empty", text }));
+  }
+
+  // --- feedback imports --------------------------------------------------------------------
+
+  const IMPORTS_SHOWN = 20;
+  const IMPORT_COLS = 7;
+  const SAMPLES_SHOWN = 3;  // error samples in the row; the rest fold away
+
+  function failedRow(cols, text) {
+    return h("tr", {}, h("td", { colspan: cols, class: "empty" }, h("span", { class: "bad", text })));
+  }
+
+  function renderImports(alias, list) {
+    if (!Array.isArray(list)) {
+      rerender($("imports-body"), failedRow(IMPORT_COLS, `Could not load the imports: ${list.failed}.`));
+      return;
+    }
+    rerender($("imports-body"), list.length ? list.map(importRow) : h("tr", {},
+      h("td", { colspan: IMPORT_COLS, class: "muted empty" }, "No imports yet: ",
+        h("code", { text: `POST /v1/adapters/${alias}/imports?source=…` }), " or ",
+        h("code", { text: "flywheel import" }), " adds ratings collected elsewhere.")));
+  }
+
+  function importRow(j) {
+    const file = [j.file_name || "unnamed file", j.file_bytes ? bytes(j.file_bytes) : null]
+      .filter(Boolean).join(" · ");
+    return h("tr", { "data-testid": "import-row", "data-import-id": j.id, "data-status": j.status },
+      h("th", { scope: "row" }, h("code", { text: j.source }),
+        h("div", { class: "small muted file-name", title: j.file_sha256 ? `sha256 ${j.file_sha256}` : null,
+                   "data-testid": "import-file", text: file })),
+      h("td", {},
+        h("span", { class: `badge im-${j.status}`, "data-testid": "import-status", text: label(j.status) }),
+        j.failure_reason ? h("div", { class: "small bad failure", "data-testid": "import-failure",
+                                      text: j.failure_reason }) : null),
+      h("td", { class: "progress-cell", "data-testid": "import-counts" }, importCounts(j)),
+      h("td", { "data-testid": "import-skipped" }, reasonChips(j.skipped, j.skipped_reasons)),
+      h("td", { class: "samples-cell", "data-testid": "import-errors" }, importErrors(j)),
+      h("td", { "data-testid": "import-run" }, importRun(j)),
+      h("td", { class: "small" }, when(j.created_at), importTook(j)));
+  }
+
+  function importCounts(j) {
+    const total = j.total || 0;
+    const read = Math.min(j.imported + j.skipped + j.errors, total);
+    const line = h("div", {}, h("strong", { text: String(j.imported) }), ` imported of ${total}`);
+    if (j.status !== "running") return line;
+    return [meter(read, total, `Import progress: ${read} of ${total} records read`),
+            line, h("div", { class: "small muted", text: `${read} of ${total} records read` })];
+  }
+
+  // A count and its reasons ({reason: n}) as chips; "—" when there are none.
+  function reasonChips(count, reasons, testid) {
+    const entries = Object.entries(reasons || {}).filter(([, n]) => n);
+    if (!count && !entries.length) return h("span", { class: "muted", text: "—" });
+    return [count !== null ? h("strong", { text: String(count) }) : null,
+      entries.length ? h("ul", { class: "chips reasons-chips", "data-testid": testid || null },
+        entries.sort((a, b) => b[1] - a[1]).map(([reason, n]) =>
+          h("li", { class: "chip", "data-reason": reason }, `${label(reason)} `, h("strong", { text: String(n) }))))
+        : null];
+  }
+
+  function importErrors(j) {
+    if (!j.errors) return h("span", { class: "muted", text: "—" });
+    const samples = j.error_samples || [];
+    const item = (e) => h("li", { "data-testid": "import-error-sample" },
+      h("code", { text: e.where }), `: ${e.reason}`);
+    const rest = samples.slice(SAMPLES_SHOWN);
+    const unkept = j.errors - samples.length;
+    return [h("strong", { text: String(j.errors) }),
+      h("ul", { class: "samples" }, samples.slice(0, SAMPLES_SHOWN).map(item)),
+      rest.length ? h("details", { "data-keep": `errors-${j.id}` },
+        h("summary", { class: "small", text: `${rest.length} more` }),
+        h("ul", { class: "samples" }, rest.map(item))) : null,
+      unkept > 0 ? h("div", { class: "small muted", text: `and ${unkept} not kept` }) : null];
+  }
+
+  function importRun(j) {
+    if (!j.run_id) {
+      return h("span", { class: "muted small", text: j.status === "running" ? "—" : "none",
+                         title: "An import starts a run when the alias's trigger is reached" });
+    }
+    const run = S.runs.find((r) => r.id === j.run_id);
+    if (!run) return h("code", { title: j.run_id, text: `run ${short(j.run_id)}` });
+    return h("div", { class: "run-link" },
+      h("button", { type: "button", class: "link", "data-testid": "import-run-link",
+                    "data-focus": `import-run-${j.id}`, onclick: () => selectRun(run.id) },
+        `run ${short(run.id)}`, srOnly(`, started by the ${j.source} import: open its report`)),
+      " ", badge(run.state));
+  }
+
+  function importTook(j) {
+    if (!j.started_at || !j.finished_at) return null;
+    const took = (new Date(j.finished_at).getTime() - new Date(j.started_at).getTime()) / 1000;
+    return h("div", { class: "muted", text: `took ${duration(took)}` });
+  }
+
+  // A progress bar (role progressbar) of now/max; `full` marks it used up.
+  function meter(now, max, ariaLabel, full) {
+    const f = max > 0 ? Math.min(Math.max(now / max, 0), 1) : 0;
+    const bar = h("div", { class: "bar", role: "progressbar", "aria-valuemin": 0, "aria-valuemax": max,
+                           "aria-valuenow": Math.min(now, max), "aria-label": ariaLabel });
+    const fillEl = h("div", { class: full ? "bar-fill full" : "bar-fill" });
+    fillEl.style.width = `${100 * f}%`;
+    bar.append(fillEl);
+    return bar;
+  }
+
+  // --- AI judge ----------------------------------------------------------------------------
+
+  const SWEEPS_SHOWN = 8;
+  const JUDGE_SERIES = "judge";  // the stats series of the judge's ratings (not a version)
+  const TRUST_PAIRS = 30;        // below this many answers both rated, agreement says little
+
+  function renderJudge(j) {
+    const box = $("judge-body");
+    if (j.failed) {
+      rerender(box, h("p", { class: "error", text: `Could not load the AI judge: ${j.failed}.` }));
+      return;
+    }
+    const r = j.ratings || {};
+    const judged = ((r.judge || {}).up || 0) + ((r.judge || {}).down || 0);
+    if (!j.enabled) {
+      const kept = judged ? ` Its ${judged} earlier rating${judged === 1 ? " is" : "s are"} kept apart.` : "";
+      rerender(box, h("p", { class: "muted", "data-testid": "judge-off" }, j.model
+        ? [`The AI judge (${j.model}) is paused: `, h("code", { text: "judge.budget_per_hour" }), " is 0.", kept]
+        : ["No AI judge is configured for this alias: set ", h("code", { text: "judge.url" }), " and ",
+           h("code", { text: "judge.model" }), " in its policy to turn one on.", kept]));
+      return;
+    }
+    rerender(box, [
+      h("div", { class: "grid2 judge-grid" },
+        h("div", {}, judgeFacts(j), judgeBudget(j), judgeRatings(r)),
+        h("div", {}, judgeAgreement(j.agreement || {}),
+          h("div", { class: "small", "data-testid": "judge-skips" },
+            h("h4", { text: "Skipped in the last 24 hours" }),
+            reasonChips(null, j.skipped_last_day)))),
+      judgeSweeps(j.sweeps || [])]);
+  }
+
+  function judgeFacts(j) {
+    const facts = [
+      // Two facts a row: the long ones (model, endpoint) in the first value column.
+      ["Model", h("code", { "data-testid": "judge-model", text: j.model })], ["Mode", j.mode],
+      ["Endpoint", h("code", { "data-testid": "judge-endpoint", text: j.endpoint || "—" })],
+      ["Counts toward trigger", j.counts_toward_trigger ? "yes" : "no"],
+      ["Max training share", pct(j.max_share)],
+      ["Calibration share", pct(j.calibration_share)],
+    ];
+    return h("dl", { class: "facts small judge-facts" },
+      facts.map(([k, v]) => [h("dt", { text: k }), h("dd", {}, v)]));
+  }
+
+  function judgeBudget(j) {
+    const used = j.used_last_hour || 0;
+    const cap = j.budget_per_hour || 0;
+    return h("div", { class: "judge-budget", "data-testid": "judge-budget" },
+      h("div", { class: "small" }, h("strong", { text: "Budget this hour: " }),
+        `${used} of ${cap} answers sent`, used >= cap ? h("span", { class: "tag warn-tag", text: "used up" }) : null),
+      meter(used, cap, `AI judge budget this hour: ${used} of ${cap} answers sent`, used >= cap));
+  }
+
+  function judgeRatings(r) {
+    const human = r.human || { up: 0, down: 0 };
+    const judge = r.judge || { up: 0, down: 0 };
+    const rate = (x) => (x.up + x.down ? pct(x.up / (x.up + x.down)) : "—");
+    const row = (name, f) => h("tr", {}, h("th", { scope: "row", text: name }),
+      h("td", { class: "num", text: f(human) }), h("td", { class: "num", text: f(judge) }));
+    return h("table", { class: "compact judge-ratings", "data-testid": "judge-ratings" },
+      h("caption", { class: "sr-only", text: "Ratings of this alias's answers, by humans and by the AI judge" }),
+      h("thead", {}, h("tr", {}, h("th", { scope: "col", text: "Ratings" }),
+        h("th", { scope: "col", class: "num", text: "Human" }),
+        h("th", { scope: "col", class: "num", text: "AI judge" }))),
+      h("tbody", {},
+        row("Thumbs up", (x) => String(x.up)), row("Thumbs down", (x) => String(x.down)),
+        row("Up rate", rate)));
+  }
+
+  function judgeAgreement(a) {
+    const head = h("h4", { text: "Agreement with humans" });
+    if (!a.pairs) {
+      return [head, h("p", { class: "muted small", "data-testid": "judge-agreement",
+        text: "No answer has been rated by both a human and the judge yet: how far to trust it is unknown." })];
+    }
+    const [lo, hi] = a.interval || [null, null];
+    const kappa = a.kappa === null || a.kappa === undefined
+      ? "no kappa (both always gave the same rating)" : `kappa ${fixed(a.kappa, 2)}`;
+    return [head,
+      h("p", { class: "agreement", "data-testid": "judge-agreement" },
+        h("strong", { text: `Agrees on ${a.agree} of ${a.pairs}` }),
+        ` answers both rated (${pct(a.rate)}`, lo !== null ? `, 95% interval ${pct(lo)}–${pct(hi)}` : "",
+        `), ${kappa}.`),
+      a.judge_up_rate !== null && a.judge_up_rate !== undefined
+        ? h("p", { class: "small muted" }, `On those answers the judge said up ${pct(a.judge_up_rate)} ` +
+            `of the time, the humans ${pct(a.human_up_rate)}.`) : null,
+      a.pairs < TRUST_PAIRS
+        ? h("p", { class: "caution small", "data-testid": "judge-caution" }, h("strong", { text: "Too few to trust: " }),
+            `only ${a.pairs} answer${a.pairs === 1 ? "" : "s"} rated by both a human and the judge; ` +
+            `the rate means little below ${TRUST_PAIRS}.`) : null];
+  }
+
+  function judgeSweeps(sweeps) {
+    const head = h("h4", { id: "judge-sweeps-title", text: "Recent sweeps" });
+    if (!sweeps.length) return [head, h("p", { class: "muted small", text: "No sweeps yet." })];
+    return [head, h("div", { class: "scroll" }, h("table", {
+      class: "compact judge-sweeps", "data-testid": "judge-sweeps", "aria-labelledby": "judge-sweeps-title" },
+      h("thead", {}, h("tr", {}, ["Started", "Model", "Sent", "Rated (up / down)", "Calibration",
+                                  "Skipped", "Outcome"].map((c) => h("th", { scope: "col", text: c })))),
+      h("tbody", {}, sweeps.map((w) => h("tr", { "data-testid": "judge-sweep-row", "data-sweep-id": w.id },
+        h("td", {}, when(w.started_at)),
+        h("td", {}, h("code", { text: w.model }), h("span", { class: "muted small", text: ` ${w.mode}` })),
+        h("td", { class: "num", text: String(w.attempted) }),
+        h("td", { class: "num", text: `${w.rated} (${w.up} / ${w.down})` }),
+        h("td", { class: "num", text: String(w.calibration) }),
+        h("td", {}, reasonChips(w.skipped, w.skipped_reasons)),
+        h("td", { class: "outcome-cell small" }, sweepOutcome(w)))))))];
+  }
+
+  function sweepOutcome(w) {
+    const took = w.started_at && w.finished_at
+      ? (new Date(w.finished_at).getTime() - new Date(w.started_at).getTime()) / 1000 : null;
+    if (w.stopped) return h("span", { class: "bad", "data-testid": "judge-stopped", text: `stopped: ${w.stopped}` });
+    if (!w.finished_at) return h("span", { class: "muted", text: "running" });
+    return h("span", { text: `finished${took !== null ? ` in ${duration(took)}` : ""}` });
   }
 
   // --- exports -----------------------------------------------------------------------------
@@ -1224,12 +1489,14 @@
       const ps = sr.points.filter((p) => p.y !== null && p.y !== undefined);
       if (ps.length > 1) {
         svg.append(s("polyline", { fill: "none", stroke: sr.color, "stroke-width": 2,
-                                   "stroke-linejoin": "round",
+                                   "stroke-linejoin": "round", "stroke-dasharray": sr.dash ? "6 4" : null,
                                    points: ps.map((p) => `${sx(p.x).toFixed(1)},${sy(p.y).toFixed(1)}`).join(" ") }));
       }
       for (const p of ps) {
+        // A dashed series has hollow points, so it reads apart where lines cross.
         svg.append(s("circle", { cx: sx(p.x).toFixed(1), cy: sy(p.y).toFixed(1), r: 3.5,
-                                 fill: sr.color }, s("title", { text: p.tip })));
+                                 fill: sr.dash ? "#fff" : sr.color, stroke: sr.dash ? sr.color : null,
+                                 "stroke-width": sr.dash ? 2 : null }, s("title", { text: p.tip })));
       }
     }
     fill(el, svg, o.legend === false ? null : legend(series));
@@ -1284,7 +1551,7 @@
   }
 
   function legend(items) {
-    return h("ul", { class: "legend" }, items.map((it) => h("li", {}, swatch(it.color), it.name)));
+    return h("ul", { class: "legend" }, items.map((it) => h("li", {}, swatch(it.color, it.dash), it.name)));
   }
 
   // --- wiring ------------------------------------------------------------------------------
