@@ -144,7 +144,8 @@ def sample(s, adapter: Adapter, policy: JudgePolicy, n: int, rng: random.Random
     if policy.mode == "relative":
         unrated = _prefer_shared_prompts(unrated)
     unrated = unrated[:n - len(cal)]
-    if len(cal) + len(unrated) < n and len(cal) == want_cal:  # too few unrated: calibrate more
+    # Too few unrated: spend the rest on calibration, if the policy calibrates at all.
+    if len(cal) + len(unrated) < n and len(cal) == want_cal and policy.calibration_share > 0:
         cal = _candidates(s, _HUMAN_RATED, adapter, policy, n - len(unrated), True)
     return cal + unrated
 
@@ -265,8 +266,8 @@ def _sweep(sessions, adapter_id, policy, limit, deadline, api_key, rng, transpor
                 ratings = _ask(client, batch)
             except JudgeFailed as exc:
                 res.skipped[exc.reason] += len(batch)
-                log.warning("judge %s skipped %d answer(s) of %s: %s", policy.model, len(batch),
-                            adapter.alias, exc.reason)
+                log.warning("judge %s skipped %d answer(s) of %s: %s (%s)", policy.model,
+                            len(batch), adapter.alias, exc.reason, exc.detail[:300])
                 if exc.unreachable:
                     res.stopped = f"judge {exc.reason} ({exc.detail}); the rest waits"
                     break

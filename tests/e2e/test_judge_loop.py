@@ -1,5 +1,5 @@
 """The AI judge through the real worker and beat: beat sends the judge's sweep, the worker asks
-the real vLLM (the base model as judge), the ratings start no run on their own, and the run the
+the real vLLM serving SmolLM2 (the default base model) as judge, the ratings start no run on their own, and the run the
 humans' ratings start trains on judge ratings within the policy's cap."""
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _judge_count(db_sessions, tenant: str) -> int:
             Feedback.tenant_id == tenant, Feedback.source == "judge"))
 
 
-def test_the_workers_judge_feeds_a_run_within_its_cap(judge_stack, vllm, db_sessions, make_key,
+def test_the_workers_judge_feeds_a_run_within_its_cap(judge_stack, smollm2_vllm, db_sessions, make_key,
                                                       make_alias, tenant, stack_root):
     api, worker, policies = judge_stack
     alias = make_alias(tenant)
@@ -61,7 +61,8 @@ def test_the_workers_judge_feeds_a_run_within_its_cap(judge_stack, vllm, db_sess
     # The judge for this tenant's alias only (the shared database holds other tests' aliases).
     (policies / f"{alias}.yaml").write_text(f"""
 tenants: [{tenant}]
-judge: {{url: "{vllm.url}/v1", model: base, budget_per_hour: 9000, max_share: {MAX_SHARE},
+judge: {{url: "{smollm2_vllm.url}/v1", model: base, budget_per_hour: 9000, max_share: {MAX_SHARE},
+         rubric: "Good answers help.",
          calibration_share: 0.0, min_age_s: 0, retries: 1, backoff_s: 0.2, max_tokens: 48}}
 """)
     deadline = time.monotonic() + 180

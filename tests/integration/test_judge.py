@@ -28,7 +28,9 @@ pytestmark = pytest.mark.vllm
 
 
 def _policy(url: str, **kw) -> JudgePolicy:
+    # A short rubric: the tiny model's context is 256 tokens (a longer prompt is a 400, skipped).
     return JudgePolicy(**{"url": url, "model": "base", "min_age_s": 0, "calibration_share": 0.0,
+                          "rubric": "Good answers help.",
                           "retries": 1, "backoff_s": 0.1, "timeout_s": 60, "max_tokens": 48,
                           **kw})
 
@@ -93,14 +95,14 @@ def fake_judge():
         s.server_close()
 
 
-def test_the_judge_rates_unrated_answers_within_its_hourly_budget(vllm, db_sessions, make_alias,
+def test_the_judge_rates_unrated_answers_within_its_hourly_budget(smollm2_vllm, db_sessions, make_alias,
                                                                   tenant):
     alias = make_alias(tenant)
     adapter_id = _adapter_id(db_sessions, tenant, alias)
     ids = seed_interactions(db_sessions, tenant, alias, None, 10,
                             prompt="Where is my order {i}?", answer="It ships tomorrow ({i}).")
     _human(db_sessions, tenant, adapter_id, ids[:2], ["up", "down"])  # rated: not sampled
-    policy = _policy(f"{vllm.url}/v1", budget_per_hour=6)
+    policy = _policy(f"{smollm2_vllm.url}/v1", budget_per_hour=6)
 
     res = judge_alias(db_sessions, adapter_id, policy, limit=100, rng=random.Random(1))
     assert res is not None and res.attempted == 6 and res.budget_left == 0
@@ -118,7 +120,7 @@ def test_the_judge_rates_unrated_answers_within_its_hourly_budget(vllm, db_sessi
     # The hour's budget is spent: the next sweep sends nothing and records nothing.
     assert judge_alias(db_sessions, adapter_id, policy, limit=100) is None
     # A bigger budget picks up where it stopped, never re-rating what the judge rated.
-    more = judge_alias(db_sessions, adapter_id, _policy(f"{vllm.url}/v1", budget_per_hour=20),
+    more = judge_alias(db_sessions, adapter_id, _policy(f"{smollm2_vllm.url}/v1", budget_per_hour=20),
                        limit=100)
     assert more is not None and more.attempted == 2  # the 8 unrated minus the 6 judged
     assert len(_judge_rows(db_sessions, adapter_id)) == res.rated + more.rated
@@ -155,25 +157,25 @@ def test_garbage_is_skipped_per_answer_and_a_slow_judge_times_out(db_sessions, m
     assert _judge_rows(db_sessions, adapter_id) == []
 
 
-def test_one_sweep_per_alias_at_a_time(vllm, db_sessions, make_alias, tenant):
+def test_one_sweep_per_alias_at_a_time(smollm2_vllm, db_sessions, make_alias, tenant):
     alias = make_alias(tenant)
     adapter_id = _adapter_id(db_sessions, tenant, alias)
     seed_interactions(db_sessions, tenant, alias, None, 2)
     with db_sessions() as other:
         other.execute(text("SELECT pg_advisory_lock(hashtextextended(:k, 0))"),
                       {"k": f"flywheel.judge:{adapter_id}"})
-        assert judge_alias(db_sessions, adapter_id, _policy(f"{vllm.url}/v1"), limit=2) is None
+        assert judge_alias(db_sessions, adapter_id, _policy(f"{smollm2_vllm.url}/v1"), limit=2) is None
         other.execute(text("SELECT pg_advisory_unlock(hashtextextended(:k, 0))"),
                       {"k": f"flywheel.judge:{adapter_id}"})
-    assert judge_alias(db_sessions, adapter_id, _policy(f"{vllm.url}/v1"), limit=2) is not None
+    assert judge_alias(db_sessions, adapter_id, _policy(f"{smollm2_vllm.url}/v1"), limit=2) is not None
 
 
-def test_judge_ratings_start_no_run_unless_the_policy_counts_them(vllm, db_sessions, make_alias,
+def test_judge_ratings_start_no_run_unless_the_policy_counts_them(smollm2_vllm, db_sessions, make_alias,
                                                                   tenant):
     alias = make_alias(tenant)
     adapter_id = _adapter_id(db_sessions, tenant, alias)
     seed_interactions(db_sessions, tenant, alias, None, 4)
-    res = judge_alias(db_sessions, adapter_id, _policy(f"{vllm.url}/v1"), limit=4)
+    res = judge_alias(db_sessions, adapter_id, _policy(f"{smollm2_vllm.url}/v1"), limit=4)
     assert res.rated >= 3, res.as_dict()
     trigger = TriggerPolicy(min_new_ratings=3)
     with session_scope(db_sessions) as s:
@@ -188,7 +190,7 @@ def test_judge_ratings_start_no_run_unless_the_policy_counts_them(vllm, db_sessi
         s.delete(run)  # no worker here: leave nothing active behind
 
 
-def test_agreement_and_judge_ratings_are_shown_apart(vllm, api, client, db_sessions, make_alias,
+def test_agreement_and_judge_ratings_are_shown_apart(smollm2_vllm, api, client, db_sessions, make_alias,
                                                      make_key, tenant):
     alias = make_alias(tenant)
     adapter_id = _adapter_id(db_sessions, tenant, alias)
@@ -197,7 +199,7 @@ def test_agreement_and_judge_ratings_are_shown_apart(vllm, api, client, db_sessi
                             prompt="Can I return shoes after {i} days?", answer="Yes, within 30.")
     _human(db_sessions, tenant, adapter_id, ids[:4], ["up", "up", "down", "up"])
     # Calibration only: the judge spends its budget on answers humans rated.
-    res = judge_alias(db_sessions, adapter_id, _policy(f"{vllm.url}/v1", calibration_share=1.0),
+    res = judge_alias(db_sessions, adapter_id, _policy(f"{smollm2_vllm.url}/v1", calibration_share=1.0),
                       limit=4)
     assert res.calibration == res.rated >= 3, res.as_dict()
 
