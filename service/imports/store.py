@@ -196,17 +196,17 @@ def run_job(sessions: sessionmaker, job_id: uuid.UUID, parsed: ParsedFile, polic
                 on_progress(done, tally)
     except Exception as exc:  # noqa: BLE001 - recorded on the job; the committed batches stay
         log.exception("import %s stopped after %d of %d records", job_id, done, len(parsed.items))
-        with session_scope(sessions) as s:
-            _save_tally(s, job_id, tally, status=ImportStatus.failed.value,
-                        failure_reason=f"stopped after {done} of {len(parsed.items)} records "
-                                       f"({type(exc).__name__}: {str(exc)[:500]}); import the "
-                                       "same file again to add the rest",
-                        finished_at=datetime.now().astimezone())
+        final = dict(status=ImportStatus.failed.value,
+                     failure_reason=f"stopped after {done} of {len(parsed.items)} records "
+                                    f"({type(exc).__name__}: {str(exc)[:500]}); import the "
+                                    "same file again to add the rest")
     else:
-        with session_scope(sessions) as s:
-            _save_tally(s, job_id, tally, status=ImportStatus.done.value,
-                        finished_at=datetime.now().astimezone())
-    return _trigger(sessions, job_id, job, policy, tally)
+        final = dict(status=ImportStatus.done.value)
+    # The run first: whoever sees the job finished also sees the run it started.
+    _start_run(sessions, job_id, job, policy, tally)
+    with session_scope(sessions) as s:
+        _save_tally(s, job_id, tally, finished_at=datetime.now().astimezone(), **final)
+    return _audit(sessions, job_id, job, tally)
 
 
 def _one(session: Session, job: dict[str, Any], where: str, value: Any, tally: Tally) -> None:
@@ -231,8 +231,8 @@ def _one(session: Session, job: dict[str, Any], where: str, value: Any, tally: T
         tally.skip("already_imported")
 
 
-def _trigger(sessions: sessionmaker, job_id: uuid.UUID, job: dict[str, Any], policy: Policy,
-             tally: Tally) -> FeedbackImport:
+def _start_run(sessions: sessionmaker, job_id: uuid.UUID, job: dict[str, Any], policy: Policy,
+               tally: Tally) -> None:
     """Imported ratings count like live ones: check the alias's trigger once, at the end (one run
     takes the whole import instead of the first batch that crossed the threshold)."""
     if tally.imported:
@@ -244,6 +244,11 @@ def _trigger(sessions: sessionmaker, job_id: uuid.UUID, job: dict[str, Any], pol
                               {"r": run_id, "id": job_id})
         except Exception as exc:  # noqa: BLE001 - the sweeper runs the same check on its round
             log.warning("trigger check after import %s failed: %s", job_id, type(exc).__name__)
+
+
+def _audit(sessions: sessionmaker, job_id: uuid.UUID, job: dict[str, Any], tally: Tally
+           ) -> FeedbackImport:
+    """The import's audit event; returns its final row."""
     with session_scope(sessions) as s:
         row = s.get(FeedbackImport, job_id)
         repo.audit(s, tenant_id=job["tenant_id"], actor=row.requested_by,
