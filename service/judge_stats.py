@@ -61,7 +61,8 @@ SELECT id, model, mode, attempted, rated, up, down, calibration, skipped, skippe
 FROM judge_sweeps WHERE adapter_id = :a ORDER BY started_at DESC LIMIT :k
 """)
 
-_LAST_HOUR = text("""
+# What the hourly budget counts (workers.judge reads it before each sweep).
+USED_LAST_HOUR = text("""
 SELECT coalesce(sum(attempted), 0) AS attempted FROM judge_sweeps
 WHERE adapter_id = :a AND started_at > now() - interval '1 hour'
 """)
@@ -92,7 +93,7 @@ async def summary(session: AsyncSession, adapter_id: uuid.UUID, policy: JudgePol
     for r in await session.execute(_RATINGS, a):
         ratings.setdefault(r.source, {"up": 0, "down": 0})[r.rating] = r.n
     pairs = [(r.judge, r.human) for r in await session.execute(_PAIRS, a)]
-    used = (await session.execute(_LAST_HOUR, a)).scalar() or 0
+    used = (await session.execute(USED_LAST_HOUR, a)).scalar() or 0
     rows = (await session.execute(_SWEEPS, {**a, "k": sweeps})).mappings().all()
     skips = {r.reason: int(r.n) for r in await session.execute(_SKIPS_DAY, a)}
     return {

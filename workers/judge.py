@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import sessionmaker
 
 from service.db.models import (FEEDBACK_SOURCE_JUDGE, JUDGE_RATER_PREFIX, Adapter, JudgeSweep)
 from service.db.session import session_scope
+from service.judge_stats import USED_LAST_HOUR
 from service.policy import JudgePolicy
 from workers.judge_client import JudgeClient, JudgeFailed, Rating
 
@@ -54,11 +55,6 @@ WHERE i.adapter_id = :adapter_id AND i.tenant_id = :tenant_id AND {_RATEABLE}
   AND EXISTS (SELECT 1 FROM feedback f WHERE f.interaction_id = i.id AND f.source = 'human')
   AND NOT EXISTS (SELECT 1 FROM feedback f WHERE f.interaction_id = i.id AND f.source = 'judge')
 ORDER BY random() LIMIT :limit
-""")
-
-_USED_LAST_HOUR = text("""
-SELECT coalesce(sum(attempted), 0) FROM judge_sweeps
-WHERE adapter_id = :adapter_id AND started_at > now() - interval '1 hour'
 """)
 
 # A human never rates as judge:* (the API refuses it), so a conflict is a racing judge.
@@ -121,8 +117,8 @@ def _candidates(s, query, adapter: Adapter, policy: JudgePolicy, limit: int,
     rows = s.execute(query, {"adapter_id": adapter.id, "tenant_id": adapter.tenant_id,
                              "lookback_s": policy.lookback_hours * 3600,
                              "min_age_s": policy.min_age_s, "limit": limit})
-    return [Candidate(r.id, r.messages, _answer_text(r), r.version_id, calibration)
-            for r in rows if _answer_text(r)]
+    return [Candidate(r.id, r.messages, answer, r.version_id, calibration)
+            for r in rows if (answer := _answer_text(r))]
 
 
 def split_budget(n: int, share: float, rng: random.Random) -> int:
@@ -156,14 +152,18 @@ def _prompt_key(messages: list[dict]) -> str:
     return json.dumps(messages, sort_keys=True, ensure_ascii=False)
 
 
+def _by_prompt(items: list[Candidate]) -> list[list[Candidate]]:
+    """The items grouped by conversation, in first-seen order."""
+    groups: dict[str, list[Candidate]] = {}
+    for c in items:
+        groups.setdefault(_prompt_key(c.messages), []).append(c)
+    return list(groups.values())
+
+
 def _prefer_shared_prompts(items: list[Candidate]) -> list[Candidate]:
     """Answers whose prompt has other answers in the pool first (they can be ranked)."""
-    by_prompt: dict[str, list[Candidate]] = {}
-    for c in items:
-        by_prompt.setdefault(_prompt_key(c.messages), []).append(c)
-    shared = [c for group in by_prompt.values() if len(group) > 1 for c in group]
-    alone = [c for group in by_prompt.values() if len(group) == 1 for c in group]
-    return shared + alone
+    groups = _by_prompt(items)
+    return [c for g in groups if len(g) > 1 for c in g] + [c for g in groups if len(g) == 1 for c in g]
 
 
 def batches(items: list[Candidate], policy: JudgePolicy) -> list[list[Candidate]]:
@@ -171,13 +171,8 @@ def batches(items: list[Candidate], policy: JudgePolicy) -> list[list[Candidate]
     prompt (relative; a prompt with one answer is rated alone)."""
     if policy.mode == "absolute":
         return [[c] for c in items]
-    by_prompt: dict[str, list[Candidate]] = {}
-    for c in items:
-        by_prompt.setdefault(_prompt_key(c.messages), []).append(c)
-    out: list[list[Candidate]] = []
-    for group in by_prompt.values():
-        out += [group[i:i + policy.group_size] for i in range(0, len(group), policy.group_size)]
-    return out
+    size = policy.group_size
+    return [g[i:i + size] for g in _by_prompt(items) for i in range(0, len(g), size)]
 
 
 def _ask(client: JudgeClient, batch: list[Candidate]) -> list[Rating]:
@@ -205,11 +200,7 @@ def _record(sessions: sessionmaker, sweep_id: uuid.UUID, res: SweepResult, *,
         row.calibration, row.skipped = res.calibration, sum(res.skipped.values())
         row.skipped_reasons, row.stopped = dict(res.skipped), res.stopped
         if done:
-            row.finished_at = _now(s)
-
-
-def _now(s):
-    return s.execute(text("SELECT now()")).scalar()
+            row.finished_at = func.now()
 
 
 def per_sweep_limit(policy: JudgePolicy, interval_s: float) -> int:
@@ -241,7 +232,7 @@ def judge_alias(sessions: sessionmaker, adapter_id: uuid.UUID, policy: JudgePoli
 def _sweep(sessions, adapter_id, policy, limit, deadline, api_key, rng, transport):
     with session_scope(sessions) as s:
         adapter = s.get(Adapter, adapter_id)
-        used = int(s.execute(_USED_LAST_HOUR, {"adapter_id": adapter_id}).scalar())
+        used = int(s.execute(USED_LAST_HOUR, {"a": adapter_id}).scalar())
         left = policy.budget_per_hour - used
         n = min(left, limit)
         if n <= 0:

@@ -12,6 +12,7 @@ from sqlalchemy import select
 
 from service.db.models import AdapterVersion, Interaction
 from tests.conftest import bearer
+from tests.helpers.data import wait_import
 from tests.helpers.runs import wait_run
 from tests.helpers.stack import REPO, ApiProcess, WorkerProcess, flywheel_env
 
@@ -48,15 +49,6 @@ def import_stack(api_settings, stack_root, tmp_path_factory):
 def _post(c, alias, key, source, body: bytes, **params):
     return c.post(f"/v1/adapters/{alias}/imports", headers=bearer(key), content=body,
                   params={"source": source, **params})
-
-
-def _wait_import(c, alias, key, import_id, timeout=60) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        job = c.get(f"/v1/adapters/{alias}/imports/{import_id}", headers=bearer(key)).json()
-        if job["status"] != "running" or time.monotonic() > deadline:
-            return job
-        time.sleep(0.2)
 
 
 def test_each_format_imported_through_the_api_is_trained_by_the_real_worker(
@@ -98,7 +90,7 @@ def test_each_format_imported_through_the_api_is_trained_by_the_real_worker(
                       file_name=SAMPLES[source])
             assert r.status_code == 202, r.text
             assert r.json()["status"] == "running" and r.json()["total"] >= 12
-            job = _wait_import(c, alias, ops, r.json()["id"])
+            job = wait_import(c, alias, ops, r.json()["id"])
             assert job["status"] == "done", job
             assert (job["imported"], job["skipped_reasons"]) == (10, {"no_rating": 1})
             assert job["errors"] == len(job["error_samples"]) >= 1 and job["run_id"]
@@ -163,7 +155,7 @@ def test_an_adapter_trained_elsewhere_is_gated_approved_and_served(
         # Some ratings first (below the trigger): the gate scores the adapter on their held-out part.
         lines = (DATA / SAMPLES["jsonl"]).read_bytes().splitlines(keepends=True)[:7]
         r = _post(c, alias, ops, "jsonl", b"".join(lines))
-        assert r.status_code == 202 and _wait_import(c, alias, ops, r.json()["id"])["run_id"] is None
+        assert r.status_code == 202 and wait_import(c, alias, ops, r.json()["id"])["run_id"] is None
 
         url = f"/v1/adapters/{alias}/versions"
         assert c.post(url, headers=bearer(product), content=_tar(tmp_path / "lora")).status_code == 403

@@ -22,6 +22,7 @@ from tests.helpers.loop import chat_and_rate
 from tests.helpers.runs import wait_first_run, wait_run
 from tests.helpers.stack import ApiProcess, WorkerProcess, flywheel_env
 
+pytest_plugins = ["tests.helpers.browser"]  # the `browser` fixture
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 # The retrain-loop test's policy, with a larger held-out share: at 0.25, 16 ratings leave the
@@ -39,9 +40,6 @@ rollback: {automatic: false}
 export: {fallback: true}
 """
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 UI_TIMEOUT_MS = 15_000
 TRAIN_TIMEOUT_MS = 240_000
 DEPLOY_TIMEOUT_MS = 120_000
@@ -62,21 +60,6 @@ def page_stack(api_settings, stack_root, tmp_path_factory):
     yield api, worker
     worker.stop()
     api.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    """The system Chromium, driven by Playwright (no browser download)."""
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail("the playwright package is missing: pip install playwright (no browser download needed)")
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium")
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 @dataclass

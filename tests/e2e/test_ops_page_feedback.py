@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import re
-import time
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -22,12 +21,11 @@ from service.db import repositories as repo
 from service.db.models import Adapter, Feedback, FeedbackImport, Interaction, JudgeSweep
 from service.db.session import session_scope
 from tests.conftest import bearer
+from tests.helpers.data import wait_import
 from tests.helpers.stack import REPO, ApiProcess, flywheel_env
 
-# The same browser set-up as tests/e2e/test_ops_page.py: the system Chromium through Playwright.
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+pytest_plugins = ["tests.helpers.browser"]  # the `browser` fixture
+
 UI_TIMEOUT_MS = 15_000
 SCREENSHOT = Path("/tmp/ops-feedback.png")
 
@@ -50,20 +48,6 @@ def feedback_api(db_url, broker_url, stack_root, tmp_path_factory):
     proc = ApiProcess(env=env, log=stack_root / "api-ops-feedback.log").start()
     yield proc, policies
     proc.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.fail("the playwright package is missing: pip install playwright (no browser download needed)")
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium")
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture()
@@ -98,15 +82,6 @@ def _expected_agreement(pairs: list[tuple[str, str]]) -> dict:
             "hi": min(1.0, centre + half), "kappa": (p - chance) / (1 - chance)}
 
 
-def _wait_import(c, alias, key, import_id, timeout=60) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        job = c.get(f"/v1/adapters/{alias}/imports/{import_id}", headers=bearer(key)).json()
-        if job["status"] != "running" or time.monotonic() > deadline:
-            return job
-        time.sleep(0.2)
-
-
 def test_imports_and_ai_judge_panels(feedback_api, page, make_key, make_alias, tenant, db_sessions):
     from playwright.sync_api import expect
 
@@ -122,7 +97,7 @@ def test_imports_and_ai_judge_panels(feedback_api, page, make_key, make_alias, t
         r = c.post(f"/v1/adapters/{alias}/imports", headers=bearer(ops), content=SAMPLE.read_bytes(),
                    params={"source": "jsonl", "file_name": SAMPLE.name})
         assert r.status_code == 202, r.text
-        job = _wait_import(c, alias, ops, r.json()["id"])
+        job = wait_import(c, alias, ops, r.json()["id"])
     assert job["status"] == "done", job
     assert (job["total"], job["imported"], job["skipped"], job["errors"]) == (13, 10, 1, 2), job
     assert job["run_id"], job  # 10 new ratings reach the trigger: a run waits (no worker here)

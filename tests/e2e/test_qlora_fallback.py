@@ -20,13 +20,11 @@ from service.policy import Policy
 from service.wakeup import wake_run
 from tests.helpers.data import seed_interactions
 from tests.helpers.runs import wait_run
+from tests.helpers.browser import CHROMIUM, CHROMIUM_ARGS, require_chromium
 from tests.helpers.stack import REPO, ApiProcess, WorkerProcess, flywheel_env
 
 pytestmark = [pytest.mark.slow]
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -127,10 +125,9 @@ def test_qlora_without_cuda_fails_the_run_or_shows_the_fallback(
 
 
 def _ops_page_shows_it(env, stack_root, ops_key: str, lenient: uuid.UUID, strict: uuid.UUID):
+    require_chromium()
     from playwright.sync_api import expect, sync_playwright
 
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium")
     api = ApiProcess(env=env, log=stack_root / "api-qlora.log").start()
     try:
         with sync_playwright() as pw:

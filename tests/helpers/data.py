@@ -26,3 +26,16 @@ def seed_interactions(db_sessions, tenant: str, alias: str, key_id: uuid.UUID | 
                               params={}, response_text=answer.format(i=i), stream=False))
             ids.append(str(iid))
     return ids
+
+
+def wait_import(client, alias: str, key: str, import_id: str, timeout: float = 60) -> dict:
+    """Poll a feedback import through the API until it is no longer running (or time is up)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/v1/adapters/{alias}/imports/{import_id}",
+                         headers={"Authorization": f"Bearer {key}"}).json()
+        if job["status"] != "running" or time.monotonic() > deadline:
+            return job
+        time.sleep(0.2)
