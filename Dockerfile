@@ -36,8 +36,9 @@ RUN --mount=type=secret,id=ca,target=/etc/ssl/certs/ca-certificates.crt \
  && pip uninstall -y torchvision torchaudio torchcodec
 
 # llama.cpp's bindings, built from the source distribution whose vendored converter
-# (convert_hf_to_gguf.py, conversion/, gguf-py/) workers/export.py runs; both come from the same
-# file, kept where workers/export.py looks (the flywheel user's cache), so no export fetches it.
+# (convert_hf_to_gguf.py, conversion/, gguf-py/) workers/export/converter.py runs; both come from
+# the same file, kept where the converter module looks (the flywheel user's cache), so no export
+# fetches it.
 ENV CMAKE_ARGS="-DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF"
 RUN --mount=type=secret,id=ca,target=/etc/ssl/certs/ca-certificates.crt \
     --mount=type=secret,id=pipconf,target=/etc/pip.conf \

@@ -14,7 +14,7 @@ from sqlalchemy.orm import sessionmaker
 from service.db import migrate
 from service.db import repositories as repo
 from service.db.session import make_sync_engine, session_scope
-from service.embedded import ensure_postgres, ensure_redis, free_port, stop_postgres, stop_redis
+from service.local.embedded import ensure_postgres, ensure_redis, free_port, stop_postgres, stop_redis
 from service.security import display_prefix, generate_key, hash_key
 from tests.helpers.stack import TINY_MODEL_CACHE, ApiProcess, flywheel_env
 
@@ -25,7 +25,7 @@ def bench_model(name: str) -> Path:
     """The model a benchmark runs on: "tiny" (built locally), "smollm2" (the real default, from
     pip) or a model directory."""
     if name == "tiny":
-        from service.tiny_model import build_tiny_model
+        from service.local.tiny_model import build_tiny_model
 
         return build_tiny_model(TINY_MODEL_CACHE)
     from service.config import Settings

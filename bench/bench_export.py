@@ -31,17 +31,25 @@ import platform
 import tempfile
 import time
 from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from service.tiny_model import build_tiny_model, synthetic_dialogues
-from workers import export as ex
+from service.local.tiny_model import build_tiny_model, synthetic_dialogues
+from workers.export.consistency import Tolerance, consistency, gguf_consistency, judge
+from workers.export.converter import ensure_converter
+from workers.export.engines import (Memo, encode_prompts, load_merged, load_served,
+                                    render_prompts)
+from workers.export.gguf_writer import (QUANTIZER_QUANTS, QUANTS, export_gguf,
+                                        llama_cpp_available)
+from workers.export.merge import MergedResult, merge_adapter
+from workers.training import package_versions
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CACHE = Path.home() / ".cache" / "flywheel"
 ORDER = ("f16", "q8_0", "q4_k_m", "q4_0", "q2_k", "tq2_0")
 SMOLLM2_ORDER = ("f16", "q8_0", "q4_k_m")
+# Recorded with the results: the libraries the figures depend on.
+PACKAGES = ("torch", "transformers", "peft", "gguf", "llama_cpp_python")
 
 
 def make_small_lora(base_dir: Path, out_dir: Path, *, seed: int, scale: float,
@@ -86,12 +94,12 @@ def _gate_figures(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def bench_merged(model_dir: Path, adapter: Path, root: Path, served, ids,
-                 max_new: int) -> tuple[ex.MergedResult, dict]:
-    merged = ex.merge_adapter(model_dir, adapter, root / "merged")
+                 max_new: int) -> tuple[MergedResult, dict]:
+    merged = merge_adapter(model_dir, adapter, root / "merged")
     t0 = time.perf_counter()
-    metrics = ex.consistency(served, ex.load_merged(merged.path), ids, max_new_tokens=max_new,
-                             tie_margin=ex.Tolerance().tie_margin)
-    reasons = ex.judge(metrics, ex.Tolerance(), "merged")
+    metrics = consistency(served, load_merged(merged.path), ids, max_new_tokens=max_new,
+                             tie_margin=Tolerance().tie_margin)
+    reasons = judge(metrics, Tolerance(), "merged")
     cfg = json.loads((merged.path / "config.json").read_text())
     dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "")  # the base's, as merged
     row = {"format": "merged", "quant": dtype, "export_s": merged.seconds,
@@ -103,26 +111,26 @@ def bench_merged(model_dir: Path, adapter: Path, root: Path, served, ids,
 def bench_base(model_dir: Path, served, ids, max_new: int) -> dict:
     """The base model without the LoRA, scored like an export: how far the LoRA moved it."""
     t0 = time.perf_counter()
-    metrics = ex.consistency(served, ex.load_merged(model_dir), ids, max_new_tokens=max_new,
-                             tie_margin=ex.Tolerance().tie_margin)
-    reasons = ex.judge(metrics, ex.Tolerance(), "gguf")
+    metrics = consistency(served, load_merged(model_dir), ids, max_new_tokens=max_new,
+                             tie_margin=Tolerance().tie_margin)
+    reasons = judge(metrics, Tolerance(), "gguf")
     return {"format": "base (no LoRA)", "quant": "", "gate_s": time.perf_counter() - t0,
             "passed": not reasons, "reasons": reasons, **_gate_figures(metrics)}
 
 
-def bench_gguf(merged: ex.MergedResult, root: Path, quant: str, served, ids, texts,
+def bench_gguf(merged: MergedResult, root: Path, quant: str, served, ids, texts,
                max_new: int) -> dict:
-    if quant in ex.QUANTIZER_QUANTS and not ex.llama_cpp_available():
+    if quant in QUANTIZER_QUANTS and not llama_cpp_available():
         return {"format": "gguf", "quant": quant, "skipped": "needs llama-cpp-python"}
-    res = ex.export_gguf(merged, root / f"gguf-{quant}", quant)
+    res = export_gguf(merged, root / f"gguf-{quant}", quant)
     row: dict[str, Any] = {"format": "gguf", "quant": quant, "export_s": res.seconds,
                            "bytes": res.bytes, "tensor_types": res.tensor_types}
-    if not ex.llama_cpp_available():
+    if not llama_cpp_available():
         return {**row, "gate": "not run (no llama-cpp-python)"}
     t0 = time.perf_counter()
-    metrics = ex.gguf_consistency(served, res.gguf_path, ids, texts, max_new_tokens=max_new,
-                                  tie_margin=ex.Tolerance().tie_margin)
-    reasons = ex.judge(metrics, ex.Tolerance(), "gguf")
+    metrics = gguf_consistency(served, res.gguf_path, ids, texts, max_new_tokens=max_new,
+                                  tie_margin=Tolerance().tie_margin)
+    reasons = judge(metrics, Tolerance(), "gguf")
     return {**row, "gate_s": time.perf_counter() - t0, "passed": not reasons,
             "reasons": reasons, **_gate_figures(metrics)}
 
@@ -140,9 +148,9 @@ def bench(model_dir: Path, *, n_prompts: int, seed: int, max_new: int,
         root = Path(tmp)
         adapter = (make_random_lora(model_dir, root / "adapter", seed=seed) if lora_scale is None
                    else make_small_lora(model_dir, root / "adapter", seed=seed, scale=lora_scale))
-        served = ex.Memo(ex.load_served(model_dir, adapter))
-        ids = ex.encode_prompts(model_dir, prompts)
-        texts = ex.render_prompts(model_dir, prompts)
+        served = Memo(load_served(model_dir, adapter))
+        ids = encode_prompts(model_dir, prompts)
+        texts = render_prompts(model_dir, prompts)
         merged, merged_row = bench_merged(model_dir, adapter, root, served, ids, max_new)
         rows = [merged_row] + [bench_gguf(merged, root, q, served, ids, texts, max_new)
                               for q in quants]
@@ -192,17 +200,6 @@ def write_result(prefix: str, started: datetime, model: str, ns: argparse.Namesp
     return path
 
 
-def _versions(names: tuple[str, ...] = ("torch", "transformers", "peft", "gguf",
-                                         "llama_cpp_python")) -> dict[str, str]:
-    out = {}
-    for name in names:
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "missing"
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("tiny", "smollm2"), default="tiny",
@@ -211,7 +208,7 @@ def main() -> None:
     parser.add_argument("--pretrain-steps", type=int, default=0,
                         help="tiny only: 0 = the shared random tiny model; N builds a "
                              "pre-trained one")
-    parser.add_argument("--quants", nargs="+", choices=ex.QUANTS, default=None,
+    parser.add_argument("--quants", nargs="+", choices=QUANTS, default=None,
                         help=f"default: {' '.join(ORDER)} (tiny), "
                              f"{' '.join(SMOLLM2_ORDER)} (smollm2)")
     parser.add_argument("--lora-scale", type=float, default=None,
@@ -238,11 +235,11 @@ def main() -> None:
                 quants=quants, lora_scale=scale, base_row=ns.model == "smollm2")
     lora = "random LoRA r=8" + (f", B x {scale:g}" if scale is not None else "")
     print(f"\nEdge export on {name}, {lora}, {out['n_prompts']} prompts x "
-          f"{ns.max_new_tokens} greedy tokens, default tolerance {ex.Tolerance()}\n")
+          f"{ns.max_new_tokens} greedy tokens, default tolerance {Tolerance()}\n")
     print(markdown(out["rows"]))
-    write_result("export", started, name, ns, {"tolerance": vars(ex.Tolerance()),
-                                               "library_versions": _versions(),
-                                               "converter": str(ex.ensure_converter()), **out})
+    write_result("export", started, name, ns, {"tolerance": vars(Tolerance()),
+                                               "library_versions": package_versions(PACKAGES),
+                                               "converter": str(ensure_converter()), **out})
 
 if __name__ == "__main__":
     main()

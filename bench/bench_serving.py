@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 
 from bench._stack import bench_model, save
-from service.embedded import free_port
+from service.local.embedded import free_port
 from service.engine.managed import ManagedVllm
 
 PROMPTS = ["My order is late.", "How do I reset my password?", "Where is my parcel?",

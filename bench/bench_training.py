@@ -22,6 +22,7 @@ Prints a markdown table and writes bench/results/training-<utc time>.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -31,8 +32,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from service.tiny_model import build_tiny_model, synthetic_dialogues
-from workers.training import TrainingConfig, library_versions, train_adapter
+from service.local.tiny_model import build_tiny_model, synthetic_dialogues
+from service.policy import Policy
+from workers.recipe import training_config
+from workers.training import library_versions, train_adapter
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULT_MODEL_DIR = Path.home() / ".cache" / "flywheel" / "tiny-model-v1"
@@ -120,11 +123,14 @@ def run_train_adapter(model_dir: Path, records: list[dict], *, steps: int, batch
                       work: Path, **batching: Any) -> dict[str, Any]:
     """workers.training.train_adapter with the same LoRA, steps and batch size."""
     t_wall = time.monotonic()
-    config = TrainingConfig(
-        method="sft", lora_r=LORA["r"], lora_alpha=LORA["lora_alpha"],
-        target_modules=tuple(LORA["target_modules"]), learning_rate=LEARNING_RATE, max_steps=steps,
-        per_device_batch_size=batch_size, checkpoint_every_steps=steps + 1, precision="fp32", **batching,
-    )
+    # The product's mapping from a policy (workers.recipe), then what a policy does not set.
+    policy = Policy.model_validate({"training": {
+        "lora": {"r": LORA["r"], "alpha": LORA["lora_alpha"], "target_modules": LORA["target_modules"]},
+        "learning_rate": LEARNING_RATE, "max_steps": steps, "batch_size": batch_size,
+        "checkpoint_every_steps": steps + 1}})
+    config = dataclasses.replace(
+        training_config(policy, "sft", max_length=batching.pop("max_length", None)),
+        precision="fp32", **batching)
     timer = _cpu_timer()
     result = train_adapter(base_model_dir=model_dir, data={"train": records}, config=config,
                            out_dir=work / "artifact", work_dir=work / "work", callbacks=[timer])

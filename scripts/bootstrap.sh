@@ -60,10 +60,10 @@ if [ "${#missing[@]}" -gt 0 ] && [ "$(id -u)" = "0" ] && command -v apt-get >/de
     >/dev/null 2>&1 || log "could not install ${missing[*]}; the tests that need them will fail"
 fi
 # llama.cpp's converter (edge export)
-# workers/export.py writes GGUF with llama.cpp's own convert_hf_to_gguf.py, its conversion/
-# package and its vendored gguf-py, taken from the llama-cpp-python 0.3.36 source distribution
-# (the llama.cpp that quantizes and runs the GGUF). The worker fetches them the same way when
-# this folder is missing; a failure here is only logged.
+# workers/export/converter.py writes GGUF with llama.cpp's own convert_hf_to_gguf.py, its
+# conversion/ package and its vendored gguf-py, taken from the llama-cpp-python 0.3.36 source
+# distribution (the llama.cpp that quantizes and runs the GGUF). The worker fetches them the same
+# way when this folder is missing; a failure here is only logged.
 convert_dir="$HOME/.cache/flywheel/llama-convert/0.3.36"
 if [ ! -f "$convert_dir/convert_hf_to_gguf.py" ]; then
   log "fetching llama.cpp's converter into $convert_dir"

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import struct
 import tarfile
-import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +37,9 @@ from service.engine.artifact import (
     file_sha256,
     read_config,
     same_base_model,
+    verify_artifact,
 )
+from service.files import publish_dir, staging_dir
 from service.policy import Policy
 
 ADAPTER_IMPORT = "adapter_import"  # training_runs.trigger.reason of an imported adapter's run
@@ -248,21 +248,15 @@ def _copy_into_store(src: Path, artifact_dir: Path, engine_base: str, cfg: dict[
     """The artifact directory: the weights as received and the config naming the engine's base
     (vLLM and the trainer load the base they serve; the original name stays in the lineage).
     Written under a temporary name and renamed, so a half-copied adapter is never a version."""
-    root = artifact_dir / "imported"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / uuid.uuid4().hex / "adapter"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".incoming-"))
+    final = artifact_dir / "imported" / uuid.uuid4().hex / "adapter"
+    tmp = staging_dir(final)
     try:
         shutil.copyfile(src / WEIGHTS_FILE, tmp / WEIGHTS_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps({**cfg, "base_model_name_or_path": engine_base},
                                                   indent=2, sort_keys=True))
-        for name in (WEIGHTS_FILE, CONFIG_FILE):
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
-        final.parent.mkdir()
-        os.replace(tmp, final)
+        publish_dir(tmp, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(final.parent, ignore_errors=True)  # this import's own folder, half-copied
         raise
     return final
 
@@ -309,7 +303,6 @@ def register(session: Session, adapter: Adapter, src: Path, *, artifact_dir: Pat
     try:
         sha = artifact_sha256(dest)
         if verify_weights:
-            from service.engine.artifact import verify_artifact
 
             try:
                 verify_artifact(dest, expected_sha256=sha, engine_base_model=engine_base,

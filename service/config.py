@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from hashlib import blake2b
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+
+from service.models.resolve import resolved_path
 
 
 class Settings(BaseSettings):
@@ -145,7 +149,6 @@ class Settings(BaseSettings):
     @property
     def resolved_base_model(self) -> str:
         """The base model directory (or hub id) engines and trainers load; no I/O."""
-        from service.models.resolve import resolved_path
 
         return resolved_path(self.base_model, self.model_cache_dir)
 
@@ -156,9 +159,6 @@ class Settings(BaseSettings):
     def spool_dir_for(self, database_url: str) -> Path:
         """The spool folder for one database: records are only ever replayed into the
         database they were meant for, even when checkouts share a spool_dir."""
-        from hashlib import blake2b
-
-        from sqlalchemy.engine import make_url
 
         url = make_url(database_url)
         where = f"{url.host}:{url.port}/{url.database}"

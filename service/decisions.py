@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service import runs
 from service.db import repositories as repo
 from service.db.models import AdapterVersion, RunState, TrainingRun, VersionStatus
 
@@ -32,13 +32,14 @@ def decide_run(session: Session, run_id: uuid.UUID, *, approve: bool, actor: str
         raise DecisionError(404, f"run {run_id} not found")
     if run.state != RunState.awaiting_approval.value:
         raise DecisionError(409, f"run {run_id} is {run.state}, not awaiting_approval")
-    run.state = (RunState.approved if approve else RunState.rejected).value
-    if not approve:
-        run.finished_at = datetime.now().astimezone()
-        if run.candidate_version_id:
-            version = session.get(AdapterVersion, run.candidate_version_id)
-            version.status = VersionStatus.failed.value
-            version.failure_reason = f"rejected by {actor}: {reason or 'no reason given'}"
+    # Written by the one writer of run rows (a rejection stamps finished_at), then re-read.
+    runs.transition(session, run_id, None, RunState.approved if approve else RunState.rejected,
+                    release=False)
+    session.refresh(run)
+    if not approve and run.candidate_version_id:
+        version = repo.get_row(session, AdapterVersion, run.candidate_version_id)
+        version.status = VersionStatus.failed.value
+        version.failure_reason = f"rejected by {actor}: {reason or 'no reason given'}"
     repo.audit(session, tenant_id=run.tenant_id, actor=actor,
                action="run.approved" if approve else "run.rejected", target_type="run",
                target_id=str(run_id), reason=reason)

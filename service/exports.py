@@ -8,6 +8,7 @@ that died mid-export leaves a lease that expires, so the sweeper hands the job t
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from service.db import repositories as repo
 from service.db.models import Adapter, AdapterVersion, Export, ExportStatus, VersionStatus
 from service.engine.artifact import file_sha256
 from service.policy import ExportSpec
-from service.runs import _json
+from service.runs import to_json
 
 # A job whose worker died this many times is given up (it would likely kill the next one too).
 MAX_ATTEMPTS = 3
@@ -47,7 +48,7 @@ def resolve_version(session: Session, adapter: Adapter, number: int | None) -> A
             raise ExportRefused(409, "nothing_to_export",
                                 f"alias {adapter.alias!r} serves the base model: promote a version "
                                 "or name one with version", "version")
-        return session.get(AdapterVersion, adapter.serving_version_id)
+        return repo.get_row(session, AdapterVersion, adapter.serving_version_id)
     version = session.scalars(select(AdapterVersion).where(
         AdapterVersion.adapter_id == adapter.id, AdapterVersion.number == number)).first()
     if version is None:
@@ -96,7 +97,7 @@ def request_export(session: Session, version: AdapterVersion, *, fmt: str, quant
                                                  ExportStatus.running.value))
     if existing is not None:
         return existing, False
-    adapter = session.get(Adapter, version.adapter_id)
+    adapter = repo.get_row(session, Adapter, version.adapter_id)
     new_id = session.execute(_REQUEST, {
         "id": uuid.uuid4(), "tenant_id": adapter.tenant_id, "adapter_id": adapter.id,
         "version_id": version.id, "format": spec.format, "quant": spec.quant,
@@ -111,7 +112,9 @@ def request_export(session: Session, version: AdapterVersion, *, fmt: str, quant
                target_type="export", target_id=str(new_id), reason=reason,
                detail={"version": version.lora_name, "format": spec.format, "quant": spec.quant,
                        "fallback": fallback})
-    return session.get(Export, new_id), True
+    export = session.get(Export, new_id)
+    assert export is not None  # inserted above, in this transaction
+    return export, True
 
 
 def _same(session: Session, version_id: uuid.UUID, spec: ExportSpec,
@@ -152,7 +155,7 @@ def report(session: Session, export_id: uuid.UUID, owner: str, lease_s: float,
     """Extend the lease (and record progress, if given); False when this worker no longer holds
     the job."""
     return session.execute(_RENEW, {"id": export_id, "owner": owner, "lease_s": lease_s,
-                                    "progress": None if progress is None else _json(progress)}
+                                    "progress": None if progress is None else to_json(progress)}
                            ).first() is not None
 
 
@@ -255,7 +258,6 @@ def delete_export(session: Session, export: Export, *, actor: str, reason: str |
 
 def remove_files(paths: list[Path]) -> None:
     """Remove what delete_export returned (after its commit)."""
-    import shutil
 
     for path in paths:
         shutil.rmtree(path, ignore_errors=True)

@@ -7,6 +7,7 @@ import math
 import uuid
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import urlsplit
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -78,7 +79,6 @@ def endpoint(url: str | None) -> str | None:
     """The judge's address without credentials, path or query (shown to ops)."""
     if not url:
         return None
-    from urllib.parse import urlsplit
 
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}"

@@ -12,6 +12,7 @@ from prometheus_client import (
     Counter,
     Histogram,
     generate_latest,
+    multiprocess,
 )
 from prometheus_client import REGISTRY as DEFAULT_REGISTRY
 
@@ -68,7 +69,6 @@ SCRAPE_DB_FAILURES = Counter(
 def render(multiprocess_mode: bool = False) -> tuple[bytes, str]:
     """Metrics exposition for this process, or for all processes in multiprocess mode."""
     if multiprocess_mode:
-        from prometheus_client import multiprocess
 
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)

@@ -9,10 +9,11 @@ a bad file names itself, the field and why. Policies are re-read when their file
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -136,11 +137,12 @@ class ExportTolerance(_Strict):
     min_tokenizer_agreement: float = Field(1.0, ge=0, le=1)
 
 
-EXPORT_FORMATS = ("merged", "gguf")
+# Spelled out as Literals so that type checkers see the values; the tuples follow from them.
+ExportFormat = Literal["merged", "gguf"]
 # Most to least aggressive (workers.export falls back along this order).
-EXPORT_QUANTS = ("tq2_0", "q2_k", "q4_0", "q4_k_m", "q8_0", "f16")
-ExportFormat = Literal[EXPORT_FORMATS]
-ExportQuant = Literal[EXPORT_QUANTS]
+ExportQuant = Literal["tq2_0", "q2_k", "q4_0", "q4_k_m", "q8_0", "f16"]
+EXPORT_QUANTS: tuple[str, ...] = get_args(ExportQuant)
+EXPORT_FORMATS: tuple[str, ...] = get_args(ExportFormat)
 
 
 class ExportSpec(_Strict):
@@ -349,7 +351,6 @@ class PolicyStore:
             except PolicyError:
                 # A bad edit at run time keeps the last good policies; `flywheel policies check`
                 # and start-up report it.
-                import logging
 
                 logging.getLogger(__name__).exception("policy reload failed; keeping previous")
                 self._stamp = self._current_stamp()

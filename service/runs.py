@@ -1,90 +1,37 @@
-"""Training runs in Postgres: the exactly-once trigger, the worker lease, and state transitions.
+"""Training runs in Postgres: the worker lease and every write to a run row.
 
-Postgres is the only source of truth. The partial unique index uq_training_runs_one_active allows
-one active run per adapter, so concurrent feedback from any number of API processes creates one
-run; Celery messages only wake workers, and a lease makes a duplicate delivery find nothing.
+This module is the one writer of training_runs rows once they exist: claims and lease renewals,
+state transitions (finished_at stamped on entering a finished state), dataset stats, method,
+and the JSON sections stages add to a run. Runs are created by the trigger (service/trigger.py,
+one exactly-once statement) and by an adapter import (service/adapter_import.py).
+
+Postgres is the only source of truth. Celery messages only wake workers, and a lease makes a
+duplicate delivery find nothing.
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from service.db.models import ACTIVE_RUN_STATES, RunState
-from service.policy import Policy
+from service.db.models import RunState
 
-_ACTIVE = ", ".join(f"'{s.value}'" for s in ACTIVE_RUN_STATES)
+# Entering one of these stamps finished_at (once): the run's work is over, whatever follows.
+FINISHED_STATES = (RunState.rejected, RunState.failed, RunState.live, RunState.superseded,
+                   RunState.rolled_back)
 
-# One statement: count new feedback above the watermark, create the run if the policy says so,
-# and advance the watermark in the same transaction. ON CONFLICT on the partial unique index
-# makes a racing second insert a no-op.
-_TRIGGER = text(f"""
-WITH a AS (
-    -- While a run is active nothing can be created: skip the count (it grows with the backlog).
-    SELECT id, tenant_id, feedback_watermark, serving_version_id FROM adapters
-    WHERE id = :adapter_id AND NOT EXISTS (
-        SELECT 1 FROM training_runs r WHERE r.adapter_id = :adapter_id AND r.state IN ({_ACTIVE}))
-), stats AS (
-    SELECT count(*) AS n,
-           count(*) FILTER (WHERE f.rating = 'up') AS ups,
-           count(*) FILTER (WHERE f.rating = 'down') AS downs,
-           count(*) FILTER (WHERE f.correction IS NOT NULL) AS corrections,
-           max(f.seq) AS hi,
-           min(f.created_at) AS oldest
-    FROM feedback f, a WHERE f.adapter_id = a.id AND f.seq > a.feedback_watermark
-      AND (f.source = 'human' OR :judge_counts)
-), created AS (
-    INSERT INTO training_runs (id, tenant_id, adapter_id, state, trigger, policy, feedback_seq_from,
-                               feedback_seq_to, parent_version_id, attempts, progress,
-                               dataset_stats, metrics, verdict, created_at, updated_at)
-    SELECT :run_id, a.tenant_id, a.id, 'pending',
-           jsonb_build_object('reason', CASE WHEN s.n >= :threshold THEN 'threshold' ELSE 'interval' END,
-                              'new_ratings', s.n, 'ups', s.ups, 'downs', s.downs,
-                              'corrections', s.corrections, 'threshold', :threshold),
-           CAST(:policy AS jsonb), a.feedback_watermark, s.hi, a.serving_version_id, 0,
-           '{{}}'::jsonb, '{{}}'::jsonb, '{{}}'::jsonb, '{{}}'::jsonb, now(), now()
-    FROM a, stats s
-    WHERE s.n > 0 AND s.ups >= :min_up AND s.downs >= :min_down
-      AND (s.n >= :threshold
-           OR (CAST(:interval_s AS float8) IS NOT NULL AND s.n >= :min_for_interval
-               AND s.oldest < now() - make_interval(secs => CAST(:interval_s AS float8))))
-    ON CONFLICT (adapter_id) WHERE state IN ({_ACTIVE}) DO NOTHING
-    RETURNING id, feedback_seq_to
-), moved AS (
-    UPDATE adapters SET feedback_watermark = c.feedback_seq_to FROM created c
-    WHERE adapters.id = :adapter_id RETURNING adapters.id
-)
-SELECT c.id FROM created c LEFT JOIN moved m ON true
-""")
-
-
-def _trigger_params(adapter_id: uuid.UUID, policy: Policy) -> dict[str, Any]:
-    t = policy.trigger
-    return {
-        "adapter_id": adapter_id, "run_id": uuid.uuid4(), "threshold": t.min_new_ratings,
-        "min_up": t.min_up, "min_down": t.min_down,
-        "interval_s": t.max_interval_minutes * 60 if t.max_interval_minutes else None,
-        "min_for_interval": t.min_ratings_for_interval, "policy": policy.model_dump_json(),
-        # The judge's ratings ride along in the run the humans' start unless the policy says.
-        "judge_counts": policy.judge.counts_toward_trigger,
-    }
-
-
-async def maybe_trigger_async(session: AsyncSession, adapter_id: uuid.UUID, policy: Policy
-                              ) -> uuid.UUID | None:
-    """Create a pending run if the adapter's new feedback crosses its policy; its id, else None."""
-    return (await session.execute(_TRIGGER, _trigger_params(adapter_id, policy))).scalar()
-
-
-def maybe_trigger(session: Session, adapter_id: uuid.UUID, policy: Policy) -> uuid.UUID | None:
-    """Sync twin of maybe_trigger_async, for the sweeper."""
-    return session.execute(_TRIGGER, _trigger_params(adapter_id, policy)).scalar()
+# JSON columns that several stages write a part of (metrics: quantization, training, gate,
+# golden, deploy; progress: the trainer's report, deployed_at, the watch's close; verdict: the
+# gate's, then the watch's): a write merges its top-level keys into what the run holds, so no
+# stage erases another's. Any other column, dataset_stats included, is set whole; renew
+# replaces progress with the trainer's latest report (training writes progress first).
+MERGED_JSON = ("metrics", "progress", "verdict")
 
 
 @dataclass(frozen=True)
@@ -117,7 +64,8 @@ def claim(session: Session, run_id: uuid.UUID, owner: str, lease_s: float,
 
 def renew(session: Session, run_id: uuid.UUID, owner: str, lease_s: float,
           progress: dict | None = None) -> bool:
-    """Extend the lease (and store progress); False when the lease was lost to another worker."""
+    """Extend the lease (and store the trainer's latest progress report, replacing the last:
+    training is the first stage to write progress); False when the lease was lost."""
     row = session.execute(text("""
         UPDATE training_runs
         SET lease_expires_at = now() + make_interval(secs => :lease_s), updated_at = now(),
@@ -125,28 +73,61 @@ def renew(session: Session, run_id: uuid.UUID, owner: str, lease_s: float,
                             ELSE CAST(:progress AS jsonb) END
         WHERE id = :run_id AND lease_owner = :owner RETURNING id
     """), {"run_id": run_id, "owner": owner, "lease_s": lease_s,
-           "progress": None if progress is None else _json(progress)}).first()
+           "progress": None if progress is None else to_json(progress)}).first()
     return row is not None
+
+
+def _assignments(fields: dict[str, Any], params: dict[str, Any]) -> list[str]:
+    """SET clauses for fields (their values added to params): a dict for a MERGED_JSON column
+    merges its keys into the column, other dicts and lists are stored as JSON, the rest as is."""
+    sets = []
+    for name, value in fields.items():
+        params[name] = to_json(value) if isinstance(value, (dict, list)) else value
+        if isinstance(value, dict) and name in MERGED_JSON:
+            sets.append(f"{name} = coalesce({name}, '{{}}'::jsonb) || CAST(:{name} AS jsonb)")
+        elif isinstance(value, (dict, list)):
+            sets.append(f"{name} = CAST(:{name} AS jsonb)")
+        else:
+            sets.append(f"{name} = :{name}")
+    return sets
 
 
 def transition(session: Session, run_id: uuid.UUID, owner: str | None, to: RunState, *,
                release: bool = True, **fields: Any) -> bool:
-    """Move the run to a new state (only while holding its lease when owner is given)."""
+    """Move the run to a new state (only while holding its lease when owner is given), writing
+    fields with it (see update); release=False keeps the lease for the work that follows."""
     sets = ["state = :to", "updated_at = now()"]
     params: dict[str, Any] = {"run_id": run_id, "to": to.value, "owner": owner}
     if release:
         sets += ["lease_owner = NULL", "lease_expires_at = NULL"]
-    if to in (RunState.rejected, RunState.failed, RunState.live, RunState.superseded,
-              RunState.rolled_back):
+    if to in FINISHED_STATES:
         sets.append("finished_at = coalesce(finished_at, now())")
-    for name, value in fields.items():
-        is_json = isinstance(value, (dict, list))
-        sets.append(f"{name} = CAST(:{name} AS jsonb)" if is_json else f"{name} = :{name}")
-        params[name] = _json(value) if is_json else value
+    sets += _assignments(fields, params)
     where = "id = :run_id" + (" AND lease_owner = :owner" if owner else "")
     row = session.execute(text(f"UPDATE training_runs SET {', '.join(sets)} WHERE {where} RETURNING id"),
                           params).first()
     return row is not None
+
+
+def update(session: Session, run_id: uuid.UUID, *, owner: str | None = None, **fields: Any) -> bool:
+    """Write fields of a run without moving it (only while holding its lease when owner is
+    given): metrics, progress and verdict merge their keys into what the run holds; dataset_stats,
+    method and the other columns are set. False when no run matched."""
+    params: dict[str, Any] = {"run_id": run_id, "owner": owner}
+    sets = _assignments(fields, params)
+    where = "id = :run_id" + (" AND lease_owner = :owner" if owner else "")
+    row = session.execute(text(f"UPDATE training_runs SET {', '.join(sets)} WHERE {where} RETURNING id"),
+                          params).first()
+    return row is not None
+
+
+def supersede_others(session: Session, adapter_id: uuid.UUID, keep_run: uuid.UUID) -> None:
+    """The adapter's other live or canary runs are superseded by keep_run (just promoted)."""
+    session.execute(text("""
+        UPDATE training_runs SET state = :to, updated_at = now(),
+                                 finished_at = coalesce(finished_at, now())
+        WHERE adapter_id = :a AND state IN ('live', 'canary') AND id <> :keep
+    """), {"to": RunState.superseded.value, "a": adapter_id, "keep": keep_run})
 
 
 def claimable_runs(session: Session, states: tuple[str, ...], limit: int = 100) -> list[uuid.UUID]:
@@ -159,9 +140,8 @@ def claimable_runs(session: Session, states: tuple[str, ...], limit: int = 100) 
     return [r.id for r in rows]
 
 
-def _json(value: Any) -> str:
-    import json
-
+def to_json(value: Any) -> str:
+    """value as JSON text for a jsonb parameter (UUIDs and datetimes as strings)."""
     def default(o: Any) -> Any:
         if isinstance(o, (uuid.UUID, datetime)):
             return str(o)

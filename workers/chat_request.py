@@ -40,7 +40,8 @@ class UnsupportedRequest(ValueError):
 
 def template_fields(params: Mapping[str, Any] | None) -> dict[str, Any]:
     """The part of a request's stored params that the template (or a replay) needs."""
-    return {k: params[k] for k in TEMPLATE_FIELDS if (params or {}).get(k) is not None}
+    params = params or {}
+    return {k: params[k] for k in TEMPLATE_FIELDS if params.get(k) is not None}
 
 
 def template_args(params: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -144,11 +145,11 @@ def template_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, A
 
 
 def _parsed_call(call: Mapping[str, Any]) -> dict[str, Any]:
-    call = copy.deepcopy(dict(call))
-    function = call.get("function")
+    parsed = copy.deepcopy(dict(call))
+    function = parsed.get("function")
     if isinstance(function, dict):
         function["arguments"] = parse_arguments(function.get("arguments"))
-    return call
+    return parsed
 
 
 def parse_arguments(arguments: Any) -> Any:

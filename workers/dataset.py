@@ -13,23 +13,25 @@ import json
 import math
 import os
 import re
-import tempfile
 import unicodedata
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from operator import attrgetter
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from uuid import UUID
 
+from service.files import atomic_write_bytes
+from service.policy import Policy
 from workers.chat_request import (
     UnsupportedRequest,
     template_args,
     template_fields,
     template_messages,
 )
+from workers.config_dict import from_mapping
 from workers.redaction import (  # re-exported: callers configure redaction through this module
     NullRedactor,
     PresidioRedactor,
@@ -42,8 +44,8 @@ from workers.redaction import (  # re-exported: callers configure redaction thro
 __all__ = [
     "BuiltDataset",
     "DataCounts",
+    "DatasetConfig",
     "DatasetError",
-    "DatasetPolicy",
     "NotEnoughData",
     "NullRedactor",
     "PresidioRedactor",
@@ -60,6 +62,7 @@ __all__ = [
     "cap_rater_share",
     "choose_method",
     "dataset_sha256",
+    "engine_prompt",
     "get_redactor",
     "heldout_answer",
     "heldout_completion",
@@ -82,6 +85,9 @@ FORMATS = ("sft", "dpo", "kto")
 KTO_RATIO_MIN = 1.0
 KTO_RATIO_MAX = 4.0 / 3.0
 KTO_RATIO_TARGET = 7.0 / 6.0
+
+# The shipped policy's values: DatasetConfig's defaults are these, not numbers of its own.
+_POLICY = Policy()
 
 
 class DatasetError(ValueError):
@@ -128,36 +134,49 @@ class ChatTokenizer(Protocol):
         """Render (or tokenize) a conversation with the model's chat template."""
         ...
 
-    def __call__(self, text: str, **kwargs: Any) -> Any:
+    def __call__(self, text: str, *, add_special_tokens: bool = True) -> Any:
         """Tokenize text."""
         ...
 
-    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
-        """Token strings for ids."""
+    def convert_ids_to_tokens(self, ids: list[int]) -> str | list[str]:
+        """Token strings for ids (Hugging Face types one id's string in the same method)."""
         ...
 
 
 @dataclass(frozen=True)
-class DatasetPolicy:
-    """How to turn ratings into a dataset; one per adapter (policies/*.yaml)."""
+class DatasetConfig:
+    """How one build turns ratings into a dataset.
 
-    method: str = "auto"  # "sft" | "kto" | "dpo" | "auto"
-    heldout_fraction: float = 0.1
+    An alias's policy (service.policy, policies/*.yaml) sets these through
+    workers.recipe.dataset_config, and the defaults are the policy's: its dataset section's
+    heldout_fraction, replay_fraction, max_chars and min_examples, training.method and
+    training.seed, and judge.max_share as max_judge_share. Differences from the policy:
+
+    - max_tokens: None, no bound in tokens (the mapping passes the policy's
+      training.max_length, never above the engine's context).
+    - max_rater_share, max_key_share: None, no cap (the mapping applies the policy's
+      dataset.max_rater_share to each only where the data names at least two raters, or two
+      posting keys: one is not capped against itself).
+    - split_salt, dpo_min_pairs, dpo_min_share, kto_min_per_class: not in the policy.
+    """
+
+    method: str = _POLICY.training.method  # "sft" | "kto" | "dpo" | "auto"
+    heldout_fraction: float = _POLICY.dataset.heldout_fraction
     # Share of the SFT/KTO training items drawn from earlier good data (against forgetting).
-    replay_fraction: float = 0.2
-    max_chars: int | None = 16_000  # on the rendered prompt+completion
+    replay_fraction: float = _POLICY.dataset.replay_fraction
+    max_chars: int | None = _POLICY.dataset.max_chars  # on the rendered prompt+completion
     max_tokens: int | None = None  # same, in tokens; needs a tokenizer that can tokenize
     max_rater_share: float | None = None  # e.g. 0.5: poisoning guard; None disables
     # The same cap per posting API key: one key inventing rater ids is still one key.
     max_key_share: float | None = None
-    min_examples: int = 8  # in the chosen format's training set
-    seed: int = 0  # replay sampling and rater-cap tie breaking
+    min_examples: int = _POLICY.dataset.min_examples  # in the chosen format's training set
+    seed: int = _POLICY.training.seed  # replay sampling and rater-cap tie breaking
     split_salt: str = ""  # change to re-draw the held-out set (invalidates comparability)
     dpo_min_pairs: int = 8  # auto: DPO needs at least this many correction pairs...
     dpo_min_share: float = 0.25  # ...making up at least this share of rated responses
     kto_min_per_class: int = 4  # auto: KTO needs this many desirable and undesirable examples
     # The most judge-rated items in the training set, as a share of it (0: none train).
-    max_judge_share: float = 0.0
+    max_judge_share: float = _POLICY.judge.max_share
 
     def __post_init__(self) -> None:
         if self.method not in POLICY_METHODS:
@@ -180,13 +199,9 @@ class DatasetPolicy:
             raise ValueError("max_judge_share must be in [0, 1)")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> DatasetPolicy:
-        """Build from a mapping (e.g. a YAML policy section); unknown keys are an error, not ignored."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown dataset policy keys: {', '.join(unknown)}")
-        return cls(**dict(data))
+    def from_dict(cls, data: Mapping[str, Any]) -> DatasetConfig:
+        """Build from a mapping; unknown keys are an error, not ignored."""
+        return from_mapping(cls, data, "dataset policy keys")
 
 
 @dataclass(frozen=True)
@@ -471,6 +486,12 @@ def training_prompt(prompt: str, prefix: str) -> str:
     return prompt[len(prefix) :] if prefix and prompt.startswith(prefix) else prompt
 
 
+def engine_prompt(prompt: str, prefix: str) -> str:
+    """The inverse of `training_prompt`: the rendered prompt with the prefix put back, for a
+    trainer that tokenizes without special tokens (as the engine does)."""
+    return prefix + prompt if prefix and not prompt.startswith(prefix) else prompt
+
+
 def _count_tokens(text: str, tokenizer: ChatTokenizer) -> int:
     # Counted the way TRL tokenizes training text (special tokens on), so it matches the engine.
     return len(tokenizer(text)["input_ids"])
@@ -623,7 +644,7 @@ def _prepare(
     item: RatedInteraction,
     tokenizer: ChatTokenizer,
     redactor: Redactor,
-    policy: DatasetPolicy,
+    policy: DatasetConfig,
     bos_prefix: str,
 ) -> _Item:
     """Validate, normalize, redact, render and size-check one interaction, or raise _Drop."""
@@ -698,7 +719,7 @@ def _render(item: _Item, tokenizer: ChatTokenizer, bos_prefix: str) -> None:
         raise _Drop("template", f"{type(exc).__name__}: {str(exc)[:200]}") from exc
 
 
-def _check_size(item: _Item, tokenizer: ChatTokenizer, policy: DatasetPolicy) -> None:
+def _check_size(item: _Item, tokenizer: ChatTokenizer, policy: DatasetConfig) -> None:
     """Raise _Drop when a rendering is over the policy's size limits."""
     texts = item.renderings()
     if policy.max_chars is not None and max(len(t) for t in texts) > policy.max_chars:
@@ -886,7 +907,7 @@ class _Curator:
 
     tokenizer: ChatTokenizer
     redactor: Redactor
-    policy: DatasetPolicy
+    policy: DatasetConfig
     bos_prefix: str
     stats: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     drops: list[dict[str, str]] = field(default_factory=list)
@@ -1021,16 +1042,17 @@ def build_dataset(
     replay_pool: Sequence[RatedInteraction] = (),
     *,
     tokenizer: ChatTokenizer,
-    policy: DatasetPolicy | None = None,
+    policy: DatasetConfig | None = None,
     redactor: Redactor | None = None,
 ) -> BuiltDataset:
     """Curate, split and render `new` ratings (+ replay from `replay_pool`) into training data.
 
-    `redactor` defaults to RegexRedactor (pass NullRedactor to opt out). Output does not depend on
-    input order. Raises NotEnoughData (with `.stats`) when the data cannot support the method or
+    `policy` is the build's DatasetConfig (workers.recipe.dataset_config maps an alias's policy
+    to it). `redactor` defaults to RegexRedactor (pass NullRedactor to opt out). Output does not
+    depend on input order. Raises NotEnoughData (with `.stats`) when the data cannot support the method or
     its training set is below `policy.min_examples`.
     """
-    policy = policy or DatasetPolicy()
+    policy = policy or DatasetConfig()
     cur = _Curator(tokenizer, redactor or RegexRedactor(), policy, auto_special_prefix(tokenizer))
     stats = cur.stats
     stats["input"], stats["input_replay_pool"] = len(new), len(replay_pool)
@@ -1181,20 +1203,6 @@ def _raw_record(it: _Item) -> dict[str, Any]:
 # Output
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temp file + rename so a crashed worker never leaves a half file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _jsonl(rows: Iterable[Mapping[str, Any]], *, sort_keys: bool = True) -> bytes:
     return b"".join(json.dumps(r, ensure_ascii=False, sort_keys=sort_keys).encode("utf-8") + b"\n" for r in rows)
 
@@ -1211,12 +1219,12 @@ def write_jsonl(built: BuiltDataset, out_dir: str | os.PathLike[str]) -> dict[st
     for fmt in FORMATS:
         for split, data in (("train", built.train), ("heldout", built.heldout)):
             path = out / f"{fmt}.{split}.jsonl"
-            _write_atomic(path, _jsonl(data.get(fmt, [])))
+            atomic_write_bytes(path, _jsonl(data.get(fmt, [])))
             paths[f"{fmt}_{split}"] = path
     paths["heldout_raw"] = out / "heldout_raw.jsonl"
     # Key order is content there: a template dumps a request's tools (their JSON schemas) as JSON,
     # so sorting them would render another prompt than the one served.
-    _write_atomic(paths["heldout_raw"], _jsonl(built.heldout_raw, sort_keys=False))
+    atomic_write_bytes(paths["heldout_raw"], _jsonl(built.heldout_raw, sort_keys=False))
     paths["manifest"] = out / "manifest.json"
-    _write_atomic(paths["manifest"], json.dumps(built.manifest(), indent=2, sort_keys=True).encode("utf-8"))
+    atomic_write_bytes(paths["manifest"], json.dumps(built.manifest(), indent=2, sort_keys=True).encode("utf-8"))
     return paths

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,7 +80,6 @@ def decide(gate: GatePolicy, metrics: dict[str, Any], golden: list[dict] | None)
 
 def check_golden_output(case, output: str) -> list[str]:
     """The failures of one generated output against its golden case (empty when it passes)."""
-    import json
 
     failures = [f"missing {s!r}" for s in case.must_contain if s not in output]
     failures += [f"contains forbidden {s!r}" for s in case.must_not_contain if s in output]

@@ -12,6 +12,7 @@ with what it sent, rated and skipped, and why.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -25,7 +26,8 @@ import httpx
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import sessionmaker
 
-from service.db.models import (FEEDBACK_SOURCE_JUDGE, JUDGE_RATER_PREFIX, Adapter, JudgeSweep)
+from service.db import repositories as repo
+from service.db.models import FEEDBACK_SOURCE_JUDGE, JUDGE_RATER_PREFIX, Adapter, JudgeSweep
 from service.db.session import session_scope
 from service.judge_stats import USED_LAST_HOUR
 from service.policy import JudgePolicy
@@ -104,7 +106,6 @@ def _answer_text(row) -> str:
     if row.response_text:
         return row.response_text
     if row.response_tool_calls:
-        import json
 
         return f"[tool calls] {json.dumps(row.response_tool_calls)}"
     return ""
@@ -147,7 +148,6 @@ def sample(s, adapter: Adapter, policy: JudgePolicy, n: int, rng: random.Random
 
 
 def _prompt_key(messages: list[dict]) -> str:
-    import json
 
     return json.dumps(messages, sort_keys=True, ensure_ascii=False)
 
@@ -195,7 +195,7 @@ def _store(s, adapter: Adapter, policy: JudgePolicy, batch: list[Candidate],
 def _record(sessions: sessionmaker, sweep_id: uuid.UUID, res: SweepResult, *,
             done: bool) -> None:
     with session_scope(sessions) as s:
-        row = s.get(JudgeSweep, sweep_id)
+        row = repo.get_row(s, JudgeSweep, sweep_id)
         row.attempted, row.rated, row.up, row.down = res.attempted, res.rated, res.up, res.down
         row.calibration, row.skipped = res.calibration, sum(res.skipped.values())
         row.skipped_reasons, row.stopped = dict(res.skipped), res.stopped

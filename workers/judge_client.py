@@ -16,8 +16,7 @@ from typing import Any
 
 import httpx
 from pydantic import BaseModel, Field, ValidationError
-from tenacity import (RetryError, Retrying, retry_if_exception, stop_after_attempt,
-                      wait_exponential)
+from tenacity import RetryError, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from service.policy import JudgePolicy
 
@@ -132,6 +131,8 @@ class JudgeClient:
 
     def __init__(self, policy: JudgePolicy, api_key: str | None = None,
                  transport: httpx.BaseTransport | None = None) -> None:
+        if policy.url is None:
+            raise ValueError("the judge policy has no url: the judge is off")
         self.policy = policy
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=policy.url.rstrip("/"), headers=headers,
@@ -204,6 +205,7 @@ class JudgeClient:
             return retrying(once)
         except RetryError as exc:
             last = exc.last_attempt.exception()
+            assert isinstance(last, _Retry)  # only a _Retry is retried, so tries ran out on one
             raise JudgeFailed(last.reason, last.detail) from last
         except _Retry as exc:  # not retried (a 4xx): raised as is by tenacity
             raise JudgeFailed(exc.reason, exc.detail) from exc

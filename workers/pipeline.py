@@ -1,27 +1,28 @@
-"""The run state machine: claim a run, perform the step its state calls for, move it on.
+"""The run state machine: claim a run, run the stage its state calls for, move it on; and the
+sweeper that keeps the loop turning when a wake-up was lost.
 
-Each step is idempotent: it re-reads the run, and a step that already produced its output
-(e.g. a candidate version) just records the transition.
+Each stage (workers/stages/) is idempotent: it re-reads the run, and a stage that already
+produced its output (e.g. a candidate version) just records the transition.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import uuid
 
-from sqlalchemy import select
-
-from service import runs
-from service.db.models import Adapter, RunState, TrainingRun
+from service import runs, trigger
+from service.db import repositories as repo
+from service.db.models import RunState, TrainingRun
 from service.db.session import session_scope
-from service.policy import Policy
+from service.exports import claimable_exports
+from service.local.embedded import resolve_broker_url
 from service.wakeup import wake_export, wake_run
-from workers.context import WorkerContext
+from workers.context import StepFailed, WorkerContext, disk_full_reason
+from workers.stages import adapter_import, deploy, evaluate, train
 
 log = logging.getLogger(__name__)
 
-# States a worker acts on, and the step for each.
+# States a worker acts on (the stage for each: run_stage).
 WORK_STATES = (RunState.pending.value, RunState.training.value, RunState.evaluating.value,
                RunState.approved.value, RunState.deploying.value)
 
@@ -32,11 +33,9 @@ def advance(ctx: WorkerContext, run_id: uuid.UUID) -> str:
         claim = runs.claim(s, run_id, ctx.worker_id, ctx.settings.run_lease_s, WORK_STATES)
     if claim is None:
         return "not claimable (done, or held by another worker)"
-    from workers import steps  # heavy imports (torch) only when there is work
-
     try:
-        outcome = steps.run_step(ctx, claim)
-    except steps.StepFailed as exc:
+        outcome = run_stage(ctx, claim)
+    except StepFailed as exc:
         _fail(ctx, claim, str(exc))
         return f"failed: {exc}"
     except Exception as exc:
@@ -53,57 +52,36 @@ def advance(ctx: WorkerContext, run_id: uuid.UUID) -> str:
     return outcome
 
 
-# Below this much free space a failed write is taken to be a full disk: torch's checkpoint
-# writer, for one, reports ENOSPC as a RuntimeError about stream positions.
-_DISK_FULL_BYTES = 1 << 20
-
-
-def disk_full_reason(ctx: WorkerContext, exc: BaseException, retry: str = "start a new run"
-                     ) -> str | None:
-    """A clear reason when a step or export failed because the artifact disk is full, else None."""
-    import shutil
-
-    where = ctx.settings.resolved_artifact_dir
-    enospc = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
-    try:
-        low = shutil.disk_usage(where).free < _DISK_FULL_BYTES
-    except OSError:
-        low = False
-    if not (enospc or low):
-        return None
-    return (f"artifact disk full ({where}): {type(exc).__name__}: {exc}; free space, then {retry} "
-            "(artifacts are written atomically: nothing partial was recorded)")
+def run_stage(ctx: WorkerContext, claim: runs.Claim) -> str:
+    """Run the stage the claimed state calls for; returns the state the run is in afterwards."""
+    if claim.state in (RunState.pending.value, RunState.training.value):
+        if adapter_import.is_adapter_import(ctx, claim.run_id):
+            return adapter_import.prepare_gate(ctx, claim)  # trained elsewhere: gate data only
+        return train.train(ctx, claim)
+    if claim.state == RunState.evaluating.value:
+        return evaluate.evaluate(ctx, claim)
+    if claim.state in (RunState.approved.value, RunState.deploying.value):
+        return deploy.deploy(ctx, claim)
+    raise StepFailed(f"no stage for state {claim.state}")
 
 
 def _fail(ctx: WorkerContext, claim: runs.Claim, reason: str) -> None:
-    from service.db import repositories as repo
-
     with session_scope(ctx.sessions) as s:
         if runs.transition(s, claim.run_id, claim.owner, RunState.failed, failure_reason=reason[:2000]):
             run = s.get(TrainingRun, claim.run_id)
+            assert run is not None  # the transition just updated it, in this transaction
             repo.audit(s, tenant_id=run.tenant_id, actor="worker", action="run.failed",
                        target_type="run", target_id=str(claim.run_id), reason=reason[:2000])
 
 
 def _broker(ctx: WorkerContext) -> str:
-    from service.embedded import resolve_broker_url
-
     return resolve_broker_url(ctx.settings)
 
 
 def sweep(ctx: WorkerContext) -> dict:
-    """Create runs for aliases over their threshold; re-enqueue unclaimed runs and exports that
-    have no wake-up waiting in the queue."""
-    from service.exports import claimable_exports
-
-    created = 0
-    with session_scope(ctx.sessions) as s:
-        adapters = list(s.execute(select(Adapter.id, Adapter.alias, Adapter.tenant_id)))
-    for adapter_id, alias, tenant_id in adapters:
-        policy: Policy = ctx.policies.for_alias(alias, tenant_id)
-        with session_scope(ctx.sessions) as s:
-            if runs.maybe_trigger(s, adapter_id, policy):
-                created += 1
+    """Run the trigger for every alias (service.trigger); re-enqueue unclaimed runs and exports
+    that have no wake-up waiting in the queue."""
+    created = trigger.sweep(ctx.sessions, ctx.policies)
     with session_scope(ctx.sessions) as s:
         pending = runs.claimable_runs(s, WORK_STATES)
     broker = _broker(ctx)

@@ -11,6 +11,7 @@ No torch import at module level: the API process may import this module.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -79,7 +80,6 @@ def decide_quantization(requested: str, fallback: str = "fail", *, cuda: bool,
 
 def machine_support() -> dict[str, bool]:
     """What this process has for QLoRA: a CUDA device torch can use, and bitsandbytes."""
-    import importlib.util
 
     import torch
 

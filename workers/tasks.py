@@ -5,10 +5,13 @@ from __future__ import annotations
 import uuid
 
 from service import wakeup
-from service.embedded import resolve_broker_url
+from service.local.embedded import resolve_broker_url
+from workers import judge as judge_sweep
 from workers import pipeline
 from workers.celery_app import app
 from workers.context import context
+from workers.stages import export as export_stage
+from workers.stages import watch as watch_stage
 
 
 def _taken(what: str, ident: str) -> None:
@@ -25,10 +28,8 @@ def advance_run(run_id: str) -> str:
 @app.task(name="flywheel.export_version")
 def export_version(export_id: str) -> str:
     """Build and gate one export (duplicate deliveries find nothing to claim)."""
-    from workers.export_job import run_job
-
     _taken(wakeup.EXPORT, export_id)
-    return run_job(context(), uuid.UUID(export_id))
+    return export_stage.run_job(context(), uuid.UUID(export_id))
 
 
 @app.task(name="flywheel.sweep")
@@ -40,14 +41,10 @@ def sweep() -> dict:
 @app.task(name="flywheel.watch")
 def watch() -> list:
     """Judge promoted and canary versions against their predecessors; roll back when worse."""
-    from workers.promotion import watch_all
-
-    return watch_all(context())
+    return watch_stage.watch_all(context())
 
 
 @app.task(name="flywheel.judge")
 def judge() -> list:
     """Rate a sample of unrated answers for aliases whose policy names an AI judge."""
-    from workers.judge import sweep_all
-
-    return sweep_all(context())
+    return judge_sweep.sweep_all(context())

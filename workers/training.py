@@ -27,20 +27,25 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from service.engine.artifact import (
     CONFIG_FILE,
     WEIGHTS_FILE,
+    ArtifactRejected,
     artifact_sha256,
     verify_artifact,
 )
+from service.files import atomic_write_text, publish_dir, staging_dir
+from service.policy import TrainingPolicy
+from workers.config_dict import from_mapping
+from workers.dataset import auto_special_prefix, engine_prompt, training_prompt
 from workers.quantization import FALLBACKS, QUANTIZATIONS, QuantizationUnavailable, plan_quantization
 
 __all__ = [
@@ -53,6 +58,7 @@ __all__ = [
     "TrainingError",
     "latest_checkpoint",
     "main",
+    "package_versions",
     "read_jsonl",
     "train_adapter",
 ]
@@ -81,6 +87,8 @@ _RESUMABLE_FIELDS = frozenset(
 )
 
 ProgressFn = Callable[[dict[str, Any]], None]
+# The shipped policy's training section: TrainingConfig's defaults are these, not numbers of its own.
+_POLICY = TrainingPolicy()
 
 
 class TrainingError(RuntimeError):
@@ -90,6 +98,14 @@ class TrainingError(RuntimeError):
 @dataclass
 class TrainingConfig:
     """Hyper-parameters of one adapter training run (like TRL's *Config dataclasses, but small).
+
+    An alias's policy (service.policy.TrainingPolicy, the `training` section of policies/*.yaml)
+    sets these through workers.recipe.training_config, and the defaults are the policy's. These
+    differ from it:
+
+    - method: "sft" instead of "auto" (the dataset build resolves "auto" before training).
+    - learning_rate: None, the method's LoRA default, instead of 2e-4 for every method.
+    - max_length: 1024 instead of unset (the mapping resolves unset to the engine's context).
 
     Parameters:
         method: "sft" (prompt/completion), "dpo" (prompt/chosen/rejected) or "kto"
@@ -146,34 +162,34 @@ class TrainingConfig:
     """
 
     method: str = "sft"
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    lora_r: int = _POLICY.lora.r
+    lora_alpha: int = _POLICY.lora.alpha
+    lora_dropout: float = _POLICY.lora.dropout
+    target_modules: tuple[str, ...] = tuple(_POLICY.lora.target_modules)
     learning_rate: float | None = None
-    epochs: float = 1.0
-    max_steps: int | None = None
-    per_device_batch_size: int = 4
-    gradient_accumulation_steps: int = 1
+    epochs: float = _POLICY.epochs
+    max_steps: int | None = _POLICY.max_steps
+    per_device_batch_size: int = _POLICY.batch_size
+    gradient_accumulation_steps: int = _POLICY.gradient_accumulation_steps
     max_grad_norm: float = 1.0
-    lr_scheduler_type: str = "linear"
-    warmup_steps: int = 0
-    beta: float = 0.1
-    dpo_sft_weight: float = 0.0
+    lr_scheduler_type: str = _POLICY.lr_scheduler
+    warmup_steps: int = _POLICY.warmup_steps
+    beta: float = _POLICY.beta
+    dpo_sft_weight: float = _POLICY.dpo_sft_weight
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
     max_length: int = 1024
     packing: bool = False
     padding_free: bool = False
     fused_loss: bool | None = None
-    checkpoint_every_steps: int = 50
+    checkpoint_every_steps: int = _POLICY.checkpoint_every_steps
     keep_checkpoints: int = 2
     logging_steps: int = 1
     gradient_checkpointing: bool = False
-    quantization: str = "none"
-    quantization_fallback: str = "fail"
+    quantization: str = _POLICY.quantization
+    quantization_fallback: str = _POLICY.quantization_fallback
     precision: str = "auto"
-    seed: int = 0
+    seed: int = _POLICY.seed
 
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)
@@ -218,11 +234,7 @@ class TrainingConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainingConfig:
         """Build from a dict, refusing unknown keys (a typo must not silently train defaults)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainingConfig fields: {', '.join(unknown)}")
-        return cls(**dict(data))
+        return from_mapping(cls, data, "TrainingConfig fields")
 
 
 @dataclass(frozen=True)
@@ -385,7 +397,6 @@ def _check_out_dir(out_dir: Path) -> None:
 
 def _check_parent(parent: Path, base: str) -> dict[str, Any]:
     """Verify a parent artifact (no pickles, same base model) and describe it for the lineage."""
-    from service.engine.artifact import ArtifactRejected
 
     try:
         sha = artifact_sha256(parent)
@@ -441,16 +452,12 @@ def _choose_quantization(config: TrainingConfig) -> tuple[str, str | None]:
     plan = plan_quantization(config.quantization, config.quantization_fallback)
     if plan.failure:
         raise QuantizationUnavailable(plan.failure)
+    assert plan.used is not None  # a plan that uses nothing carries its failure
     return plan.used, plan.reason
 
 
-def library_versions(quantization: str = "none") -> dict[str, str]:
-    """Versions of the training stack, for the lineage."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    names = ["torch", "transformers", "peft", "trl", "accelerate", "datasets"]
-    if quantization == "qlora":
-        names.append("bitsandbytes")
+def package_versions(names: Iterable[str]) -> dict[str, str]:
+    """The installed version of each named package ("missing" where it is not installed)."""
     out = {}
     for name in names:
         try:
@@ -458,6 +465,12 @@ def library_versions(quantization: str = "none") -> dict[str, str]:
         except PackageNotFoundError:
             out[name] = "missing"
     return out
+
+
+def library_versions(quantization: str = "none") -> dict[str, str]:
+    """Versions of the training stack, for the lineage."""
+    extra = ["bitsandbytes"] if quantization == "qlora" else []
+    return package_versions(["torch", "transformers", "peft", "trl", "accelerate", "datasets", *extra])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,7 +498,7 @@ def _prepare_work_dir(work_dir: Path, fingerprint: str) -> None:
     if previous != fingerprint and ckpt_dir.exists():
         log.warning("work dir %s holds checkpoints of another run; starting afresh", work_dir)
         shutil.rmtree(ckpt_dir)
-    _write_json_atomic(run_file, {"fingerprint": fingerprint})
+    atomic_write_text(run_file, json.dumps({"fingerprint": fingerprint}, sort_keys=True) + "\n")
     # A checkpoint whose trainer_state.json (written last) is missing or torn was cut off by a
     # kill; resuming from it would fail, and the Trainer would later rotate it as if complete.
     for ckpt in _checkpoint_dirs(ckpt_dir):
@@ -536,11 +549,11 @@ def _to_dataset(method: str, records: list[dict[str, Any]], tokenizer, max_lengt
 
     if method == "sft":
         return Dataset.from_list(_sft_rows(records, tokenizer, max_length))
-    strip = _auto_prefix(tokenizer)
+    prefix = auto_special_prefix(tokenizer)
     rows = []
     for rec in records:
         row = dict(rec)
-        row["prompt"] = _strip_prefix(rec["prompt"], strip, tokenizer)
+        row["prompt"] = _strip_prefix(rec["prompt"], prefix, tokenizer)
         rows.append(row)
     return Dataset.from_list(rows)
 
@@ -552,10 +565,10 @@ def _sft_rows(records: list[dict[str, Any]], tokenizer, max_length: int) -> list
     special tokens) and so padding-free batches, which TRL leaves untruncated, still respect
     ``max_length``.
     """
-    prefix = _auto_prefix(tokenizer)
+    prefix = auto_special_prefix(tokenizer)
     rows = []
     for rec in records:
-        prompt = _with_prefix(rec["prompt"], prefix)
+        prompt = engine_prompt(rec["prompt"], prefix)  # the dataset left the bos to TRL
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         ids = tokenizer(prompt + rec["completion"], add_special_tokens=False)["input_ids"]
         # Tokens may merge across the boundary: the completion starts where the two diverge.
@@ -571,13 +584,6 @@ def _sft_rows(records: list[dict[str, Any]], tokenizer, max_length: int) -> list
     return rows
 
 
-def _with_prefix(prompt: str, prefix: str | None) -> str:
-    """The rendered prompt with the bos workers.dataset left out of it put back: the dataset
-    leaves it to the trainer's tokenizer (training_prompt), and these rows are tokenized
-    without special tokens."""
-    return prefix + prompt if prefix and not prompt.startswith(prefix) else prompt
-
-
 def _common_prefix_len(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):
@@ -587,27 +593,13 @@ def _common_prefix_len(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _auto_prefix(tokenizer) -> str | None:
-    """The bos text the tokenizer prepends by itself to plain text, if any.
-
-    TRL's DPO/KTO tokenize plain-text records with add_special_tokens=True, and the rendered prompt
-    already starts with the template's bos: left alone, training would see two bos tokens where the engine
-    (which tokenizes rendered chats without special tokens) sees one.
-    """
-    bos, bos_id = tokenizer.bos_token, tokenizer.bos_token_id
-    if not bos or bos_id is None:
-        return None
-    with_special = tokenizer("a")["input_ids"]
-    without = tokenizer("a", add_special_tokens=False)["input_ids"]
-    return bos if with_special == [bos_id, *without] else None
-
-
-def _strip_prefix(prompt: str, prefix: str | None, tokenizer) -> str:
-    if prefix is None or not prompt.startswith(prefix):
-        return prompt
-    stripped = prompt[len(prefix):]
-    # The tokenizer re-adds the prefix: the ids must be exactly those the engine sees.
-    if tokenizer(stripped)["input_ids"] != tokenizer(prompt, add_special_tokens=False)["input_ids"]:
+def _strip_prefix(prompt: str, prefix: str, tokenizer) -> str:
+    """The prompt as TRL's DPO/KTO get it: they tokenize plain text with special tokens, and the
+    rendered prompt already starts with the template's bos, so the tokenizer's own prefix is
+    left out (workers.dataset.training_prompt) and must give exactly the engine's ids."""
+    stripped = training_prompt(prompt, prefix)
+    if stripped != prompt and (tokenizer(stripped)["input_ids"]
+                               != tokenizer(prompt, add_special_tokens=False)["input_ids"]):
         raise TrainingError("cannot reproduce the engine's tokenization of the rendered prompt")
     return stripped
 
@@ -853,16 +845,12 @@ def _export(trainer, export_dir: Path, out_dir: Path, base: str, lineage: dict[s
     # training_args.bin, tokenizer files and a model card, which stay in the scratch dir.
     trainer.save_model(str(export_dir))
     if state.is_main_process:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        tmp = staging_dir(out_dir)  # readable by all: the engine may run as another user
         try:
-            tmp.chmod(0o755)  # mkdtemp is private; the engine may run as another user
             shutil.copyfile(export_dir / WEIGHTS_FILE, tmp / WEIGHTS_FILE)
             _write_adapter_config(export_dir / CONFIG_FILE, tmp / CONFIG_FILE, base)
             (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, sort_keys=True, default=str) + "\n")
-            for name in (WEIGHTS_FILE, CONFIG_FILE, LINEAGE_FILE):
-                _fsync(tmp / name)
-            os.rename(tmp, out_dir)  # atomic; fails rather than merge into an existing artifact
-            _fsync(out_dir.parent)
+            publish_dir(tmp, out_dir)  # fails rather than merge into an existing artifact
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.rmtree(export_dir, ignore_errors=True)
@@ -875,21 +863,6 @@ def _write_adapter_config(src: Path, dst: Path, base: str) -> None:
     if cfg.get("modules_to_save"):
         raise TrainingError(f"adapter has modules_to_save={cfg['modules_to_save']!r}; vLLM refuses it")
     dst.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    # Per-process temp name: under DDP two ranks writing the same file must not collide.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -938,7 +911,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if PartialState().is_main_process:
         payload = json.dumps(result_to_dict(result), indent=2, sort_keys=True, default=str)
         if spec.get("result_path"):
-            _write_json_atomic(Path(spec["result_path"]), json.loads(payload))
+            atomic_write_text(spec["result_path"], json.dumps(json.loads(payload), sort_keys=True) + "\n")
         print(payload, flush=True)
     return 0
 

@@ -46,7 +46,7 @@ from bench.learning import policies
 from bench.learning.play import Config, SeedRun
 from bench.learning.stats import summarize
 from service.config import Settings
-from service.simulation import SimulatedStack
+from service.local.simulation import SimulatedStack
 from service.tasks import TaskError, load_task
 
 RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"

@@ -20,7 +20,7 @@ import httpx
 from bench.learning import raters
 from bench.learning.policies import oracle as oracle_policy
 from bench.learning.stats import bad_promotions
-from service.simulation import TENANT, ProductClient, RunFailed, SimulatedStack
+from service.local.simulation import TENANT, ProductClient, RunFailed, SimulatedStack
 from service.tasks import Task
 
 CONCURRENCY = 16  # the engine batches concurrent chats (more tokens per second on CPU)

@@ -1,6 +1,6 @@
 """The policies the benchmark's product runs under, per base model, and the oracle's override.
 
-Picked on dev splits, never on test. SmolLM2's training is the demo's (service/demo.py: SFT on
+Picked on dev splits, never on test. SmolLM2's training is the demo's (service/local/demo.py: SFT on
 the corrections, 10 epochs at 3e-4, LoRA r=16 on every linear projection; picked on the support
 desk's dev split, used unchanged for the other tasks) with automatic approval, so that the gate
 is the only judge, and a trigger at each round's ratings. Its golden suite is the shipped
@@ -16,44 +16,41 @@ from __future__ import annotations
 
 import yaml
 
-SMOLLM2 = """# Written by bench.learning (SmolLM2-135M-Instruct).
+# The loop's policy: one shape, each base model's recipe filled in from RECIPES.
+LOOP = """# Written by bench.learning ({model}).
 trigger: {{min_new_ratings: {per_round}}}
 training:
   method: sft
-  start_from: base
-  learning_rate: 3.0e-4
-  epochs: 10
+  start_from: {start_from}
+  learning_rate: {learning_rate}
+  {length}
   batch_size: 8
-  checkpoint_every_steps: 10
-  lora: {{r: 16, alpha: 32, target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]}}
-dataset: {{heldout_fraction: 0.2, replay_fraction: 0.5, min_examples: 8}}
+  checkpoint_every_steps: {checkpoint_every_steps}
+  lora: {{r: {r}, alpha: {alpha}, target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]}}
+dataset: {{heldout_fraction: 0.2, replay_fraction: {replay_fraction}, min_examples: {min_examples}}}
 gate:
-  min_preference_accuracy: 0.6
+  min_preference_accuracy: {min_preference_accuracy}
   max_nll_regression: 0.05
-  golden:
-    - {{prompt: "Hello! How are you today?", non_empty: true, no_template_tokens: true, max_repetition: 0.5, max_tokens: 48}}
-    - {{prompt: "Thanks, that was helpful.", non_empty: true, no_template_tokens: true, max_repetition: 0.5, max_tokens: 48}}
-approval: auto
+{golden}approval: auto
 watch: {{window_minutes: 30, min_samples: 20, max_drop: 0.2, alpha: 0.05}}
 """
 
-TINY = """# Written by bench.learning (the tiny test model).
-trigger: {{min_new_ratings: {per_round}}}
-training:
-  method: sft
-  start_from: serving
-  learning_rate: 1.0e-3
-  max_steps: 150
-  batch_size: 8
-  checkpoint_every_steps: 50
-  lora: {{r: 8, alpha: 16, target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]}}
-dataset: {{heldout_fraction: 0.2, replay_fraction: 0.2, min_examples: 4}}
-gate:
-  min_preference_accuracy: 0.5
-  max_nll_regression: 0.05
-approval: auto
-watch: {{window_minutes: 30, min_samples: 20, max_drop: 0.2, alpha: 0.05}}
+# The shipped default's generic golden suite (the module docstring says why not the demo's).
+GENERIC_GOLDEN = """  golden:
+    - {prompt: "Hello! How are you today?", non_empty: true, no_template_tokens: true, max_repetition: 0.5, max_tokens: 48}
+    - {prompt: "Thanks, that was helpful.", non_empty: true, no_template_tokens: true, max_repetition: 0.5, max_tokens: 48}
 """
+
+RECIPES = {
+    "smollm2": {"model": "SmolLM2-135M-Instruct", "start_from": "base", "learning_rate": "3.0e-4",
+                "length": "epochs: 10", "checkpoint_every_steps": 10, "r": 16, "alpha": 32,
+                "replay_fraction": 0.5, "min_examples": 8, "min_preference_accuracy": 0.6,
+                "golden": GENERIC_GOLDEN},
+    "tiny": {"model": "the tiny test model", "start_from": "serving", "learning_rate": "1.0e-3",
+             "length": "max_steps: 150", "checkpoint_every_steps": 50, "r": 8, "alpha": 16,
+             "replay_fraction": 0.2, "min_examples": 4, "min_preference_accuracy": 0.5,
+             "golden": ""},
+}
 
 # The oracle is a ceiling, not a product: trained once from the base on the wanted answers to
 # every train prompt of the seed, with the same recipe, and served whatever the gate would say.
@@ -69,7 +66,7 @@ approval: auto
 
 def for_model(model: str, per_round: int) -> str:
     """The default policy text for `model` ("tiny" or anything else: SmolLM2's)."""
-    return (TINY if model == "tiny" else SMOLLM2).format(per_round=per_round)
+    return LOOP.format(per_round=per_round, **RECIPES["tiny" if model == "tiny" else "smollm2"])
 
 
 def oracle(n: int, rounds: int, loop_policy: str) -> str:

@@ -18,15 +18,14 @@ from service.api import errors
 from service.api.auth_guard import FailedAuthThrottle
 from service.api.limits import BodyLimitMiddleware
 from service.api.observe import RequestMetricsMiddleware
-from service.api.routes import adapters, audit, exports, feedback, gateway, health, runs
-from service.api.routes import imports, ops_page
+from service.api.routes import adapters, audit, exports, feedback, gateway, health, imports, ops_page, runs
 from service.api.state import AppState, TTLCache
 from service.config import Settings, get_settings
 from service.db import hotpath, migrate
 from service.db.session import make_async_engine, make_async_sessionmaker, make_sync_engine
-from service.embedded import resolve_service_urls
 from service.engine import reconcile
 from service.engine.replicas import ReplicaPool
+from service.local.embedded import resolve_service_urls
 from service.policy import PolicyStore
 
 log = logging.getLogger(__name__)
@@ -82,7 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         gc.freeze()
         # Adopts what a previous process left in the spool; written back by the replay loop.
         state.outbox.open()
-        trigger_task = asyncio.create_task(state.trigger_loop(), name="trigger-loop")
+        trigger_task = asyncio.create_task(state.trigger.run(), name="trigger-loop")
         replay_task = asyncio.create_task(
             state.outbox.run(settings.spool_replay_interval_s), name="spool-replay")
         # Keeps state.pool following the replicas and converges them to the DB's desired state.

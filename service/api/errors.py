@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from psycopg import DataError as PgDataError
 from psycopg import OperationalError as PgOperationalError
 from psycopg_pool import PoolTimeout as PgPoolTimeout
-from psycopg import DataError as PgDataError
 from sqlalchemy.exc import DataError as SqlDataError
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -34,7 +35,7 @@ class ApiError(Exception):
 
 
 def error_response(status: int, message: str, *, param: str | None = None, code: str | None = None,
-                   headers: dict[str, str] | None = None, details: Any = None) -> JSONResponse:
+                   headers: Mapping[str, str] | None = None, details: Any = None) -> JSONResponse:
     error: dict[str, Any] = {"message": message, "type": _TYPES.get(status, "api_error"),
                              "param": param, "code": code}
     if details is not None:

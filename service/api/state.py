@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 import uuid
 from collections import OrderedDict
@@ -15,22 +14,21 @@ from psycopg_pool import AsyncConnectionPool
 from psycopg_pool import PoolTimeout as PgPoolTimeout
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy.orm import sessionmaker
 
-from service import ratelimit
 from service.api.auth_guard import FailedAuthThrottle
-from service.batching import Batcher
 from service.config import Settings
 from service.db import hotpath
 from service.db import repositories as repo
+from service.db.session import make_sync_engine
 from service.engine.replicas import ReplicaPool
-from service.spool import Spool
+from service.intake import ratelimit
+from service.intake.batching import Batcher
+from service.intake.outbox import Outbox, is_outage
+from service.intake.spool import Spool
 from service.metrics import FEEDBACK, FEEDBACK_BATCH
-from service.outbox import Outbox, is_outage
 from service.policy import PolicyStore
-from service.runs import maybe_trigger_async
-from service.wakeup import wake_run
-
-log = logging.getLogger(__name__)
+from service.trigger import Debounce
 
 # Up to this many ratings per statement, and this many statements out at once per process:
 # a lone rating goes at once, a burst waits for the statement out and shares the next one.
@@ -87,17 +85,17 @@ class AppState:
     failed_auth: FailedAuthThrottle = field(default_factory=lambda: FailedAuthThrottle(60))
     metrics_db_cache: tuple[float, bytes] | None = None  # (expires at, exposition text)
     background: set[asyncio.Task] = field(default_factory=set)
-    # Adapters with new feedback since the last trigger check: id -> (alias, tenant).
-    dirty: dict[uuid.UUID, tuple[str, str]] = field(default_factory=dict)
     _sync_sessions: Any = None
     # Interactions whose answer is being stored after the client got it: read-your-writes for
     # GET /v1/interactions in this process.
     completing: dict[uuid.UUID, asyncio.Task] = field(default_factory=dict)
-    # Group commit for ratings and their rate-limit counters (see service.batching).
+    # Group commit for ratings and their rate-limit counters (see service.intake.batching).
     feedback_writer: Batcher = field(init=False)
     rate_counter: Batcher = field(init=False)
-    # What Postgres could not take, kept on local disk and written back (service.outbox).
+    # What Postgres could not take, kept on local disk and written back (service.intake.outbox).
     outbox: Outbox = field(init=False)
+    # The trigger's debounce: feedback marks its adapter, checked every trigger_debounce_s.
+    trigger: Debounce = field(init=False)
 
     def __post_init__(self) -> None:
         self.feedback_writer = Batcher(
@@ -109,6 +107,10 @@ class AppState:
         spool = Spool(self.settings.spool_dir_for(self.db_url),
                       max_bytes=self.settings.spool_max_mb * 1024 * 1024)
         self.outbox = Outbox(spool, self.fast_pool, on_feedback=self._feedback_replayed)
+        # Adapters stay marked while Postgres is down, until it answers the spool's probe again.
+        self.trigger = Debounce(self.sessions, self.policies, self.broker_url,
+                                self.settings.trigger_debounce_s,
+                                paused=lambda: self.outbox.db_down)
 
     def _feedback_replayed(self, row: Any, write: hotpath.FeedbackWrite) -> None:
         FEEDBACK.labels(row.alias or "", write.rating).inc()
@@ -165,47 +167,12 @@ class AppState:
         return route
 
     def feedback_arrived(self, adapter_id: uuid.UUID, alias: str, tenant_id: str) -> None:
-        """Note new feedback; the trigger loop checks the adapter within trigger_debounce_s."""
-        self.dirty[adapter_id] = (alias, tenant_id)
-
-    async def check_triggers(self) -> int:
-        """Run the trigger for every adapter with new feedback; wake a worker per run created.
-
-        Exactly-once comes from the database (one active run per adapter), not from here; a
-        crash between feedback and check is caught by the workers' sweeper.
-        """
-        if self.outbox.db_down:  # kept marked until Postgres answers the spool's probe again
-            return 0
-        batch, self.dirty = self.dirty, {}
-        created = 0
-        for adapter_id, (alias, tenant_id) in batch.items():
-            try:
-                policy = self.policies.for_alias(alias, tenant_id)
-                async with self.sessions() as session, session.begin():
-                    run_id = await maybe_trigger_async(session, adapter_id, policy)
-            except Exception as exc:  # noqa: BLE001 - retried on the next feedback or sweep
-                log.warning("trigger check for %s failed: %s", alias, type(exc).__name__)
-                self.dirty.setdefault(adapter_id, (alias, tenant_id))
-                continue
-            if run_id is not None:
-                created += 1
-                log.info("feedback crossed the threshold of %s: run %s created", alias, run_id)
-                await asyncio.to_thread(wake_run, self.broker_url, run_id)
-        return created
-
-    async def trigger_loop(self) -> None:
-        """Background task: check dirty adapters every trigger_debounce_s."""
-        while True:
-            await asyncio.sleep(self.settings.trigger_debounce_s)
-            if self.dirty:
-                await self.check_triggers()
+        """Note new feedback; the trigger checks the adapter within trigger_debounce_s."""
+        self.trigger.mark(adapter_id, alias, tenant_id)
 
     def sync_sessions(self):
         """A sync sessionmaker for engine operations (swap, rollback), made on first use."""
         if self._sync_sessions is None:
-            from sqlalchemy.orm import sessionmaker
-
-            from service.db.session import make_sync_engine
 
             self._sync_sessions = sessionmaker(make_sync_engine(self.db_url), expire_on_commit=False)
         return self._sync_sessions
@@ -219,8 +186,7 @@ class AppState:
         return task
 
     async def aclose(self) -> None:
-        if self.dirty:
-            await self.check_triggers()
+        await self.trigger.flush()
         if self.background:
             await asyncio.wait(self.background, timeout=10)
         await self.outbox.aclose()

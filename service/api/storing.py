@@ -2,8 +2,8 @@
 
 The request half is inserted (as `pending`) when generation starts; the answer half is an
 update once it is known. When Postgres cannot take the insert, the whole interaction goes to
-the local spool after generation (service.outbox); when it cannot take the update, the update
-does. Only when neither can take it does the client get an error instead of its answer.
+the local spool after generation (service.intake.outbox); when it cannot take the update, the
+update does. Only when neither can take it does the client get an error instead of its answer.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from service.db import hotpath
+from service.intake.outbox import KnownOutage, is_outage
+from service.intake.spool import SpoolFull, SpoolUnavailable
 from service.metrics import INTERACTIONS, SPOOL_FULL, STORAGE_FAILURES
-from service.outbox import KnownOutage, is_outage
-from service.spool import SpoolFull, SpoolUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from typing import Any
 
 # A \uD800-\uDFFF escape: a surrogate half (a valid pair is decoded into one character).
@@ -31,6 +32,7 @@ def invalid_text(body: bytes) -> tuple[str, str] | None:
 def _walk(value: Any, path: tuple[str, ...]) -> tuple[str, str] | None:
     if isinstance(value, str):
         return _check(value, path)
+    items: Iterable[tuple[Any, Any]]
     if isinstance(value, list):
         items = ((str(i), v) for i, v in enumerate(value))
     elif isinstance(value, dict):

@@ -1,6 +1,6 @@
 """The two statements on the request hot path, on a raw psycopg pool.
 
-Storing an interaction is one round trip; ratings go in batches (see service.batching), one
+Storing an interaction is one round trip; ratings go in batches (see service.intake.batching), one
 statement for every rating that arrived while the previous batch was out.
 
 SQLAlchemy's async layer costs more than the statements themselves here (measured in
@@ -20,6 +20,7 @@ from psycopg import AsyncConnection
 from psycopg.rows import namedtuple_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
+from sqlalchemy.engine import make_url
 
 # ON CONFLICT: a spooled interaction is replayed again after a crash mid-replay.
 _INSERT_INTERACTION = """
@@ -159,7 +160,8 @@ async def _upsert(conn: AsyncConnection, writes: list[FeedbackWrite]) -> list[An
         params["api_key_id"].append(w.api_key_id)
     cur = conn.cursor(row_factory=namedtuple_row)
     await cur.execute(_UPSERT_FEEDBACK, params)
-    found = {(r.interaction_id, r.rater_id): r for r in await cur.fetchall()}
+    rows: list[Any] = await cur.fetchall()  # namedtuples with the RETURNING clause's fields
+    found = {(r.interaction_id, r.rater_id): r for r in rows}
     return [found.get((w.interaction_id, w.rater_id)) for w in writes]
 
 
@@ -218,7 +220,6 @@ async def _check_unless_fresh(conn: AsyncConnection) -> None:
 
 def make_pool(sqlalchemy_url: str, *, size: int, timeout_s: float) -> AsyncConnectionPool:
     """An autocommit psycopg pool for the same database as the SQLAlchemy URL (opened later)."""
-    from sqlalchemy.engine import make_url
 
     url = make_url(sqlalchemy_url).set(drivername="postgresql")
     conninfo = url.render_as_string(hide_password=False)

@@ -27,7 +27,11 @@ def upgrade(url: str, revision: str = "head") -> None:
 
 
 def head_revision(url: str) -> str:
-    return ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+    """The newest migration's revision id."""
+    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+    if head is None:
+        raise RuntimeError(f"no migrations found in {MIGRATIONS_DIR}")
+    return head
 
 
 class NotMigrated(RuntimeError):

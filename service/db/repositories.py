@@ -5,21 +5,25 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from service.names import check_name
 from service.db.models import (
     Adapter,
     AdapterVersion,
     ApiKey,
     AuditEvent,
+    Base,
     Feedback,
     Interaction,
     Tenant,
 )
+from service.names import check_name
+
+RowT = TypeVar("RowT", bound=Base)
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,18 @@ class Route:
     canary_version_id: uuid.UUID | None = None
     canary_model: str | None = None
     canary_share: float = 0.0
+
+
+class RowMissing(LookupError):
+    """A row that a foreign key, a claim or an earlier step names is not there (deleted since)."""
+
+
+def get_row(session: Session, model: type[RowT], key: Any) -> RowT:
+    """session.get for a row that must exist: RowMissing, naming the table and key, if not."""
+    row = session.get(model, key)
+    if row is None:
+        raise RowMissing(f"no {model.__tablename__} row with id {key}")
+    return row
 
 
 # --- keys (sync: CLI) -------------------------------------------------------------------------
@@ -94,6 +110,14 @@ def ensure_adapter(session: Session, tenant_id: str, alias: str, description: st
         session.add(adapter)
         session.flush()
     return adapter
+
+
+def adapters_named(session: Session, alias: str, tenant_id: str | None = None) -> list[Adapter]:
+    """The adapters with this alias: the tenant's one, or every tenant's when tenant_id is None."""
+    q = select(Adapter).where(Adapter.alias == alias)
+    if tenant_id is not None:
+        q = q.where(Adapter.tenant_id == tenant_id)
+    return list(session.scalars(q).all())
 
 
 def audit(session: Session, *, tenant_id: str | None, actor: str, action: str, target_type: str,

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 OPTIONAL_FILES = frozenset({"lineage.json", "README.md"})
@@ -236,7 +238,6 @@ def _check_weights(path: Path, max_lora_rank: int) -> int:
     """Validate keys, per-tensor rank and finiteness; return the tensor count."""
     # Imported here so config-only users of this module do not pay for torch.
     import torch
-    from safetensors import safe_open
 
     try:
         handle = safe_open(str(path), framework="pt")

@@ -20,6 +20,8 @@ from typing import IO
 
 import httpx
 
+from service.models.resolve import context_len, ensure_base_model
+
 
 class VllmStartError(RuntimeError):
     """The server died or did not become healthy in time; the message carries the log tail."""
@@ -55,8 +57,8 @@ class ManagedVllm:
         ``kv_cache_gb`` may be fractional (the tiny model needs ~64 MiB); None leaves the KV
         cache to vLLM's own sizing (a GPU's memory utilisation). ``cpu_threads`` caps the
         engine's compute threads on a CPU build (None: all cores but one, so the API, the
-        database and the trainer keep a core). ``die_with_parent`` asks Linux to SIGTERM the server when the thread that called start() exits, so a
-        crashed test run leaves nothing behind; only use it from a long-lived thread.
+        database and the trainer keep a core). ``die_with_parent`` asks Linux to SIGTERM the server when the thread that
+        called start() exits, so a crashed test run leaves nothing behind; only use it from a long-lived thread.
         """
         self.model_dir = Path(model_dir)
         self.port = port
@@ -80,10 +82,9 @@ class ManagedVllm:
         self._log: IO[bytes] | None = None
 
     @classmethod
-    def from_settings(cls, settings, **overrides) -> "ManagedVllm":
+    def from_settings(cls, settings, **overrides) -> ManagedVllm:
         """A server for the deployment's base model, prepared and checked first (ModelError if
         it cannot be served); its context is the model's maximum capped by the setting."""
-        from service.models.resolve import context_len, ensure_base_model
 
         model = overrides.pop("model", None) or ensure_base_model(
             settings, overrides.pop("on_step", lambda m: None))
@@ -166,7 +167,7 @@ class ManagedVllm:
         env.update(self.extra_env)
         return env
 
-    def start(self) -> "ManagedVllm":
+    def start(self) -> ManagedVllm:
         """Launch the server in its own process group; returns at once (see wait_healthy)."""
         if self._proc is not None and self._proc.poll() is None:
             raise RuntimeError(f"vLLM already running (pid {self._proc.pid})")
@@ -237,7 +238,7 @@ class ManagedVllm:
 
     def rss_bytes(self) -> int:
         """Resident memory of the server and all its descendants (Linux /proc), in bytes."""
-        if not self.is_running():
+        if self._proc is None or not self.is_running():
             return 0
         return sum(_rss(pid) for pid in _descendants(self._proc.pid))
 
@@ -249,7 +250,7 @@ class ManagedVllm:
             return ""
         return "\n".join(data.decode("utf-8", "replace").splitlines()[-n_lines:])
 
-    def __enter__(self) -> "ManagedVllm":
+    def __enter__(self) -> ManagedVllm:
         self.start()
         try:
             self.wait_healthy()

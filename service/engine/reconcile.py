@@ -32,12 +32,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.config import Settings
 from service.db.models import Adapter, AdapterVersion, AuditEvent, EngineReplica, VersionStatus
 from service.db.repositories import audit
-from service.db.session import make_sync_engine
+from service.db.session import db_call, make_sync_engine
 from service.engine import desired, sizing
-from service.engine.replicas import ReplicaPool
-from service.db.session import db_call
 from service.engine.alias_lock import try_lock
 from service.engine.artifact import ArtifactRejected, verifier
+from service.engine.replicas import ReplicaPool
 from service.engine.vllm_admin import AlreadyLoaded, ReplicaError, VllmAdmin
 
 log = logging.getLogger(__name__)
@@ -107,11 +106,11 @@ def _adapters_needing_work(session: Session, states: Sequence[ReplicaState], war
     """Adapters with something to load, unload or retire, from one unlocked look."""
     want = desired.desired_versions(session)
     want_names = {d.lora_name for d in want}
-    up = [s for s in states if s.healthy and s.loaded is not None]
-    loaded = set().union(*(s.loaded for s in up)) if up else set()
+    up = [s.loaded for s in states if s.healthy and s.loaded is not None]  # what each holds
+    loaded = {name for names in up for name in names}
     known = desired.known_versions(session, loaded)
     out = {k.adapter_id for n, k in known.items() if n not in want_names}
-    out |= {d.adapter_id for d in want if any(d.lora_name not in s.loaded for s in up)}
+    out |= {d.adapter_id for d in want if any(d.lora_name not in names for names in up)}
     out |= {w.adapter_id for w in desired.expired_warm(session, warm_grace_s=warm_grace_s,
                                                        drain_s=drain_s)}
     return out

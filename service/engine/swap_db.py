@@ -11,7 +11,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from service.db.models import Adapter, AdapterVersion, VersionStatus
-from service.db.repositories import audit
+from service.db.repositories import RowMissing, audit
 from service.engine import desired, sizing
 from service.engine.errors import SwapRefused
 
@@ -105,14 +105,17 @@ def retire_drained(session: Session, adapter: Adapter, keep: set[uuid.UUID | Non
 def lock_adapter(session: Session, adapter_id: uuid.UUID) -> Adapter:
     # FOR NO KEY UPDATE: the gateway's interaction inserts take KEY SHARE on this row (foreign
     # key); FOR UPDATE would queue the flip behind them under traffic.
-    return session.get(Adapter, adapter_id, with_for_update={"key_share": True})
+    adapter = session.get(Adapter, adapter_id, with_for_update={"key_share": True})
+    if adapter is None:
+        raise RowMissing(f"no adapters row with id {adapter_id}")
+    return adapter
 
 
 def flip_swap(session: Session, v: Version, *, actor: str, reason: str | None, drain_s: float,
                detail: dict) -> tuple[uuid.UUID | None, list[str]]:
     """Make v the alias's serving version; returns (previous version, names to unload)."""
     adapter = lock_adapter(session, v.adapter_id)
-    now = session.scalar(select(func.now()))
+    now = session.execute(select(func.now())).scalar_one()
     old, last_change = adapter.serving_version_id, adapter.updated_at
     if old is not None:
         set_status(session, old, VersionStatus.warm.value)
@@ -134,7 +137,7 @@ def flip_swap(session: Session, v: Version, *, actor: str, reason: str | None, d
 def flip_rollback(session: Session, a: Alias, target: Version | None, *, actor: str,
                    reason: str | None, detail: dict) -> None:
     adapter = lock_adapter(session, a.id)
-    now = session.scalar(select(func.now()))
+    now = session.execute(select(func.now())).scalar_one()
     bad = adapter.serving_version_id
     # The rolled-back version stays loaded through drain_s so stale routes still find it.
     set_status(session, bad, VersionStatus.warm.value,
@@ -154,7 +157,7 @@ def flip_rollback(session: Session, a: Alias, target: Version | None, *, actor: 
 def flip_canary(session: Session, a: Alias, v: Version | None, share: float, *, actor: str,
                  reason: str | None, detail: dict) -> None:
     adapter = lock_adapter(session, a.id)
-    now = session.scalar(select(func.now()))
+    now = session.execute(select(func.now())).scalar_one()
     old = adapter.canary_version_id
     if old is not None and (v is None or old != v.id):
         set_status(session, old, VersionStatus.warm.value)  # drained, then retired

@@ -43,8 +43,9 @@ def parse_file(source: str, data: bytes, rule: RatingRule | None = None) -> Pars
         items = jsonl.parse(doc, lines, rule)
     if not items:
         raise FileRefused(f"the {_NAMES[source]} file holds no records")
-    if all(isinstance(i.value, RecordError) for i in items):
+    errors = [i.value for i in items if isinstance(i.value, RecordError)]
+    if len(errors) == len(items):
         # Not one record reads as this format: most likely the wrong source was named.
         raise FileRefused(f"none of the {len(items)} records reads as {_NAMES[source]}; the "
-                          f"first, {items[0].where}: {items[0].value.reason}")
+                          f"first, {items[0].where}: {errors[0].reason}")
     return ParsedFile(source=source, items=items, sha256=file_sha256(data), size=len(data))

@@ -80,6 +80,7 @@ def record(r: Mapping[str, Any], rule: RatingRule) -> ImportRecord | Unrated:
     check_prompt(messages)
     correction = optional_text(r.get("correction"), "correction")
     raw = r.get("rating")
+    rating: str | None
     if raw is None:
         if correction is None:
             raise Malformed("rating: missing (up/down, a boolean or a number)")

@@ -79,6 +79,15 @@ def _rating(data: Mapping[str, Any]) -> str | None:
     return _THUMBS.get(value) if value is not None else None
 
 
+def _object(value: Any) -> Mapping[str, Any]:
+    """value when it is a JSON object, else an empty one (a missing or mistyped field)."""
+    return value if isinstance(value, Mapping) else {}
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
 def record(fb: Mapping[str, Any]) -> ImportRecord | Unrated:
     ident = source_id(fb.get("id"))
     if ident is None:
@@ -96,15 +105,14 @@ def record(fb: Mapping[str, Any]) -> ImportRecord | Unrated:
         if meta.get("scope") == "conversation":
             return Unrated("not_an_answer", "rates a whole conversation, not one answer")
         raise Malformed("meta.message_id: missing (which answer was rated)")
-    snapshot = fb.get("snapshot") if isinstance(fb.get("snapshot"), Mapping) else {}
-    chat = snapshot.get("chat")
+    chat = _object(fb.get("snapshot")).get("chat")
     if not isinstance(chat, Mapping):
         raise Malformed("snapshot.chat: missing; export from an Open WebUI that keeps chat "
                         "snapshots with feedback (the export route returns them)")
     # GET /chats/{id} wraps the chat body in {"id", "title", "chat": {...}}; accept both.
-    body = chat.get("chat") if isinstance(chat.get("chat"), Mapping) else chat
-    history = body.get("history") if isinstance(body.get("history"), Mapping) else {}
-    tree = history.get("messages")
+    inner = chat.get("chat")
+    body = inner if isinstance(inner, Mapping) else chat
+    tree = _object(body.get("history")).get("messages")
     if not isinstance(tree, Mapping):
         raise Malformed("snapshot.chat.chat.history.messages: missing")
     path = _path_to(tree, str(message_id))
@@ -114,13 +122,13 @@ def record(fb: Mapping[str, Any]) -> ImportRecord | Unrated:
                         "not an answer")
     text, calls = answer_of(answer, f"message {message_id}")
     conversation = [{"role": m.get("role"), "content": m.get("content")} for m in path]
-    system = (body.get("params") or {}).get("system") if isinstance(body.get("params"), Mapping) else None
+    system = _object(body.get("params")).get("system")
     if isinstance(system, str) and system.strip():
         conversation.insert(0, {"role": "system", "content": system})
     messages = chat_messages(conversation, "conversation")
     check_prompt(messages, "conversation")
-    comment = data.get("comment") if isinstance(data.get("comment"), str) else ""
-    reason = data.get("reason") if isinstance(data.get("reason"), str) else ""
+    comment = _text(data.get("comment"))
+    reason = _text(data.get("reason"))
     comment = " ".join(p for p in (f"[{reason}]" if reason.strip() else "", comment.strip()) if p)
     user = chat.get("user_id") or fb.get("user_id")
     return ImportRecord(

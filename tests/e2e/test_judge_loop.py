@@ -12,36 +12,24 @@ import pytest
 from sqlalchemy import func, select
 
 from service.db.models import Feedback
-from tests.conftest import bearer
+from tests.helpers.auth import bearer
 from tests.helpers.data import seed_interactions
+from tests.helpers.loop import api_and_worker, loop_policy, policy_dir
 from tests.helpers.runs import runs_of, wait_first_run, wait_run
-from tests.helpers.stack import ApiProcess, WorkerProcess, flywheel_env
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-POLICY = """
-trigger: {min_new_ratings: 10}
-training: {method: auto, max_steps: 2, batch_size: 4, learning_rate: 5.0e-3, checkpoint_every_steps: 2}
-dataset: {heldout_fraction: 0.2, min_examples: 2}
-gate: {min_preference_accuracy: 0.0, max_nll_regression: 10.0, golden: [{prompt: "Hi", no_template_tokens: true}]}
-approval: manual
-"""
+POLICY = loop_policy(min_new_ratings=10, max_steps=2, heldout_fraction=0.2,
+                     gate={"golden": [{"prompt": "Hi", "no_template_tokens": True}]})
 MAX_SHARE = 0.3
 
 
 @pytest.fixture(scope="module")
 def judge_stack(api_settings, stack_root, tmp_path_factory):
-    policies = tmp_path_factory.mktemp("judge-loop-policies")
-    (policies / "default.yaml").write_text(POLICY)
-    env = flywheel_env(**{**api_settings, "policy_dir": str(policies),
-                          "artifact_dir": str(stack_root / "judge-artifacts"), "run_lease_s": "20",
-                          "sweep_interval_s": "2", "judge_interval_s": "2",
-                          "judge_sweep_max_s": "20"})
-    api = ApiProcess(env=env, log=stack_root / "api-judge.log").start()
-    worker = WorkerProcess(env=env, log=stack_root / "worker-judge.log", beat=True).start()
-    yield api, worker, policies
-    worker.stop()
-    api.stop()
+    policies = policy_dir(tmp_path_factory.mktemp("judge-loop-policies"), POLICY)
+    with api_and_worker(api_settings, stack_root, policies, "judge", judge_interval_s="2",
+                        judge_sweep_max_s="20") as stack:
+        yield stack
 
 
 def _judge_count(db_sessions, tenant: str) -> int:

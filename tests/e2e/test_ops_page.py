@@ -18,27 +18,16 @@ from sqlalchemy import select
 from service.db import repositories as repo
 from service.db.models import Adapter, AdapterVersion, Export
 from service.db.session import session_scope
-from tests.helpers.loop import chat_and_rate
+from tests.helpers.loop import WATCH, api_and_worker, chat_and_rate, loop_policy, policy_dir
 from tests.helpers.runs import wait_first_run, wait_run
-from tests.helpers.stack import ApiProcess, WorkerProcess, flywheel_env
 
-pytest_plugins = ["tests.helpers.browser"]  # the `browser` fixture
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-# The retrain-loop test's policy, with a larger held-out share: at 0.25, 16 ratings leave the
-# held-out set empty now and then, and the gate has no metrics to show.
-# The golden case is a check the gate can fail (leaked chat-template markup) and evidence when
-# the held-out draw is empty; not `non_empty`: the tiny model answers some prompts with nothing.
-POLICY = """
-trigger: {min_new_ratings: 16}
-training: {method: auto, max_steps: 6, batch_size: 4, learning_rate: 5.0e-3, checkpoint_every_steps: 2}
-dataset: {heldout_fraction: 0.4, min_examples: 2}
-gate: {min_preference_accuracy: 0.0, max_nll_regression: 10.0, golden: [{prompt: "My order is late.", no_template_tokens: true}]}
-approval: manual
-watch: {window_minutes: 60, min_samples: 10, max_drop: 0.1, alpha: 0.05}
-rollback: {automatic: false}
-export: {fallback: true}
-"""
+# The retrain-loop test's policy, rolled back by hand only, exported with the fallback. Its
+# held-out share (0.4) matters here: at 0.25, 16 ratings leave the held-out set empty now and
+# then, and the gate has no metrics to show.
+POLICY = loop_policy(min_new_ratings=16, max_steps=6, heldout_fraction=0.4, watch=WATCH,
+                     rollback={"automatic": False}, export={"fallback": True})
 
 UI_TIMEOUT_MS = 15_000
 TRAIN_TIMEOUT_MS = 240_000
@@ -49,17 +38,10 @@ EXPORT_TIMEOUT_MS = 120_000
 @pytest.fixture(scope="module")
 def page_stack(api_settings, stack_root, tmp_path_factory):
     """An API and a real Celery worker (beat included) with a small, manually approved policy."""
-    policies = tmp_path_factory.mktemp("ops-page-policies")
-    (policies / "default.yaml").write_text(POLICY)
-    env = flywheel_env(**{**api_settings, "policy_dir": str(policies),
-                          "artifact_dir": str(stack_root / "ops-page-artifacts"), "run_lease_s": "20",
-                          "sweep_interval_s": "2", "watch_interval_s": "2"})
-    api = ApiProcess(env=env, log=stack_root / "api-ops-page-e2e.log").start()
-    worker = WorkerProcess(env=env, log=stack_root / "worker-ops-page.log", name="wops",
-                           beat=True).start()
-    yield api, worker
-    worker.stop()
-    api.stop()
+    policies = policy_dir(tmp_path_factory.mktemp("ops-page-policies"), POLICY)
+    with api_and_worker(api_settings, stack_root, policies, "ops-page-e2e", worker_name="wops",
+                        watch_interval_s="2") as stack:
+        yield stack
 
 
 @dataclass
@@ -110,7 +92,7 @@ def test_review_and_approve_a_run_from_the_page(page_stack, page, make_key, make
                                                 db_sessions, tmp_path):
     from playwright.sync_api import expect
 
-    api, worker = page_stack
+    api, worker, _ = page_stack
     key, ops = make_key(tenant, "product"), make_key(tenant, "ops")
     alias = make_alias(tenant)
     # A second alias with more versions than the list shows; it sorts after `alias`, so the page

@@ -20,11 +20,9 @@ from sqlalchemy import select, update
 from service.db import repositories as repo
 from service.db.models import Adapter, Feedback, FeedbackImport, Interaction, JudgeSweep
 from service.db.session import session_scope
-from tests.conftest import bearer
+from tests.helpers.auth import bearer
 from tests.helpers.data import wait_import
 from tests.helpers.stack import REPO, ApiProcess, flywheel_env
-
-pytest_plugins = ["tests.helpers.browser"]  # the `browser` fixture
 
 UI_TIMEOUT_MS = 15_000
 SCREENSHOT = Path("/tmp/ops-feedback.png")

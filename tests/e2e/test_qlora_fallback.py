@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -18,10 +17,11 @@ from service.db.models import Adapter, AdapterVersion, Feedback, TrainingRun
 from service.db.session import session_scope
 from service.policy import Policy
 from service.wakeup import wake_run
+from tests.helpers.browser import CHROMIUM, CHROMIUM_ARGS, require_chromium
+from tests.helpers.cli import flywheel
 from tests.helpers.data import seed_interactions
 from tests.helpers.runs import wait_run
-from tests.helpers.browser import CHROMIUM, CHROMIUM_ARGS, require_chromium
-from tests.helpers.stack import REPO, ApiProcess, WorkerProcess, flywheel_env
+from tests.helpers.stack import ApiProcess, WorkerProcess, flywheel_env
 
 pytestmark = [pytest.mark.slow]
 
@@ -77,8 +77,7 @@ def _qlora_run(db_sessions, tenant: str, alias: str, fallback: str) -> uuid.UUID
 
 
 def _cli(env, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO,
-                          env={**env, "COLUMNS": "250"}, capture_output=True, text=True, timeout=120)
+    return flywheel({**env, "COLUMNS": "250"}, *args)
 
 
 def _versions(db_sessions, run_id) -> list[AdapterVersion]:

@@ -11,38 +11,21 @@ from sqlalchemy import select
 
 from service.db.models import AdapterVersion, AuditEvent, EvalResult
 from service.engine.artifact import verify_artifact
-from tests.conftest import METRICS_AUTH, bearer
-from tests.helpers.loop import chat_and_rate
+from tests.helpers.auth import METRICS_AUTH, bearer
+from tests.helpers.loop import WATCH, api_and_worker, chat_and_rate, loop_policy, policy_dir, served_by
 from tests.helpers.runs import wait_first_run, wait_run
-from tests.helpers.stack import ApiProcess, WorkerProcess, flywheel_env
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-# The golden case is a check the gate can fail (leaked chat-template markup) and evidence when
-# the held-out draw is empty; not `non_empty`: the tiny model answers some prompts with nothing.
-POLICY = """
-trigger: {min_new_ratings: 16}
-training: {method: auto, max_steps: 6, batch_size: 4, learning_rate: 5.0e-3, checkpoint_every_steps: 2}
-dataset: {heldout_fraction: 0.4, min_examples: 2}
-gate: {min_preference_accuracy: 0.0, max_nll_regression: 10.0, golden: [{prompt: "My order is late.", no_template_tokens: true}]}
-approval: manual
-watch: {window_minutes: 60, min_samples: 10, max_drop: 0.1, alpha: 0.05}
-rollback: {automatic: true}
-"""
+POLICY = loop_policy(min_new_ratings=16, max_steps=6, heldout_fraction=0.4, watch=WATCH,
+                     rollback={"automatic": True})
 
 
 @pytest.fixture(scope="module")
 def loop_stack(api_settings, stack_root, tmp_path_factory):
-    policies = tmp_path_factory.mktemp("loop-policies")
-    (policies / "default.yaml").write_text(POLICY)
-    env = flywheel_env(**{**api_settings, "policy_dir": str(policies),
-                          "artifact_dir": str(stack_root / "loop-artifacts"), "run_lease_s": "20",
-                          "sweep_interval_s": "2", "watch_interval_s": "2"})
-    api = ApiProcess(env=env, log=stack_root / "api-loop.log").start()
-    worker = WorkerProcess(env=env, log=stack_root / "worker-loop.log", beat=True).start()
-    yield api, worker, env
-    worker.stop()
-    api.stop()
+    policies = policy_dir(tmp_path_factory.mktemp("loop-policies"), POLICY)
+    with api_and_worker(api_settings, stack_root, policies, "loop", watch_interval_s="2") as stack:
+        yield stack
 
 
 def test_feedback_to_gated_candidate_through_the_real_worker(loop_stack, make_key, make_alias, tenant,
@@ -107,16 +90,7 @@ def test_approved_version_goes_live_then_rolls_back_on_thumbs_down(loop_stack, m
         assert version.status == "live"
 
         # Within the routing bound, the alias is served by the new version.
-        deadline = time.monotonic() + 10
-        while True:
-            r = c.post("/v1/chat/completions", headers=bearer(key), json={
-                "model": alias, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
-            assert r.status_code == 200, r.text
-            served = c.get(f"/v1/interactions/{r.headers['x-interaction-id']}",
-                           headers=bearer(key)).json()
-            if served["served_model"] == version.lora_name or time.monotonic() > deadline:
-                break
-            time.sleep(0.3)
+        served = served_by(c, key, alias, version.lora_name, timeout=10)
         assert served["served_model"] == version.lora_name
         assert served["version_id"] == str(version.id)
 
@@ -146,11 +120,11 @@ def test_approved_version_goes_live_then_rolls_back_on_thumbs_down(loop_stack, m
 
 
 def test_golden_suite_failure_blocks_promotion(loop_stack, make_key, make_alias, tenant, db_sessions):
-    api, worker, env = loop_stack
+    api, worker, policies = loop_stack
     key = make_key(tenant, "product")
     alias = make_alias(tenant)
     # A tenant-and-alias policy file, picked up without a restart.
-    policy_file = pathlib.Path(env["FLYWHEEL_POLICY_DIR"]) / f"{tenant}--{alias}.yaml"
+    policy_file = policies / f"{tenant}--{alias}.yaml"
     policy_file.write_text('gate: {golden: [{prompt: "My order is late.", must_contain: ["zebra"], '
                            'max_tokens: 8}]}\n')
     time.sleep(1.2)

@@ -9,10 +9,9 @@ import pytest
 from sqlalchemy import func, select
 
 from service.db.models import Adapter, AdapterVersion, Feedback
-from tests.conftest import bearer
-from tests.faults.test_worker_faults import POLICY, _key_id, _post_all
-from tests.helpers.data import seed_interactions
-from tests.helpers.runs import wait_first_run, wait_run
+from tests.helpers.auth import bearer
+from tests.helpers.loop import LONG_RUN_POLICY, policy_dir, rated_run
+from tests.helpers.runs import wait_run
 from tests.helpers.stack import ApiProcess, WorkerProcess, flywheel_env
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
@@ -30,19 +29,14 @@ def tiny_disk(tmp_path):
 
 def test_full_artifact_disk_fails_the_run_clearly_and_corrupts_nothing(
         tiny_disk, api_settings, stack_root, tmp_path, db_sessions, make_key, make_alias, tenant):
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "default.yaml").write_text(POLICY)
+    policies = policy_dir(tmp_path / "policies", LONG_RUN_POLICY)
     env = flywheel_env(**{**api_settings, "policy_dir": str(policies), "artifact_dir": str(tiny_disk),
                           "sweep_interval_s": "1"})
     api = ApiProcess(env=env, log=stack_root / "api-disk.log").start()
     worker = WorkerProcess(env=env, log=stack_root / "worker-disk.log", beat=True).start()
     try:
         key, alias = make_key(tenant, "product"), make_alias(tenant)
-        ids = seed_interactions(db_sessions, tenant, alias, _key_id(db_sessions, key), 12,
-                                answer="Your order {i} ships tomorrow.")
-        assert _post_all(api.url, key, ids) == [201] * 12
-        run = wait_first_run(db_sessions, tenant, alias)
+        run = rated_run(db_sessions, api.url, key, tenant, alias, 12)
         run = wait_run(db_sessions, run.id, {"failed", "awaiting_approval"}, timeout=300, log=worker.log)
         assert run.state == "failed"
         assert run.failure_reason.startswith(f"artifact disk full ({tiny_disk})")

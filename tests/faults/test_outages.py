@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -12,15 +10,18 @@ import httpx
 import psycopg
 import pytest
 from sqlalchemy import text
+from sqlalchemy.orm import sessionmaker
 
 from service.db import migrate
 from service.db import repositories as repo
 from service.db.session import make_sync_engine, session_scope
-from service.embedded import ensure_postgres, free_port, stop_postgres
+from service.local.embedded import ensure_postgres, free_port, stop_postgres
 from service.security import display_prefix, generate_key, hash_key
-from tests.conftest import METRICS_AUTH, bearer
+from tests.helpers.auth import METRICS_AUTH, bearer
+from tests.helpers.cli import flywheel
+from tests.helpers.data import seed_interactions
 from tests.helpers.metrics import sample
-from tests.helpers.stack import REPO, ApiProcess, flywheel_env
+from tests.helpers.stack import ApiProcess, flywheel_env
 
 pytestmark = [pytest.mark.faults, pytest.mark.vllm]
 
@@ -61,8 +62,6 @@ def test_postgres_restart_under_load_gives_503s_loses_nothing_and_recovers(api_s
     url = ensure_postgres(root)
     migrate.upgrade(url)
     engine = make_sync_engine(url)
-    from sqlalchemy.orm import sessionmaker
-
     sessions = sessionmaker(engine)
     key = generate_key()
     with session_scope(sessions) as s:
@@ -70,8 +69,6 @@ def test_postgres_restart_under_load_gives_503s_loses_nothing_and_recovers(api_s
                                       prefix=display_prefix(key))
         repo.ensure_adapter(s, "outage", "bot")
         key_id = key_row.id
-    from tests.helpers.data import seed_interactions
-
     ids = seed_interactions(sessions, "outage", "bot", key_id, 400)
     proc = ApiProcess(env=flywheel_env(**{**api_settings, "database_url": url,
                                           "feedback_rate_per_rater": "0"}),
@@ -160,12 +157,10 @@ def test_api_refuses_to_start_on_unmigrated_database(db_url, api_settings):
         conn.execute(f'CREATE DATABASE "{name}"')
     fresh = db_url.replace("/flywheel?", f"/{name}?")
     env = flywheel_env(**{**api_settings, "database_url": fresh})
-    r = subprocess.run([sys.executable, "-m", "service.cli", "api", "--port", str(free_port())],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    r = flywheel(env, "api", "--port", str(free_port()), timeout=60)
     assert r.returncode == 1
     assert "flywheel migrate" in r.stderr and "revision none" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "service.cli", "migrate"], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=60)
+    r = flywheel(env, "migrate", timeout=60)
     assert r.returncode == 0, r.stderr
     engine = make_sync_engine(fresh)
     with engine.connect() as conn:

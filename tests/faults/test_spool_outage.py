@@ -18,9 +18,9 @@ from sqlalchemy.orm import sessionmaker
 from service.db import migrate
 from service.db import repositories as repo
 from service.db.session import make_sync_engine, session_scope
-from service.embedded import ensure_postgres, stop_postgres
+from service.local.embedded import ensure_postgres, stop_postgres
 from service.security import display_prefix, generate_key, hash_key
-from tests.conftest import METRICS_AUTH, bearer
+from tests.helpers.auth import METRICS_AUTH, bearer
 from tests.helpers.metrics import sample
 from tests.helpers.stack import ApiProcess, flywheel_env
 

@@ -10,45 +10,24 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from service.db.models import AdapterVersion, Feedback, TrainingRun
-from service.embedded import ensure_redis, stop_redis
-from tests.conftest import bearer
-from tests.helpers.data import seed_interactions
+from service import exports
+from service.db import repositories as repo
+from service.db.models import Adapter, AdapterVersion, AuditEvent, Export, Feedback, TrainingRun
+from service.db.session import session_scope
+from service.engine.artifact import artifact_sha256
+from service.local.embedded import ensure_redis, stop_redis
+from service.wakeup import wake_export
+from tests.helpers.data import api_key_id, seed_interactions
+from tests.helpers.loop import LONG_RUN_POLICY, policy_dir, rate_all, rated_run
 from tests.helpers.runs import wait_first_run, wait_run
 from tests.helpers.stack import ApiProcess, WorkerProcess, flywheel_env
+from tests.helpers.vllm import make_random_lora
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
-# The golden case is a check the gate can fail (leaked chat-template markup) and evidence when
-# the held-out draw is empty; not `non_empty`: the tiny model answers some prompts with nothing.
-POLICY = """
-trigger: {min_new_ratings: 12}
-training: {method: sft, max_steps: 150, batch_size: 4, learning_rate: 1.0e-3, checkpoint_every_steps: 5}
-dataset: {heldout_fraction: 0.2, min_examples: 2}
-gate: {min_preference_accuracy: 0.0, max_nll_regression: 100.0, golden: [{prompt: "My order is late.", no_template_tokens: true}]}
-approval: manual
-"""
-
-
-def _key_id(db_sessions, key):
-    from service.db import repositories as repo
-    from service.security import hash_key
-
-    with db_sessions() as s:
-        return next(k.id for k in repo.list_api_keys(s) if k.key_hash == hash_key(key))
-
-
-def _post_all(url, key, ids) -> list[int]:
-    with httpx.Client(base_url=url, timeout=30) as c:
-        return [c.post("/v1/feedback", headers=bearer(key),
-                       json={"interaction_id": iid, "rating": "up", "rater_id": f"r{i % 4}"}).status_code
-                for i, iid in enumerate(ids)]
-
-
 @pytest.fixture(scope="module")
 def fault_env(api_settings, stack_root, tmp_path_factory):
-    policies = tmp_path_factory.mktemp("fault-policies")
-    (policies / "default.yaml").write_text(POLICY)
+    policies = policy_dir(tmp_path_factory.mktemp("fault-policies"), LONG_RUN_POLICY)
     return {**api_settings, "policy_dir": str(policies), "artifact_dir": str(stack_root / "fault-artifacts"),
             "run_lease_s": "6", "sweep_interval_s": "1"}
 
@@ -61,10 +40,7 @@ def test_kill9_worker_mid_training_resumes_from_checkpoint(fault_env, stack_root
     second = None
     try:
         key, alias = make_key(tenant, "product"), make_alias(tenant)
-        ids = seed_interactions(db_sessions, tenant, alias, _key_id(db_sessions, key), 12,
-                                answer="Your order {i} ships tomorrow.")
-        assert _post_all(api.url, key, ids) == [201] * 12
-        run = wait_first_run(db_sessions, tenant, alias)
+        run = rated_run(db_sessions, api.url, key, tenant, alias, 12)
         deadline = time.monotonic() + 300
         # 150 steps: progress is written once a second, so training must outlast a few writes
         # however fast the machine (60 steps once finished between two of them).
@@ -107,10 +83,10 @@ def test_redis_down_during_ingestion_loses_nothing_and_run_starts_after(fault_en
     worker = WorkerProcess(env=env, log=stack_root / "worker-redis-down.log", beat=True).start()
     try:
         key, alias = make_key(tenant, "product"), make_alias(tenant)
-        ids = seed_interactions(db_sessions, tenant, alias, _key_id(db_sessions, key), 30)
-        assert _post_all(api.url, key, ids[:5]) == [201] * 5
+        ids = seed_interactions(db_sessions, tenant, alias, api_key_id(db_sessions, key), 30)
+        assert rate_all(api.url, key, ids[:5]) == [201] * 5
         stop_redis(broker_root)
-        sent = _post_all(api.url, key, ids[5:])  # crosses the threshold while Redis is down
+        sent = rate_all(api.url, key, ids[5:])  # crosses the threshold while Redis is down
         assert sent == [201] * 25
         run = wait_first_run(db_sessions, tenant, alias)
         time.sleep(3)
@@ -136,14 +112,6 @@ def test_kill9_worker_mid_export_hands_the_job_to_another(fault_env, stack_root,
                                                           broker_url):
     """A worker dies (kill -9) while exporting: its lease runs out, the sweeper re-sends the job,
     a second worker builds it from the start, and exactly one passed export is recorded."""
-    from service import exports
-    from service.db import repositories as repo
-    from service.db.models import Adapter, AuditEvent, Export
-    from service.db.session import session_scope
-    from service.engine.artifact import artifact_sha256
-    from service.wakeup import wake_export
-    from tests.helpers.vllm import make_random_lora
-
     alias = make_alias(tenant)
     (Path(fault_env["policy_dir"]) / f"{tenant}--{alias}.yaml").write_text(
         'gate: {golden: [{prompt: "Where is Paris?"}, {prompt: "My order is late."}]}\n'

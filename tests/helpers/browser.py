@@ -1,5 +1,5 @@
 """The system Chromium driven by Playwright (a browser download fails on these machines), for
-the ops page's tests. Import `browser` into a test module to use the fixture."""
+the ops page's tests. A pytest plugin (tests/conftest.py registers it): the `browser` fixture."""
 
 from __future__ import annotations
 

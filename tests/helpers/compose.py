@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from service.embedded import free_port
+from service.local.embedded import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 
 from sqlalchemy import select
 
+from service.db import repositories as repo
 from service.db.models import Adapter, Interaction
 from service.db.session import session_scope
+from service.security import hash_key
+from tests.helpers.auth import bearer
+
+
+def api_key_id(db_sessions, key: str) -> uuid.UUID:
+    """The id of an API key given in clear (to seed interactions as if sent with it)."""
+    with db_sessions() as s:
+        return next(k.id for k in repo.list_api_keys(s) if k.key_hash == hash_key(key))
 
 
 def seed_interactions(db_sessions, tenant: str, alias: str, key_id: uuid.UUID | None,
@@ -30,12 +40,10 @@ def seed_interactions(db_sessions, tenant: str, alias: str, key_id: uuid.UUID | 
 
 def wait_import(client, alias: str, key: str, import_id: str, timeout: float = 60) -> dict:
     """Poll a feedback import through the API until it is no longer running (or time is up)."""
-    import time
-
     deadline = time.monotonic() + timeout
     while True:
         job = client.get(f"/v1/adapters/{alias}/imports/{import_id}",
-                         headers={"Authorization": f"Bearer {key}"}).json()
+                         headers=bearer(key)).json()
         if job["status"] != "running" or time.monotonic() > deadline:
             return job
         time.sleep(0.2)

@@ -1,8 +1,8 @@
 """Two extra vLLM replicas, an API in front of them, and real LoRA artifacts for swap tests.
 
-A pytest plugin: test modules say ``pytest_plugins = ["tests.helpers.replicas"]`` so the session
-fixtures below are registered once and shared (two vLLM CPU servers start once per session).
-The builders are plain functions, also used by bench/bench_swap.py.
+A pytest plugin (tests/conftest.py registers it): the session fixtures below are shared by the
+swap and reconcile tests, so the two vLLM CPU servers start once per session, and only in a
+session that asks for them. The builders are plain functions, also used by bench/bench_swap.py.
 """
 
 from __future__ import annotations
@@ -13,24 +13,27 @@ import shutil
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import sessionmaker
 
 from service.db import repositories as repo
-from service.db.models import Adapter, AdapterVersion, VersionStatus
+from service.db.hotpath import PENDING
+from service.db.models import Adapter, AdapterVersion, Interaction, VersionStatus
 from service.db.session import session_scope
-from service.embedded import free_port
 from service.engine.artifact import CONFIG_FILE, WEIGHTS_FILE, artifact_sha256, file_sha256
 from service.engine.managed import ManagedVllm
 from service.engine.sizing import EngineSize
 from service.engine.swap import SwapConfig
 from service.engine.vllm_admin import VllmAdmin
+from service.local.embedded import free_port
+from tests.helpers.auth import bearer
 from tests.helpers.stack import ApiProcess, flywheel_env
 
 MAX_LORAS = 8
@@ -286,15 +289,11 @@ class Traffic:
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def run(self) -> None:
-        import httpx
-
         limits = httpx.Limits(max_connections=self.concurrency)
         async with httpx.AsyncClient(base_url=self.base_url, timeout=60, limits=limits) as client:
             await asyncio.gather(*(self._worker(client, i) for i in range(self.concurrency)))
 
     async def _worker(self, client, i: int) -> None:
-        import httpx
-
         n = 0
         while not self._stop.is_set():
             n += 1
@@ -303,8 +302,7 @@ class Traffic:
                     "messages": [{"role": "user", "content": f"hello {i} {n}"}]}
             start = time.time()
             try:
-                r = await client.post("/v1/chat/completions", json=body,
-                                      headers={"Authorization": f"Bearer {self.key}"})
+                r = await client.post("/v1/chat/completions", json=body, headers=bearer(self.key))
                 self.shots.append(Shot(start, time.time(), r.status_code,
                                        r.headers.get("x-interaction-id"),
                                        None if r.status_code == 200 else r.text[:300]))
@@ -327,17 +325,25 @@ class Traffic:
         return [s for s in self.shots if s.status != 200]
 
 
+async def chat(api_url: str, key: str, alias: str, user: str | None = None) -> str:
+    """One greedy two-token request through the gateway (as `user`, for a sticky canary); its
+    interaction id."""
+    body = {"model": alias, "max_tokens": 2, "temperature": 0,
+            "messages": [{"role": "user", "content": "hi"}]}
+    if user:
+        body["user"] = user
+    async with httpx.AsyncClient(base_url=api_url, timeout=60) as c:
+        r = await c.post("/v1/chat/completions", json=body, headers=bearer(key))
+    assert r.status_code == 200, r.text
+    return r.headers["x-interaction-id"]
+
+
 def served_models(sessions: sessionmaker, interaction_ids: list[str],
                   timeout: float = 10.0) -> dict[str, tuple[str, str]]:
     """interaction id -> (served_model, replica) as the gateway stored it.
 
     The gateway writes a non-stream answer just after replying (the row is `pending` until
     then), so this waits until every asked-for row carries its answer."""
-    from sqlalchemy import select
-
-    from service.db.hotpath import PENDING
-    from service.db.models import Interaction
-
     ids = [uuid.UUID(i) for i in interaction_ids if i]
     deadline = time.monotonic() + timeout
     while True:
@@ -376,6 +382,15 @@ def swap_api(swap_replicas, db_url, broker_url, tiny_model, stack_root) -> Itera
 @pytest.fixture(scope="session")
 def lora_template(tiny_model, tmp_path_factory) -> Path:
     return peft_lora(tiny_model, tmp_path_factory.mktemp("lora") / "template")
+
+
+@pytest.fixture()
+async def admins(swap_replicas) -> AsyncIterator[list[VllmAdmin]]:
+    """A VllmAdmin client per replica, closed after the test."""
+    clients = swap_replicas.admins()
+    yield clients
+    for c in clients:
+        await c.aclose()
 
 
 @pytest.fixture()

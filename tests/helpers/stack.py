@@ -7,12 +7,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-from service.embedded import free_port
+from service.local.embedded import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_MODEL_CACHE = Path.home() / ".cache" / "flywheel" / "tiny-model-v1"
@@ -34,6 +36,17 @@ def wait_http(url: str, timeout: float = 60.0, proc: subprocess.Popen | None = N
         time.sleep(0.2)
     tail = log.read_text()[-4000:] if log and log.exists() else ""
     raise RuntimeError(f"{url} not up after {timeout}s:\n{tail}")
+
+
+def stop_group(proc: subprocess.Popen | None, grace_s: float) -> None:
+    """SIGTERM a child's process group (started with start_new_session), SIGKILL after grace_s."""
+    if proc and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 @dataclass
@@ -61,13 +74,13 @@ class ApiProcess:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc, 15)
+
+    def __enter__(self) -> "ApiProcess":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def flywheel_env(**settings: str) -> dict[str, str]:
@@ -75,6 +88,14 @@ def flywheel_env(**settings: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
     env.update({f"FLYWHEEL_{k.upper()}": str(v) for k, v in settings.items()})
     return env
+
+
+@contextmanager
+def api_with(api_settings: dict[str, str], log: Path, **changes: str) -> Iterator[ApiProcess]:
+    """`flywheel api` on the session's settings with `changes` (keys without the prefix), for
+    a module that needs the API configured otherwise; stopped on exit."""
+    with ApiProcess(env=flywheel_env(**{**api_settings, **changes}), log=log) as proc:
+        yield proc
 
 
 @dataclass
@@ -108,10 +129,10 @@ class WorkerProcess:
         self.proc.wait()
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc, 20)
+
+    def __enter__(self) -> "WorkerProcess":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

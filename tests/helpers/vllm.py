@@ -1,22 +1,27 @@
-"""Helpers for tests that talk to a real vLLM server: ports, the cached tiny model, adapters."""
+"""Helpers for tests that talk to a real vLLM server: starting one, adapters, streams."""
 
 from __future__ import annotations
 
 import json
-import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 
-# Same path as tests.helpers.stack.TINY_MODEL_CACHE: one build shared by every test run.
-TINY_MODEL_CACHE = Path.home() / ".cache" / "flywheel" / "tiny-model-v1"
+from service.engine.managed import ManagedVllm
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+@contextmanager
+def running(server: ManagedVllm, timeout: float = 300) -> Iterator[ManagedVllm]:
+    """The server started and healthy (300 s: vLLM's CPU build boots slowly on a busy 2-core
+    machine, past ManagedVllm's own 180 s), stopped on exit."""
+    server.start()
+    try:
+        server.wait_healthy(timeout=timeout)
+        yield server
+    finally:
+        server.stop()
 
 
 def make_random_lora(base_dir: Path, out_dir: Path, *, r: int = 8, seed: int = 0) -> Path:

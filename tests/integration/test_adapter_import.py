@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,8 @@ from sqlalchemy import select
 
 from service.db.models import Adapter, AdapterVersion, AuditEvent, TrainingRun
 from service.engine.artifact import verify_artifact
-from tests.helpers.stack import REPO, flywheel_env
+from tests.helpers.cli import flywheel
+from tests.helpers.stack import flywheel_env
 from tests.helpers.vllm import make_random_lora
 
 
@@ -26,16 +25,12 @@ def peft_adapter(tiny_model, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def cli_env(db_url, broker_url, stack_root, tiny_model):
+    """The CLI's environment on the tiny model (in place of tests/helpers/cli.py's)."""
     env = flywheel_env(database_url=db_url, broker_url=broker_url, base_model=str(tiny_model),
                        artifact_dir=str(stack_root / "adapter-import-artifacts"),
                        data_dir=str(stack_root / "cli-adapter-import"),
                        vllm_urls="http://127.0.0.1:9")
     return {**env, "COLUMNS": "200"}
-
-
-def flywheel(env, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=180)
 
 
 def _copy(src: Path, dest: Path, **config) -> Path:
@@ -65,7 +60,7 @@ def test_an_adapter_trained_elsewhere_becomes_a_candidate_with_a_run_to_gate(
     (src / "training_args.bin").write_bytes(b"\x80\x04pickle")
     (src / "README.md").write_text("trained in a notebook")
     r = flywheel(cli_env, "adapters", "import", alias, str(src), "--tenant", tenant,
-                 "--note", "notebook run 7")
+                 "--note", "notebook run 7", timeout=180)
     assert r.returncode == 0, (r.stdout, r.stderr)
     said = " ".join(r.stdout.split())
     assert f"{tenant}--{alias}--v1" in said and "base: same name" in said
@@ -89,7 +84,7 @@ def test_an_adapter_trained_elsewhere_becomes_a_candidate_with_a_run_to_gate(
         assert s.scalars(select(AuditEvent).where(AuditEvent.tenant_id == tenant,
                                                   AuditEvent.action == "adapter.imported")).one()
     # One run at a time per alias: a second import waits for this one to settle.
-    again = flywheel(cli_env, "adapters", "import", alias, str(src), "--tenant", tenant)
+    again = flywheel(cli_env, "adapters", "import", alias, str(src), "--tenant", tenant, timeout=180)
     assert again.returncode == 1 and "has an active run" in " ".join(again.stderr.split())
 
 
@@ -130,12 +125,13 @@ def test_what_the_engine_cannot_serve_is_refused_and_nothing_recorded(
         save_file({**tensors, first: torch.full_like(tensors[first], float("nan"))}, str(weights))
     elif case == "full":
         save_file({**tensors, "model.embed_tokens.weight": torch.zeros(4, 4)}, str(weights))
-    r = flywheel(cli_env, "adapters", "import", alias, str(src), "--tenant", tenant)
+    r = flywheel(cli_env, "adapters", "import", alias, str(src), "--tenant", tenant, timeout=180)
     assert r.returncode == 2, (r.stdout, r.stderr)
     said = " ".join(r.stderr.split())  # rich wraps long lines
     assert needle in said and f"({code})" in said
     _, versions, run_list = _rows(db_sessions, tenant, alias)
     assert versions == [] and run_list == []
     if case == "base":  # the same model under another name, said so by the importer
-        r = flywheel(cli_env, "adapters", "import", alias, str(src), "--tenant", tenant, "--same-base")
+        r = flywheel(cli_env, "adapters", "import", alias, str(src), "--tenant", tenant, "--same-base",
+                     timeout=180)
         assert r.returncode == 0 and "asserted by the importer" in " ".join(r.stdout.split())

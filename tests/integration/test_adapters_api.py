@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import pytest
@@ -10,12 +11,12 @@ from sqlalchemy import select, update
 
 from service.api.routes.adapters import RECENT_VERSIONS
 from service.db import repositories as repo
-from service.db.models import Adapter, AuditEvent, Interaction
+from service.db.models import Adapter, AuditEvent, Feedback, Interaction
 from service.db.session import session_scope
 from service.engine.artifact import artifact_sha256
-from service.engine.swap import SwapConfig, swap
+from service.engine.swap import SwapConfig, set_canary, swap
 from service.engine.vllm_admin import VllmAdmin
-from tests.conftest import bearer
+from tests.helpers.auth import bearer
 from tests.helpers.data import seed_interactions
 from tests.helpers.vllm import make_random_lora
 
@@ -150,9 +151,6 @@ def test_create_alias_validates_and_is_ops_only(client, make_key, tenant):
 
 def test_canary_share_is_within_a_binomial_bound_and_feedback_follows_the_version(
         client, make_key, tenant, live_alias, tiny_model, vllm, tmp_path, db_sessions):
-    from service.db.models import Feedback, Interaction
-    from service.engine.swap import set_canary
-
     alias, lora_name, adapter_id = live_alias
     key = make_key(tenant, "product")
     artifact = make_random_lora(tiny_model, tmp_path / "v2", seed=4)
@@ -171,8 +169,6 @@ def test_canary_share_is_within_a_binomial_bound_and_feedback_follows_the_versio
 
     assert asyncio.run(canary(0.3)).ok
     try:
-        import time
-
         time.sleep(1.2)  # past the routing cache
         n = 240
         ids = []

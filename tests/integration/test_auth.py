@@ -5,13 +5,16 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 
 from service.db import repositories as repo
 from service.db.session import session_scope
 from service.security import hash_key
-from tests.conftest import bearer
+from tests.helpers.auth import bearer
+from tests.helpers.stack import api_with
 
 pytestmark = pytest.mark.vllm
 
@@ -123,20 +126,13 @@ def test_every_other_route_in_the_schema_needs_a_key(client):
 
 @pytest.fixture(scope="module")
 def throttled_api(api_settings, stack_root):
-    from tests.helpers.stack import ApiProcess, flywheel_env
-
-    env = flywheel_env(**{**api_settings, "auth_failures_per_minute": "20",
-                          "auth_cache_ttl_s": "30"})
-    proc = ApiProcess(env=env, log=stack_root / "api-auth-flood.log").start()
-    yield proc
-    proc.stop()
+    with api_with(api_settings, stack_root / "api-auth-flood.log", auth_failures_per_minute="20",
+                  auth_cache_ttl_s="30") as proc:
+        yield proc
 
 
 def test_a_flood_of_random_keys_is_throttled_and_valid_keys_keep_working(throttled_api, make_key,
                                                                           tenant, db_sessions):
-    import httpx
-    from concurrent.futures import ThreadPoolExecutor
-
     valid, fresh = make_key(tenant, "ops"), make_key(tenant, "ops")
     with httpx.Client(base_url=throttled_api.url, timeout=30) as c:
         assert c.get("/v1/runs", headers=bearer(valid)).status_code == 200  # now cached

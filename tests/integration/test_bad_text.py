@@ -16,10 +16,9 @@ import pytest
 from sqlalchemy import func, select
 
 from service.db.models import Feedback, Interaction
-from tests.conftest import bearer
-from tests.helpers.data import seed_interactions
-from tests.helpers.stack import ApiProcess, flywheel_env
-from tests.integration.test_trigger import _key_id
+from tests.helpers.auth import bearer
+from tests.helpers.data import api_key_id, seed_interactions
+from tests.helpers.stack import api_with
 
 pytestmark = pytest.mark.vllm
 
@@ -96,9 +95,9 @@ def test_one_tenants_bad_ratings_do_not_fail_another_tenants_batch(api, make_key
     good_t, bad_t = f"t-{uuid.uuid4().hex[:10]}", f"t-{uuid.uuid4().hex[:10]}"
     good_key, bad_key = make_key(good_t, "product"), make_key(bad_t, "product")
     good_ids = seed_interactions(db_sessions, good_t, make_alias(good_t),
-                                 _key_id(db_sessions, good_key), 60)
+                                 api_key_id(db_sessions, good_key), 60)
     bad_ids = seed_interactions(db_sessions, bad_t, make_alias(bad_t),
-                                _key_id(db_sessions, bad_key), 12)
+                                api_key_id(db_sessions, bad_key), 12)
 
     async def burst():
         async with httpx.AsyncClient(base_url=api.url, timeout=60) as c:
@@ -123,10 +122,8 @@ def test_one_tenants_bad_ratings_do_not_fail_another_tenants_batch(api, make_key
 
 @pytest.fixture(scope="module")
 def limited_api(api_settings, stack_root):
-    env = flywheel_env(**{**api_settings, "feedback_rate_per_rater": "2"})
-    proc = ApiProcess(env=env, log=stack_root / "api-collide.log").start()
-    yield proc
-    proc.stop()
+    with api_with(api_settings, stack_root / "api-collide.log", feedback_rate_per_rater="2") as proc:
+        yield proc
 
 
 def test_rate_limit_keys_do_not_collide_whatever_the_ids_contain(limited_api, make_key,
@@ -135,7 +132,7 @@ def test_rate_limit_keys_do_not_collide_whatever_the_ids_contain(limited_api, ma
     x = f"t-{uuid.uuid4().hex[:8]}"
     pairs = [(x, "x:v"), (f"{x}:x", "v")]
     keys = {t: make_key(t, "product") for t, _ in pairs}
-    ids = {t: seed_interactions(db_sessions, t, make_alias(t), _key_id(db_sessions, keys[t]), 3)
+    ids = {t: seed_interactions(db_sessions, t, make_alias(t), api_key_id(db_sessions, keys[t]), 3)
            for t, _ in pairs}
     with httpx.Client(base_url=limited_api.url, timeout=30) as c:
         def post(t, rater, n):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import uuid
 
 import pytest
@@ -13,21 +11,7 @@ from service.db import repositories as repo
 from service.db.models import Adapter, AuditEvent, TrainingRun
 from service.db.session import session_scope
 from service.security import hash_key
-from tests.helpers.stack import REPO, flywheel_env
-
-
-@pytest.fixture(scope="module")
-def cli_env(db_url, broker_url, stack_root):
-    env = flywheel_env(database_url=db_url, broker_url=broker_url, data_dir=str(stack_root / "cli"),
-                       vllm_urls="http://127.0.0.1:9")
-    return {**env, "COLUMNS": "200"}  # rich sizes tables to the terminal
-
-
-def flywheel(env, *args: str, policy_dir: str | None = None) -> subprocess.CompletedProcess:
-    if policy_dir:
-        env = {**env, "FLYWHEEL_POLICY_DIR": policy_dir}
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+from tests.helpers.cli import flywheel
 
 
 def test_migrate_is_idempotent(cli_env):

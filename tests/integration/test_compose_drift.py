@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import time
 import uuid
@@ -27,12 +26,12 @@ from sqlalchemy.orm import sessionmaker
 
 from service.db import repositories as repo
 from service.db.session import make_sync_engine, session_scope
-from service.embedded import ensure_redis, stop_redis
+from service.local.embedded import ensure_redis, stop_redis
 from service.security import display_prefix, generate_key, hash_key
 from service.wakeup import ADVANCE_RUN_TASK, TRAINING_QUEUE, producer
-from tests.conftest import bearer
+from tests.helpers.auth import bearer
 from tests.helpers.compose import ROOT, NativeService, describe, flywheel_services, load
-from tests.helpers.stack import wait_http
+from tests.helpers.stack import stop_group, wait_http
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -61,13 +60,7 @@ class Started:
             time.sleep(0.3)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_group(self.proc, 30)
 
 
 def run_once(native: NativeService, timeout: float = 300, **extra_env: str):

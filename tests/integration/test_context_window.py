@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import bearer
+from tests.helpers.auth import bearer
 from tests.helpers.metrics import sample
 
 pytestmark = pytest.mark.vllm

@@ -3,29 +3,23 @@ giving up on a job that keeps killing its worker; and the schema matches the mod
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import uuid
 
 import pytest
-from sqlalchemy import select, text
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from redis.asyncio import Redis
+from sqlalchemy import create_engine, select, text
+from sqlalchemy.engine import make_url
 
+from service import download_links as links
 from service import exports
-from service.db import repositories as repo
-from service.db.models import Adapter, AdapterVersion, AuditEvent, Export, ExportStatus
+from service.db import migrate
+from service.db.models import AdapterVersion, AuditEvent, Base, Export, ExportStatus
 from service.db.session import session_scope
-
-
-@pytest.fixture()
-def version_id(db_sessions, make_alias, tenant) -> uuid.UUID:
-    alias = make_alias(tenant)
-    with session_scope(db_sessions) as s:
-        adapter = s.scalars(select(Adapter).where(Adapter.tenant_id == tenant,
-                                                  Adapter.alias == alias)).one()
-        vid = repo.create_version(s, adapter, artifact_path="/nowhere", sha256="0" * 64,
-                                  parent_version_id=None, run_id=None, lineage={}).id
-    yield vid
-    with session_scope(db_sessions) as s:  # leave no job for a later module's sweeper
-        s.execute(text("UPDATE exports SET status = 'error' WHERE version_id = :v "
-                       "AND status IN ('queued', 'running')"), {"v": vid})
 
 
 def _request(db_sessions, version_id, quant="q8_0", fallback=False):
@@ -135,12 +129,6 @@ def test_a_job_that_keeps_killing_its_worker_is_given_up_with_a_reason(db_sessio
 
 def test_database_schema_matches_the_models(db_url):
     """Migrations and models agree (0001 once lost four foreign keys this way)."""
-    from alembic.autogenerate import compare_metadata
-    from alembic.runtime.migration import MigrationContext
-    from sqlalchemy import create_engine
-
-    from service.db.models import Base
-
     engine = create_engine(db_url)
     try:
         with engine.connect() as conn:
@@ -150,12 +138,6 @@ def test_database_schema_matches_the_models(db_url):
 
 
 def test_migrations_downgrade_and_upgrade_cleanly(db_url):
-    from alembic import command
-    from sqlalchemy import create_engine
-    from sqlalchemy.engine import make_url
-
-    from service.db import migrate
-
     scratch = f"flywheel_mig_{uuid.uuid4().hex[:8]}"
     admin = create_engine(db_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
@@ -176,13 +158,6 @@ def test_migrations_downgrade_and_upgrade_cleanly(db_url):
 
 
 def test_download_links_expire_and_are_stored_hashed(broker_url):
-    import asyncio
-    import hashlib
-
-    from redis.asyncio import Redis
-
-    from service import download_links as links
-
     async def go():
         redis = Redis.from_url(broker_url)
         try:
@@ -202,12 +177,6 @@ def test_download_links_expire_and_are_stored_hashed(broker_url):
 
 
 def test_a_one_time_link_opens_exactly_one_download_even_when_raced(broker_url):
-    import asyncio
-
-    from redis.asyncio import Redis
-
-    from service import download_links as links
-
     async def go():
         redis = Redis.from_url(broker_url)
         try:

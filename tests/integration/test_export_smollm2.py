@@ -16,10 +16,14 @@ from pathlib import Path
 import pytest
 
 from bench.bench_export import make_small_lora
-from workers import export as ex
+from workers.export.build import run_export
+from workers.export.consistency import Tolerance
+from workers.export.engines import LlamaCppLM, encode_prompts, load_merged, render_prompts
+from workers.export.gguf_writer import llama_cpp_available
+from workers.export.identity import LINEAGE_FILE
 
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not ex.llama_cpp_available(),
+              pytest.mark.skipif(not llama_cpp_available(),
                                  reason="llama-cpp-python not built (scripts/bootstrap.sh)")]
 
 PROMPTS = [[{"role": "user", "content": "What is the capital of France?"}],
@@ -39,7 +43,7 @@ TEXTS = ["Order 12345 shipped on 2026-12-02 at 09:30, total $1,299.99 (3 items).
 def exported(smollm2, tmp_path_factory):
     root = tmp_path_factory.mktemp("smollm2-export")
     adapter = make_small_lora(smollm2, root / "adapter", seed=0, scale=0.5)
-    outcome = ex.run_export(smollm2, adapter, root / "out", fmt="gguf", quant="q8_0",
+    outcome = run_export(smollm2, adapter, root / "out", fmt="gguf", quant="q8_0",
                             prompts=PROMPTS, max_new_tokens=8,
                             lineage={"alias": "smol", "version": 2})
     return smollm2, adapter, outcome
@@ -53,8 +57,8 @@ def test_q8_0_export_of_a_smollm2_lora_passes_the_consistency_gate(exported):
     assert (gguf.format, gguf.quant, gguf.status) == ("gguf", "q8_0", "passed")
     m = gguf.metrics
     assert m["tokenizer_agreement"] == 1.0
-    assert m["decisive_agreement"] >= ex.Tolerance().min_token_agreement
-    assert abs(m["nll_delta"]) <= ex.Tolerance().max_nll_delta
+    assert m["decisive_agreement"] >= Tolerance().min_token_agreement
+    assert abs(m["nll_delta"]) <= Tolerance().max_nll_delta
     assert m["tensor_types"]["Q8_0"] == 30 * 7 + 1  # 7 projections x 30 blocks + tied embeddings
     assert m["n_tokens"] >= 3 * 4
 
@@ -63,13 +67,13 @@ def test_q8_0_export_of_a_smollm2_lora_passes_the_consistency_gate(exported):
     # the served version's greedy continuations, minus the served version's own.
     import numpy as np
 
-    base = ex.load_merged(smollm2)
+    base = load_merged(smollm2)
     nll, n = 0.0, 0
-    for ids, p in zip(ex.encode_prompts(smollm2, PROMPTS), m["per_prompt"], strict=True):
+    for ids, p in zip(encode_prompts(smollm2, PROMPTS), m["per_prompt"], strict=True):
         cont = p["reference"]
         lp = base.logprobs(ids + cont)[len(ids) - 1:-1]
         nll, n = nll - float(lp[np.arange(len(cont)), cont].sum()), n + len(cont)
-    assert nll / n - m["nll_reference"] > ex.Tolerance().max_nll_delta, nll / n - m["nll_reference"]
+    assert nll / n - m["nll_reference"] > Tolerance().max_nll_delta, nll / n - m["nll_reference"]
 
     # What the converter wrote: llama.cpp's own tokenizer name for SmolLM2 and the lineage.
     import gguf as gguf_py
@@ -79,7 +83,7 @@ def test_q8_0_export_of_a_smollm2_lora_passes_the_consistency_gate(exported):
     assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.pre") == "smollm"
     assert field("general.name") == "smol-v2"
     assert merged.sha256 in field("general.description")
-    lineage = json.loads((Path(gguf.path).parent / ex.LINEAGE_FILE).read_text())
+    lineage = json.loads((Path(gguf.path).parent / LINEAGE_FILE).read_text())
     assert lineage["quant"] == "q8_0" and lineage["parent"]["sha256"] == merged.sha256
 
 
@@ -88,8 +92,8 @@ def test_llama_cpp_tokenizes_the_gguf_as_the_served_tokenizer_does(exported):
 
     smollm2, _, outcome = exported
     tok = AutoTokenizer.from_pretrained(smollm2)
-    texts = ex.render_prompts(smollm2, PROMPTS) + TEXTS
-    lm = ex.LlamaCppLM.load(outcome.final.path, n_ctx=256)
+    texts = render_prompts(smollm2, PROMPTS) + TEXTS
+    lm = LlamaCppLM.load(outcome.final.path, n_ctx=256)
     try:
         got = [lm.tokenize(t) for t in texts]
     finally:

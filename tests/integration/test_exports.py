@@ -24,11 +24,13 @@ from service.db import repositories as repo
 from service.db.models import Adapter, AdapterVersion, AuditEvent, Export, TrainingRun
 from service.db.session import session_scope
 from service.engine.artifact import artifact_sha256
+from service.policy import Policy
 from service.wakeup import wake_run
-from tests.conftest import METRICS_AUTH, bearer
+from tests.helpers.auth import METRICS_AUTH, bearer
+from tests.helpers.cli import flywheel
 from tests.helpers.stack import ApiProcess, WorkerProcess, flywheel_env
 from tests.helpers.vllm import make_random_lora
-from workers.export import llama_cpp_available
+from workers.export.gguf_writer import llama_cpp_available
 
 pytestmark = pytest.mark.vllm
 
@@ -362,8 +364,6 @@ def test_promotion_queues_the_policys_exports(client, export_worker, make_key, t
                                               db_sessions, tiny_model, tmp_path, broker_url, vllm):
     """An approved run deployed by the real worker: export.on_promotion queues a merged and a GGUF
     export of the now-live version, and the merged one answers as the served version does."""
-    from service.policy import Policy
-
     alias = make_alias(tenant)
     version = _add_version(db_sessions, tiny_model, tenant, alias, tmp_path / "v1", seed=9)
     policy = Policy.model_validate({"export": {"on_promotion": [
@@ -441,14 +441,7 @@ def _greedy(model_dir: Path, messages: list[dict], max_new_tokens: int
 
 
 def _cli(env: dict, *args: str):
-    import subprocess
-    import sys
-
-    from tests.helpers.stack import REPO
-
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO,
-                          env={**env, "COLUMNS": "200"}, capture_output=True, text=True,
-                          timeout=300)
+    return flywheel({**env, "COLUMNS": "200"}, *args, timeout=300)
 
 
 @needs_llama_cpp

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import func, select
 
 from service.db.models import Feedback
-from tests.conftest import METRICS_AUTH, bearer
+from tests.helpers.auth import METRICS_AUTH, bearer
 
 pytestmark = pytest.mark.vllm
 

@@ -13,12 +13,11 @@ from sqlalchemy import select
 
 from service.db import hotpath
 from service.db.models import Feedback
-from service.ratelimit import window_counter
-from tests.conftest import METRICS_AUTH, bearer
-from tests.helpers.data import seed_interactions
+from service.intake.ratelimit import window_counter
+from tests.helpers.auth import METRICS_AUTH, bearer
+from tests.helpers.data import api_key_id, seed_interactions
 from tests.helpers.metrics import sample
-from tests.helpers.stack import ApiProcess, flywheel_env
-from tests.integration.test_trigger import _key_id
+from tests.helpers.stack import api_with
 
 
 @pytest.fixture()
@@ -32,7 +31,7 @@ async def fast_pool(db_url):
 @pytest.fixture()
 def seeded(db_sessions, make_key, make_alias, tenant):
     key = make_key(tenant, "product")
-    key_id = _key_id(db_sessions, key)
+    key_id = api_key_id(db_sessions, key)
     ids = [uuid.UUID(i) for i in seed_interactions(db_sessions, tenant, make_alias(tenant),
                                                    key_id, 4)]
     return tenant, key, key_id, ids
@@ -102,18 +101,16 @@ async def test_batched_counts_are_what_one_incr_per_call_gives(broker_url):
 
 @pytest.fixture(scope="module")
 def burst_api(api_settings, stack_root):
-    env = flywheel_env(**{**api_settings, "feedback_rate_per_rater": "10",
-                          "feedback_rate_per_tenant": "1000"})
-    proc = ApiProcess(env=env, log=stack_root / "api-burst.log").start()
-    yield proc
-    proc.stop()
+    with api_with(api_settings, stack_root / "api-burst.log", feedback_rate_per_rater="10",
+                  feedback_rate_per_tenant="1000") as proc:
+        yield proc
 
 
 async def test_a_concurrent_burst_keeps_every_rating_and_the_limits_exact(
         burst_api, db_sessions, make_key, make_alias, tenant):
     key = make_key(tenant, "product")
     ids = seed_interactions(db_sessions, tenant, make_alias(tenant),
-                            _key_id(db_sessions, key), 30)
+                            api_key_id(db_sessions, key), 30)
     async with httpx.AsyncClient(base_url=burst_api.url, timeout=30) as c:
         async def post(iid, rater, rating):
             r = await c.post("/v1/feedback", headers=bearer(key),

@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 
 from service.policy import GatePolicy
 from workers.dataset import render_completion, render_prompt
-from workers.evaluation import offline_metrics
+from workers.stages.evaluate import offline_metrics
 from workers.gate import decide
 from workers.training import TrainingConfig, train_adapter
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import pytest
+from sqlalchemy import text
 
-from tests.conftest import METRICS_AUTH, bearer
+from tests.helpers.auth import METRICS_AUTH, bearer
 
 pytestmark = pytest.mark.vllm
 
@@ -124,8 +127,6 @@ def test_readyz_reports_all_services(client):
 
 
 def _row(db_sessions, iid: str):
-    from sqlalchemy import text
-
     with db_sessions() as s:
         return s.execute(text("SELECT finish_reason, response_text FROM interactions WHERE id = :i"),
                          {"i": iid}).first()
@@ -133,8 +134,6 @@ def _row(db_sessions, iid: str):
 
 def test_interaction_is_stored_while_it_is_generated(api, db_sessions, product):
     """The request's row exists (pending) before the answer is done; the answer fills it."""
-    import time
-
     key, alias = product
     body = {"model": alias, "messages": MESSAGES, "max_tokens": 200, "ignore_eos": True,
             "stream": True}
@@ -154,8 +153,6 @@ def test_interaction_is_stored_while_it_is_generated(api, db_sessions, product):
 
 
 def test_a_request_the_engine_refuses_leaves_no_row(client, db_sessions, product):
-    import time
-
     key, alias = product
     r = client.post("/v1/chat/completions", headers=bearer(key),
                     json={"model": alias, "messages": MESSAGES, "max_tokens": 4, "min_tokens": 50})

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from tests.conftest import bearer
+from tests.helpers.auth import bearer
 
 pytestmark = pytest.mark.vllm
 

@@ -5,8 +5,6 @@ ones where that matters (the watch window) and count where they should (trigger,
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from service.db.models import (
 from service.db.session import session_scope
 from service.imports import RatingRule, parse_file, store
 from service.policy import PolicyStore
+from tests.helpers.cli import flywheel
 from tests.helpers.data import seed_interactions
 from tests.helpers.stack import REPO, flywheel_env
 
@@ -45,14 +44,10 @@ def policies(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def cli_env(db_url, broker_url, stack_root, policies):
+    """The CLI's environment with this module's policies (in place of tests/helpers/cli.py's)."""
     env = flywheel_env(database_url=db_url, broker_url=broker_url, policy_dir=str(policies),
                        data_dir=str(stack_root / "cli-imports"), vllm_urls="http://127.0.0.1:9")
     return {**env, "COLUMNS": "200"}
-
-
-def flywheel(env, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
 
 
 def _adapter(db_sessions, tenant, alias) -> Adapter:
@@ -160,7 +155,7 @@ def test_a_record_the_database_refuses_is_reported_alone(db_sessions, make_alias
 
 
 def test_imported_ratings_stay_out_of_the_base_models_watch_rate(db_sessions, make_alias, tenant):
-    from workers.promotion import _rates
+    from workers.stages.watch import _rates
 
     alias = make_alias(tenant)
     adapter = _adapter(db_sessions, tenant, alias)

@@ -15,12 +15,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from sqlalchemy import func, select, text
 
-from service import runs
 from service.db.models import Adapter, Feedback, JudgeSweep, TrainingRun
 from service.db.session import session_scope
-from service.embedded import free_port
+from service.local.embedded import free_port
 from service.policy import JudgePolicy, Policy, TriggerPolicy
-from tests.conftest import METRICS_AUTH, bearer
+from service.trigger import start_run_if_due
+from tests.helpers.auth import METRICS_AUTH, bearer
 from tests.helpers.data import seed_interactions
 from workers.judge import judge_alias
 
@@ -179,10 +179,10 @@ def test_judge_ratings_start_no_run_unless_the_policy_counts_them(smollm2_vllm, 
     assert res.rated >= 3, res.as_dict()
     trigger = TriggerPolicy(min_new_ratings=3)
     with session_scope(db_sessions) as s:
-        assert runs.maybe_trigger(s, adapter_id, Policy(trigger=trigger)) is None
+        assert start_run_if_due(s, adapter_id, Policy(trigger=trigger)) is None
     counting = Policy(trigger=trigger, judge=JudgePolicy(counts_toward_trigger=True))
     with session_scope(db_sessions) as s:
-        run_id = runs.maybe_trigger(s, adapter_id, counting)
+        run_id = start_run_if_due(s, adapter_id, counting)
     assert run_id is not None
     with session_scope(db_sessions) as s:
         run = s.get(TrainingRun, run_id)

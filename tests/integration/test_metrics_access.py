@@ -8,11 +8,10 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import bearer
-from tests.helpers.data import seed_interactions
+from tests.helpers.auth import METRICS_AUTH, bearer
+from tests.helpers.data import api_key_id, seed_interactions
 from tests.helpers.metrics import sample
 from tests.helpers.stack import ApiProcess, flywheel_env
-from tests.integration.test_trigger import _key_id
 
 pytestmark = pytest.mark.vllm
 
@@ -29,7 +28,7 @@ def open_api(api_settings, stack_root):
 def test_without_a_token_metrics_name_no_tenant_and_db_gauges_are_cached(
         open_api, make_key, make_alias, tenant, db_sessions):
     key, alias = make_key(tenant, "product"), make_alias(tenant)
-    ids = seed_interactions(db_sessions, tenant, alias, _key_id(db_sessions, key), 3)
+    ids = seed_interactions(db_sessions, tenant, alias, api_key_id(db_sessions, key), 3)
     with httpx.Client(base_url=open_api.url, timeout=30) as c:
         r = c.post("/v1/chat/completions", headers=bearer(key), json={
             "model": alias, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
@@ -50,11 +49,9 @@ def test_without_a_token_metrics_name_no_tenant_and_db_gauges_are_cached(
 
 def test_with_a_token_only_its_bearer_gets_every_series(api, make_key, make_alias, tenant,
                                                          db_sessions):
-    from tests.conftest import METRICS_AUTH
-
     alias = make_alias(tenant)
     key = make_key(tenant, "product")
-    seed_interactions(db_sessions, tenant, alias, _key_id(db_sessions, key), 1)
+    seed_interactions(db_sessions, tenant, alias, api_key_id(db_sessions, key), 1)
     with httpx.Client(base_url=api.url, timeout=30) as c:
         assert c.get("/metrics").status_code == 401
         wrong = c.get("/metrics", headers={"Authorization": "Bearer nope"})

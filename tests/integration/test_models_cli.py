@@ -7,20 +7,18 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
 from service.models.inspect import PROVENANCE_FILE
-from tests.helpers.stack import REPO
+from tests.helpers.cli import flywheel
 
 
 def _flywheel(args: list[str], tmp_path, timeout: float = 300, **env: str):
     environ = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
     environ.update(FLYWHEEL_DATA_DIR=str(tmp_path / "data"), COLUMNS="200",
                    **{f"FLYWHEEL_{k.upper()}": v for k, v in env.items()})
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO, env=environ,
-                          capture_output=True, text=True, timeout=timeout)
+    return flywheel(environ, *args, timeout=timeout)
 
 
 def test_models_show_reports_the_default_models_provenance_and_served_context(smollm2, tmp_path):

@@ -10,8 +10,8 @@ from sqlalchemy.exc import IntegrityError
 from service.db import repositories as repo
 from service.db.session import session_scope
 from service.names import NameRefused
-from tests.conftest import bearer
-from tests.integration.test_cli import cli_env, flywheel  # noqa: F401 - the imported fixture
+from tests.helpers.auth import bearer
+from tests.helpers.cli import flywheel
 
 pytestmark = pytest.mark.vllm
 
@@ -24,7 +24,7 @@ def test_the_api_refuses_an_alias_with_the_separator(client, make_key, tenant):
     assert client.post("/v1/adapters", headers=bearer(ops), json={"alias": "b-c"}).status_code == 201
 
 
-def test_the_cli_and_the_repositories_refuse_it_too(cli_env, db_sessions, tenant):  # noqa: F811
+def test_the_cli_and_the_repositories_refuse_it_too(cli_env, db_sessions, tenant):
     bad = flywheel(cli_env, "keys", "create", "--tenant", f"{tenant}--x", "--role", "ops")
     assert bad.returncode != 0 and "separator" in bad.stderr
     bad = flywheel(cli_env, "adapters", "create", "b--c", "--tenant", tenant)

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from service.api.routes.ops_page import STATIC_FILES
-from tests.conftest import bearer
+from tests.helpers.auth import bearer
 from tests.helpers.stack import ApiProcess, flywheel_env
 
 

@@ -12,8 +12,8 @@ from sqlalchemy import text
 from service.db import hotpath
 from service.db import repositories as repo
 from service.db.session import session_scope
-from service.outbox import Outbox
-from service.spool import Spool
+from service.intake.outbox import Outbox
+from service.intake.spool import Spool
 
 
 def _values(tenant: str, adapter_id, n: int) -> dict:

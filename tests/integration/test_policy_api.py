@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from service.policy import PolicyStore
-from tests.conftest import bearer
-from tests.helpers.stack import ApiProcess, flywheel_env
-from tests.integration.test_cli import cli_env, flywheel  # noqa: F401 - cli_env is a fixture
+from tests.helpers.auth import bearer
+from tests.helpers.cli import flywheel
+from tests.helpers.stack import api_with
 
 TENANT = f"t-pol-{uuid.uuid4().hex[:8]}"
 
@@ -30,10 +30,8 @@ def policy_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def policy_api(api_settings, policy_dir, stack_root):
-    env = flywheel_env(**{**api_settings, "policy_dir": str(policy_dir)})
-    proc = ApiProcess(env=env, log=stack_root / "api-policy.log").start()
-    yield proc
-    proc.stop()
+    with api_with(api_settings, stack_root / "api-policy.log", policy_dir=str(policy_dir)) as proc:
+        yield proc
 
 
 def test_ops_see_the_merged_policy_and_its_files(policy_api, make_key, make_alias):
@@ -78,7 +76,7 @@ def test_another_tenants_alias_of_the_same_name_never_takes_the_shared_file(poli
     assert body["policy"]["trigger"]["min_new_ratings"] == 40
 
 
-def test_cli_shows_the_same_policy(cli_env, policy_dir):  # noqa: F811 - the imported fixture
+def test_cli_shows_the_same_policy(cli_env, policy_dir):
     r = flywheel(cli_env, "policies", "show", "bot", "--tenant", TENANT, policy_dir=str(policy_dir))
     assert r.returncode == 0, r.stderr
     header, _, text = r.stdout.partition("\n")
@@ -90,7 +88,7 @@ def test_cli_shows_the_same_policy(cli_env, policy_dir):  # noqa: F811 - the imp
     assert yaml.safe_load(plain.stdout.partition("\n")[2])["approval"] == "auto"
 
 
-def test_cli_show_names_a_bad_policy_file(cli_env, tmp_path):  # noqa: F811
+def test_cli_show_names_a_bad_policy_file(cli_env, tmp_path):
     (tmp_path / "default.yaml").write_text("trigger: {min_new_ratings: -1}\n")
     r = flywheel(cli_env, "policies", "show", "bot", policy_dir=str(tmp_path))
     assert r.returncode == 1

@@ -6,24 +6,22 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from tests.conftest import METRICS_AUTH, bearer
-from tests.helpers.data import seed_interactions
-from tests.integration.test_trigger import _key_id
-from tests.helpers.stack import ApiProcess, flywheel_env
+from tests.helpers.auth import METRICS_AUTH, bearer
+from tests.helpers.data import api_key_id, seed_interactions
+from tests.helpers.stack import api_with
 
 
 @pytest.fixture(scope="module")
 def limited_api(api_settings, stack_root):
-    env = flywheel_env(**{**api_settings, "feedback_rate_per_rater": "3", "feedback_rate_per_tenant": "8"})
-    proc = ApiProcess(env=env, log=stack_root / "api-limits.log").start()
-    yield proc
-    proc.stop()
+    with api_with(api_settings, stack_root / "api-limits.log", feedback_rate_per_rater="3",
+                  feedback_rate_per_tenant="8") as proc:
+        yield proc
 
 
 def test_rater_and_tenant_limits_answer_429_with_retry_after(limited_api, db_sessions, make_key,
                                                             make_alias, tenant):
     key, alias = make_key(tenant, "product"), make_alias(tenant)
-    ids = seed_interactions(db_sessions, tenant, alias, _key_id(db_sessions, key), 12)
+    ids = seed_interactions(db_sessions, tenant, alias, api_key_id(db_sessions, key), 12)
     with httpx.Client(base_url=limited_api.url, timeout=30) as c:
         def post(i, rater):
             return c.post("/v1/feedback", headers=bearer(key),
@@ -42,7 +40,7 @@ def test_rater_and_tenant_limits_answer_429_with_retry_after(limited_api, db_ses
         # Another tenant is unaffected.
         other = f"{tenant}-o"
         okey, oalias = make_key(other, "product"), make_alias(other)
-        oid = seed_interactions(db_sessions, other, oalias, _key_id(db_sessions, okey), 1)[0]
+        oid = seed_interactions(db_sessions, other, oalias, api_key_id(db_sessions, okey), 1)[0]
         assert c.post("/v1/feedback", headers=bearer(okey),
                       json={"interaction_id": oid, "rating": "up"}).status_code == 201
         assert 'flywheel_feedback_rate_limited_total{scope="rater"}' in c.get("/metrics", headers=METRICS_AUTH).text
@@ -50,21 +48,19 @@ def test_rater_and_tenant_limits_answer_429_with_retry_after(limited_api, db_ses
 
 @pytest.fixture(scope="module")
 def per_key_api(api_settings, stack_root):
-    env = flywheel_env(**{**api_settings, "feedback_rate_per_rater": "2",
-                          "feedback_rate_per_key": "5", "feedback_rate_per_tenant": "1000"})
-    proc = ApiProcess(env=env, log=stack_root / "api-per-key.log").start()
-    yield proc
-    proc.stop()
+    with api_with(api_settings, stack_root / "api-per-key.log", feedback_rate_per_rater="2",
+                  feedback_rate_per_key="5", feedback_rate_per_tenant="1000") as proc:
+        yield proc
 
 
 def test_a_key_inventing_rater_ids_meets_its_own_limit_and_raters_are_per_key(
         per_key_api, db_sessions, make_key, make_alias, tenant):
-    from workers.steps import load_rated
+    from workers.stages.train import load_rated
 
     mallory, other = make_key(tenant, "product"), make_key(tenant, "product")
     alias = make_alias(tenant)
-    ids = seed_interactions(db_sessions, tenant, alias, _key_id(db_sessions, mallory), 8)
-    oids = seed_interactions(db_sessions, tenant, alias, _key_id(db_sessions, other), 3)
+    ids = seed_interactions(db_sessions, tenant, alias, api_key_id(db_sessions, mallory), 8)
+    oids = seed_interactions(db_sessions, tenant, alias, api_key_id(db_sessions, other), 3)
     with httpx.Client(base_url=per_key_api.url, timeout=30) as c:
         codes = [c.post("/v1/feedback", headers=bearer(mallory), json={
             "interaction_id": i, "rating": "up", "rater_id": f"sock{n}"}).status_code
@@ -82,6 +78,6 @@ def test_a_key_inventing_rater_ids_meets_its_own_limit_and_raters_are_per_key(
         from service.db.models import Adapter
         adapter_id = s.scalars(select(Adapter.id).where(Adapter.tenant_id == tenant)).one()
         rated = load_rated(s, adapter_id, 0, 2**62)
-    assert {r.posted_by for r in rated} == {str(_key_id(db_sessions, mallory)),
-                                             str(_key_id(db_sessions, other))}
-    assert sum(r.posted_by == str(_key_id(db_sessions, mallory)) for r in rated) == 5
+    assert {r.posted_by for r in rated} == {str(api_key_id(db_sessions, mallory)),
+                                             str(api_key_id(db_sessions, other))}
+    assert sum(r.posted_by == str(api_key_id(db_sessions, mallory)) for r in rated) == 5

@@ -13,20 +13,15 @@ from sqlalchemy import select, update
 
 from service.db.models import Adapter, AdapterVersion, AuditEvent, EngineReplica
 from service.db.session import session_scope
-from service.embedded import free_port
 from service.engine import swap as sw
 from service.engine.artifact import WEIGHTS_FILE, verifier
 from service.engine.reconcile import apply_to_pool, observe, reconcile_once
 from service.engine.replicas import ReplicaPool
 from service.engine.vllm_admin import VllmAdmin
-from tests.conftest import bearer
+from service.local.embedded import free_port
+from tests.helpers.replicas import api_env, chat, served_models
 from tests.helpers.stack import ApiProcess
 
-# Rewritten asserts in the helpers, which are imported here before pytest loads the plugin.
-pytest.register_assert_rewrite("tests.helpers.replicas")
-from tests.helpers.replicas import api_env, served_models  # noqa: E402
-
-pytest_plugins = ["tests.helpers.replicas"]
 pytestmark = pytest.mark.vllm
 
 GRACE = {"warm_grace_s": 600.0, "drain_s": 3.0}
@@ -34,14 +29,6 @@ GRACE = {"warm_grace_s": 600.0, "drain_s": 3.0}
 
 def _verify(cfg: sw.SwapConfig):
     return verifier(engine_base_model=cfg.engine_base_model, max_lora_rank=cfg.max_lora_rank)
-
-
-@pytest.fixture()
-async def admins(swap_replicas):
-    clients = swap_replicas.admins()
-    yield clients
-    for c in clients:
-        await c.aclose()
 
 
 async def _wait_for(admin: VllmAdmin, names: set[str], timeout: float = 30.0) -> float:
@@ -69,14 +56,6 @@ async def _wait_for_row(db_sessions, url: str, names: set[str], timeout: float =
         await asyncio.sleep(0.2)
 
 
-async def _chat(api_url: str, key: str, alias: str) -> str:
-    async with httpx.AsyncClient(base_url=api_url, timeout=60) as c:
-        r = await c.post("/v1/chat/completions", headers=bearer(key), json={
-            "model": alias, "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
-    assert r.status_code == 200, r.text
-    return r.headers["x-interaction-id"]
-
-
 async def test_replica_restarted_at_rest_gets_its_adapters_back(
         swap_api, swap_replicas, admins, versions, swap_cfg, db_sessions, make_key):
     key = make_key(versions.tenant)
@@ -89,7 +68,7 @@ async def test_replica_restarted_at_rest_gets_its_adapters_back(
 
     await asyncio.to_thread(swap_replicas.stop_one, 0)
     await asyncio.sleep(0.5)  # the gateway's observer polls every 0.2 s
-    ids = [await _chat(swap_api.url, key, alias) for _ in range(6)]
+    ids = [await chat(swap_api.url, key, alias) for _ in range(6)]
     assert {r for _, r in served_models(db_sessions, ids).values()} == {up_url}
 
     await asyncio.to_thread(swap_replicas.start_one, 0)
@@ -100,7 +79,7 @@ async def test_replica_restarted_at_rest_gets_its_adapters_back(
     row = await _wait_for_row(db_sessions, down_url, {name1, name2})
     assert row.healthy and {name1, name2} <= set(row.loaded)
     await asyncio.sleep(0.5)
-    ids = [await _chat(swap_api.url, key, alias) for _ in range(6)]
+    ids = [await chat(swap_api.url, key, alias) for _ in range(6)]
     assert {r for _, r in served_models(db_sessions, ids).values()} == {down_url, up_url}
 
 

@@ -20,7 +20,7 @@ from service.models.prepare import DEFAULT_MODEL, weights_sha256
 from service.policy import GatePolicy, GoldenCase
 from service.tasks import support_desk
 from workers.dataset import render_completion, render_prompt
-from workers.evaluation import offline_metrics
+from workers.stages.evaluate import offline_metrics
 from workers.gate import check_golden_output, decide
 from workers.training import TrainingConfig, train_adapter
 

@@ -6,7 +6,6 @@ import asyncio
 import dataclasses
 import time
 
-import httpx
 import pytest
 from sqlalchemy import select
 
@@ -15,28 +14,17 @@ from service.db.session import session_scope
 from service.engine import swap as sw
 from service.engine.artifact import verifier
 from service.engine.sizing import EngineSize
+from service.engine.reconcile import reconcile_once
 from service.engine.vllm_admin import VllmAdmin
-from tests.conftest import bearer
+from tests.helpers.cli import flywheel
+from tests.helpers.replicas import ROUTING_TTL_S, Traffic, api_env, chat, served_models
 
-# Rewritten asserts in the helpers, which are imported here before pytest loads the plugin.
-pytest.register_assert_rewrite("tests.helpers.replicas")
-from tests.helpers.replicas import ROUTING_TTL_S, Traffic, served_models  # noqa: E402
-
-pytest_plugins = ["tests.helpers.replicas"]
 pytestmark = pytest.mark.vllm
 
 # What each bad artifact must be refused with (artifact.verify_artifact's codes).
 REFUSALS = {"wrong_sha": "sha256_mismatch", "wrong_base": "wrong_base", "pickle_only": "pickle",
             "rank_too_large": "rank_too_large", "nan": "non_finite",
             "modules_to_save": "modules_to_save"}
-
-
-@pytest.fixture()
-async def admins(swap_replicas):
-    clients = swap_replicas.admins()
-    yield clients
-    for c in clients:
-        await c.aclose()
 
 
 def _alias_row(sessions, adapter_id) -> Adapter:
@@ -51,18 +39,6 @@ def _version_row(sessions, version_id) -> AdapterVersion:
 
 async def _loaded(admins) -> list[set[str]]:
     return [await a.loaded_loras() for a in admins]
-
-
-async def _chat(api_url: str, key: str, alias: str, user: str | None = None) -> str:
-    """One request through the gateway; returns the interaction id."""
-    body = {"model": alias, "max_tokens": 2, "temperature": 0,
-            "messages": [{"role": "user", "content": "hi"}]}
-    if user:
-        body["user"] = user
-    async with httpx.AsyncClient(base_url=api_url, timeout=60) as c:
-        r = await c.post("/v1/chat/completions", json=body, headers=bearer(key))
-    assert r.status_code == 200, r.text
-    return r.headers["x-interaction-id"]
 
 
 async def test_swap_under_load_fails_no_request_and_gateway_follows_within_bound(
@@ -173,7 +149,7 @@ async def test_replica_killed_mid_swap_keeps_alias_and_reconciler_restores_it(
     assert name2 not in await admins[0].loaded_loras()  # unloaded where it did land
     # The gateway keeps serving the old version from the surviving replica.
     await asyncio.sleep(0.5)
-    iid = await _chat(swap_api.url, key, alias)
+    iid = await chat(swap_api.url, key, alias)
     assert served_models(db_sessions, [iid])[iid] == (name1, swap_replicas.urls[0])
 
     await asyncio.to_thread(swap_replicas.start_one, 1)  # back, empty
@@ -193,8 +169,6 @@ async def _held(admin: VllmAdmin) -> set[str]:
 
 async def test_rollback_is_instant_while_warm_and_reloads_once_retired(
         swap_api, admins, versions, swap_cfg, db_sessions, make_key):
-    from service.engine.reconcile import reconcile_once
-
     key = make_key(versions.tenant)
     alias, adapter_id = versions.alias()
     v1, name1 = versions.new(alias)
@@ -212,7 +186,7 @@ async def test_rollback_is_instant_while_warm_and_reloads_once_retired(
     assert (row.serving_version_id, row.previous_version_id) == (v1, None)
     assert _version_row(db_sessions, v2).failure_reason == "rolled back: thumbs down"
     await asyncio.sleep(ROUTING_TTL_S + 0.1)
-    iid = await _chat(swap_api.url, key, alias)
+    iid = await chat(swap_api.url, key, alias)
     assert served_models(db_sessions, [iid])[iid][0] == name1
 
     # v3 goes live, v1 becomes the warm previous version; then its grace period runs out.
@@ -230,7 +204,7 @@ async def test_rollback_is_instant_while_warm_and_reloads_once_retired(
     assert _alias_row(db_sessions, adapter_id).serving_version_id == v1
     assert all(name1 in held for held in await _loaded(admins))
     await asyncio.sleep(ROUTING_TTL_S + 0.1)
-    iid = await _chat(swap_api.url, key, alias)
+    iid = await chat(swap_api.url, key, alias)
     assert served_models(db_sessions, [iid])[iid][0] == name1
     print(f"\nrollback: warm {warm.timings['swap'] * 1000:.1f} ms, "
           f"after unload {cold.timings['swap'] * 1000:.1f} ms")
@@ -277,7 +251,7 @@ async def test_canary_is_sticky_per_user_and_promotes(swap_api, admins, versions
     await asyncio.sleep(ROUTING_TTL_S + 0.1)
 
     users = [f"u{i}" for i in range(12)]
-    ids = {u: [await _chat(swap_api.url, key, alias, u) for _ in range(2)] for u in users}
+    ids = {u: [await chat(swap_api.url, key, alias, u) for _ in range(2)] for u in users}
     served = served_models(db_sessions, [i for pair in ids.values() for i in pair])
     per_user = {u: {served[i][0] for i in pair} for u, pair in ids.items()}
     assert all(len(models) == 1 for models in per_user.values())  # sticky
@@ -291,27 +265,16 @@ async def test_canary_is_sticky_per_user_and_promotes(swap_api, admins, versions
 
 def test_cli_swaps_and_rolls_back(swap_replicas, versions, db_sessions, db_url,
                                   broker_url, tiny_model, stack_root):
-    import subprocess
-    import sys
-
-    from tests.helpers.replicas import api_env
-    from tests.helpers.stack import REPO
-
     alias, adapter_id = versions.alias()
     v1, _ = versions.new(alias)
     v2, _ = versions.new(alias)
     env = api_env(db_url, broker_url, swap_replicas.urls, tiny_model, stack_root / "cli-data")
-
-    def flywheel(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=120)
-
     for v in (v1, v2):
-        done = flywheel("adapters", "swap", str(v), "--reason", "cli test")
+        done = flywheel(env, "adapters", "swap", str(v), "--reason", "cli test")
         assert done.returncode == 0, done.stderr
     assert '"ok": true' in done.stdout
-    done = flywheel("adapters", "rollback", alias, "--tenant", versions.tenant)
+    done = flywheel(env, "adapters", "rollback", alias, "--tenant", versions.tenant)
     assert done.returncode == 0, done.stderr
     assert _alias_row(db_sessions, adapter_id).serving_version_id == v1
-    done = flywheel("adapters", "rollback", "no-such-alias", "--tenant", versions.tenant)
+    done = flywheel(env, "adapters", "rollback", "no-such-alias", "--tenant", versions.tenant)
     assert done.returncode == 2 and "no alias" in done.stderr

@@ -16,8 +16,10 @@ import httpx
 import pytest
 
 from service.engine.managed import ManagedVllm, VllmStartError
-from service.tiny_model import build_tiny_model
-from tests.helpers.vllm import TINY_MODEL_CACHE, free_port, make_random_lora, sse_events
+from service.local.embedded import free_port
+from service.local.tiny_model import build_tiny_model
+from tests.helpers.stack import TINY_MODEL_CACHE
+from tests.helpers.vllm import make_random_lora, sse_events
 
 pytestmark = pytest.mark.vllm
 

@@ -20,8 +20,10 @@ import httpx
 import pytest
 
 from service.engine.managed import ManagedVllm
+from service.local.embedded import free_port
 from tests.helpers.chat_templates import TOOLS_TEMPLATE
-from workers.dataset import DatasetPolicy, RatedInteraction, build_dataset
+from tests.helpers.vllm import running
+from workers.dataset import DatasetConfig, RatedInteraction, build_dataset
 from workers.redaction import NullRedactor
 from workers.training import TrainingConfig, _to_dataset, train_adapter
 
@@ -57,16 +59,10 @@ def server(request, tiny_model, tmp_path_factory):
     if isinstance(shared, ManagedVllm) and shared.model_dir.resolve() == Path(tiny_model).resolve():
         yield shared
         return
-    from service.embedded import free_port
-
     srv = ManagedVllm(tiny_model, free_port(), kv_cache_gb=0.0625,
                       log_path=tmp_path_factory.mktemp("vllm") / "vllm.log")
-    srv.start()
-    try:
-        srv.wait_healthy(timeout=300)
+    with running(srv):
         yield srv
-    finally:
-        srv.stop()
 
 
 def _messages(question: str) -> list[dict]:
@@ -177,19 +173,13 @@ PARAMS = {"tools": TOOLS, "tool_choice": "none", "chat_template_kwargs": KWARGS,
 @pytest.fixture(scope="module")
 def tools_server(tiny_model, tmp_path_factory):
     """vLLM serving the tiny model with TOOLS_TEMPLATE (--chat-template)."""
-    from service.embedded import free_port
-
     root = tmp_path_factory.mktemp("tools-vllm")
     (root / "tools.jinja").write_text(TOOLS_TEMPLATE)
     # The tools' JSON takes ~250 of the byte-level tokenizer's tokens: the model's full context.
     srv = ManagedVllm(tiny_model, free_port(), kv_cache_gb=0.0625, max_model_len=1024,
                       log_path=root / "vllm.log", extra_args=["--chat-template", str(root / "tools.jinja")])
-    srv.start()
-    try:
-        srv.wait_healthy(timeout=300)
+    with running(srv):
         yield srv
-    finally:
-        srv.stop()
 
 
 def _rated(n: int, messages: list[dict], **answer) -> RatedInteraction:
@@ -211,7 +201,7 @@ def test_tool_conversations_train_on_what_vllm_tokenizes(tools_server, tiny_mode
     after_result = _rated(1, ANSWERED, response_text="It is snowing.")
     called = _rated(2, ASKED, response_text="", response_tool_calls=[CALL])
     built = build_dataset([after_result, called], tokenizer=tok, redactor=NullRedactor(),
-                          policy=DatasetPolicy(method="sft", heldout_fraction=0.0, replay_fraction=0.0,
+                          policy=DatasetConfig(method="sft", heldout_fraction=0.0, replay_fraction=0.0,
                                                min_examples=2))
     names = ("after_result", "called")
     records = dict(zip(names, built.train["sft"], strict=True))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from service.embedded import free_port
+from service.local.embedded import free_port
 from service.engine.artifact import verify_artifact
 from workers.training import latest_checkpoint
 

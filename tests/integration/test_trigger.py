@@ -10,11 +10,9 @@ import pytest
 import redis
 from sqlalchemy import select
 
-from service.db import repositories as repo
 from service.db.models import Adapter, TrainingRun
-from service.security import hash_key
-from tests.conftest import bearer
-from tests.helpers.data import seed_interactions
+from tests.helpers.auth import bearer
+from tests.helpers.data import api_key_id, seed_interactions
 from tests.helpers.stack import ApiProcess, flywheel_env
 
 THRESHOLD = 20
@@ -37,16 +35,11 @@ def two_apis(api_settings, trigger_policies, stack_root):
         p.stop()
 
 
-def _key_id(db_sessions, key):
-    with db_sessions() as s:
-        return next(k.id for k in repo.list_api_keys(s) if k.key_hash == hash_key(key))
-
-
 def test_concurrent_feedback_from_two_processes_creates_exactly_one_run(
         two_apis, db_sessions, make_key, make_alias, tenant, broker_url):
     key = make_key(tenant, "product")
     alias = make_alias(tenant)
-    ids = seed_interactions(db_sessions, tenant, alias, _key_id(db_sessions, key), 50)
+    ids = seed_interactions(db_sessions, tenant, alias, api_key_id(db_sessions, key), 50)
     r = redis.Redis.from_url(broker_url)
     queued_before = r.llen("training")
 
@@ -77,7 +70,7 @@ def test_concurrent_feedback_from_two_processes_creates_exactly_one_run(
 def test_below_threshold_creates_nothing(two_apis, db_sessions, make_key, make_alias, tenant):
     key = make_key(tenant, "product")
     alias = make_alias(tenant)
-    ids = seed_interactions(db_sessions, tenant, alias, _key_id(db_sessions, key), THRESHOLD - 1)
+    ids = seed_interactions(db_sessions, tenant, alias, api_key_id(db_sessions, key), THRESHOLD - 1)
     for i, iid in enumerate(ids):
         assert httpx.post(f"{two_apis[i % 2].url}/v1/feedback", headers=bearer(key),
                           json={"interaction_id": iid, "rating": "up"}).status_code == 201

@@ -13,7 +13,6 @@ from service.config import Settings
 from service.db.models import AdapterVersion
 from service.db.session import session_scope
 from service.policy import PolicyStore
-from tests.integration.test_export_jobs import version_id  # noqa: F401 - a fixture
 from workers.context import WorkerContext
 from workers.pipeline import sweep
 

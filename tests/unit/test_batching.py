@@ -1,4 +1,4 @@
-"""service.batching.Batcher on a plain event loop, with a fake runner that records its batches."""
+"""service.intake.batching.Batcher on a plain event loop, with a fake runner recording batches."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from service.batching import Batcher
+from service.intake.batching import Batcher
 
 
 class Recorder:

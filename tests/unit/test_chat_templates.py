@@ -25,7 +25,7 @@ from tokenizers import Tokenizer, processors
 from transformers import PreTrainedTokenizerFast
 
 from workers.dataset import (
-    DatasetPolicy,
+    DatasetConfig,
     RatedInteraction,
     TemplateMismatch,
     build_dataset,
@@ -134,7 +134,7 @@ def rated(i: int, messages: list[dict]) -> RatedInteraction:
 
 
 def build(tok: PreTrainedTokenizerFast, items: list[RatedInteraction]):
-    policy = DatasetPolicy(heldout_fraction=0.0, replay_fraction=0.0, min_examples=1, method="dpo")
+    policy = DatasetConfig(heldout_fraction=0.0, replay_fraction=0.0, min_examples=1, method="dpo")
     return build_dataset(items, tokenizer=tok, policy=policy, redactor=NullRedactor())
 
 

@@ -9,18 +9,14 @@ import random
 import subprocess
 import sys
 import uuid
-from datetime import UTC, datetime, timedelta
-from functools import cache
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
 
-from tests.helpers.chat_templates import TOOLS_TEMPLATE
+from tests.helpers.datasets import CORPUS, build, make_tokenizer, policy, ri, uid
 from workers.dataset import (
     DataCounts,
-    DatasetPolicy,
+    DatasetConfig,
     NotEnoughData,
     RatedInteraction,
     TemplateMismatch,
@@ -41,137 +37,7 @@ from workers.dataset import (
 from workers.redaction import NullRedactor, RegexRedactor
 
 # ---------------------------------------------------------------------------------------------
-# A tiny tokenizer built locally (no hub): WordLevel trained on a few sentences + chat templates.
-
-CORPUS = [
-    "hello world how are you today",
-    "the answer is forty two and that is final",
-    "please help me with my order number",
-    "you are a helpful assistant for the shop",
-    "thanks a lot that fixed it",
-    "what is the capital of france paris",
-]
-SPECIALS = [
-    "[UNK]", "<s>", "</s>", "<eos>", "<|im_start|>", "<|im_end|>", "<|system|>", "<|user|>", "<|assistant|>",
-    "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
-]  # fmt: skip
-
-TEMPLATES: dict[str, tuple[str, str, str | None]] = {
-    # name: (chat_template, eos_token, bos_token)
-    "chatml": (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
-        "<|im_end|>",
-        None,
-    ),
-    # The shape service/tiny_model.py serves: bos, role tokens, content, eos, newline.
-    "tiny": (
-        "{{ bos_token }}{% for m in messages %}"
-        "{{ '<|' + m['role'] + '|>\\n' + m['content'] + eos_token + '\\n' }}"
-        "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}",
-        "</s>",
-        "<s>",
-    ),
-    # Llama-3-like: trims content, no newline after the end token.
-    "llama": (
-        "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-        "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
-        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}",
-        "<|eot_id|>",
-        "<s>",
-    ),
-    # No end-of-turn marker at all: eos must be appended or the model never learns to stop.
-    "plain": (
-        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}assistant: {% endif %}",
-        "<eos>",
-        None,
-    ),
-    # Tools, tool calls, tool results and an enable_thinking switch (tests/helpers/chat_templates.py).
-    "tools": (TOOLS_TEMPLATE, "</s>", "<s>"),
-    # Renders a think-prefix only in the generation prompt: prompt is not a prefix of the full text.
-    "mismatch": (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\nthink: {% endif %}",
-        "<|im_end|>",
-        None,
-    ),
-}
-
-
-@cache
-def make_tokenizer(kind: str = "chatml", auto_bos: bool = False) -> PreTrainedTokenizerFast:
-    """A PreTrainedTokenizerFast over a freshly trained WordLevel model with the named chat template.
-
-    auto_bos: the tokenizer's own call prepends "<s>" (like Llama's and service/tiny_model.py's).
-    """
-    template, eos, bos = TEMPLATES[kind]
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(CORPUS, trainer=trainers.WordLevelTrainer(special_tokens=SPECIALS))
-    if auto_bos:
-        tok.post_processor = processors.TemplateProcessing(
-            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
-        )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        pad_token="[UNK]",
-        eos_token=eos,
-        bos_token=bos,
-        chat_template=template,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Fixtures for interactions
-
-T0 = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-def uid(i: int | str) -> str:
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"flywheel-test-{i}"))
-
-
-def ri(
-    i: int | str,
-    user: str | None = None,
-    response: str = "the answer is forty two",
-    rating: str = "up",
-    correction: str | None = None,
-    rater: str = "",
-    system: str | None = None,
-    minutes: int | None = None,
-) -> RatedInteraction:
-    msgs = [{"role": "system", "content": system}] if system is not None else []
-    msgs.append({"role": "user", "content": user if user is not None else f"question number {i} please"})
-    return RatedInteraction(
-        interaction_id=uid(i),
-        messages=msgs,
-        response_text=response,
-        rating=rating,
-        correction=correction,
-        rater_id=rater,
-        created_at=T0
-        + timedelta(minutes=minutes if minutes is not None else (i if isinstance(i, int) else 0)),
-        version="support-v1",
-    )
-
-
-def policy(**kw) -> DatasetPolicy:
-    base = dict(heldout_fraction=0.0, replay_fraction=0.0, min_examples=1, method="auto")
-    base.update(kw)
-    return DatasetPolicy(**base)
-
-
-def build(new, pool=(), *, kind: str = "chatml", redactor=None, **kw):
-    return build_dataset(
-        list(new),
-        list(pool),
-        tokenizer=make_tokenizer(kind),
-        policy=policy(**kw),
-        redactor=redactor or RegexRedactor(),
-    )
+# Interactions (the tokenizer and the builders are in tests/helpers/datasets.py)
 
 
 def mixed(n: int, start: int = 0) -> list[RatedInteraction]:
@@ -986,9 +852,9 @@ def test_write_jsonl_is_byte_identical_across_runs(tmp_path: Path) -> None:
 
 
 def test_policy_validation() -> None:
-    assert DatasetPolicy.from_dict({"method": "kto", "heldout_fraction": 0.2}).method == "kto"
+    assert DatasetConfig.from_dict({"method": "kto", "heldout_fraction": 0.2}).method == "kto"
     with pytest.raises(ValueError, match="unknown dataset policy keys: heldout"):
-        DatasetPolicy.from_dict({"heldout": 0.2})
+        DatasetConfig.from_dict({"heldout": 0.2})
     for bad in (
         {"method": "ppo"},
         {"heldout_fraction": 1.0},
@@ -996,7 +862,7 @@ def test_policy_validation() -> None:
         {"max_rater_share": 0.0},
     ):
         with pytest.raises(ValueError):
-            DatasetPolicy(**bad)
+            DatasetConfig(**bad)
 
 
 def test_redactor_is_pluggable() -> None:

@@ -6,7 +6,8 @@ serves) greedily and exactly. GGUF files are written by llama.cpp's own convert_
 at file level always, and through llama.cpp's Python bindings when llama-cpp-python is installed
 (those tests skip otherwise). The tiny model's newly trained vocabulary is unknown to llama.cpp's
 pre-tokenizer table; its tokenizer.json declares GPT-2's byte-level pre-tokenization, which is
-what the export writes (see workers.export._CONVERT_SHIM) and what the gate's parity check tests.
+what the export writes (see workers.export.converter._CONVERT_SHIM) and what the gate's parity
+check tests.
 """
 
 from __future__ import annotations
@@ -19,7 +20,18 @@ from pathlib import Path
 import pytest
 
 from service.engine.artifact import file_sha256
-from workers import export as ex
+from service.models.weights import cached_weights_sha256, weights_sha256
+from workers.export.build import FALLBACK_ORDER, less_aggressive, run_export
+from workers.export.consistency import Tolerance, consistency, gguf_consistency, judge
+from workers.export.converter import (LLAMA_CPP_VERSION, convert_hf_to_gguf, ensure_converter,
+                                      extract_converter)
+from workers.export.engines import (Memo, TorchLM, encode_prompts, load_merged, load_served,
+                                    render_prompts)
+from workers.export.gguf_writer import (CONVERTER_QUANTS, GGUF_FILE, QUANTIZER_QUANTS, QUANTS,
+                                        GgufResult, export_gguf, llama_cpp_available, to_gguf)
+from workers.export.identity import LINEAGE_FILE, export_sha256, file_manifest, manifest_sha256
+from workers.export.merge import MergedResult, merge_adapter
+from workers.export.modelfile import MODELFILE, turn_format, write_modelfile
 
 QUESTIONS = ["What colour is the car?", "Where is Paris?", "My order is late.",
              "What is two plus three?", "Tell me about the weather in Oslo."]
@@ -51,61 +63,60 @@ def adapter(tiny_model, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def merged(tiny_model, adapter, tmp_path_factory) -> ex.MergedResult:
+def merged(tiny_model, adapter, tmp_path_factory) -> MergedResult:
     out = tmp_path_factory.mktemp("export") / "merged"
-    return ex.merge_adapter(tiny_model, adapter, out, lineage={"alias": "demo", "version": 3})
+    return merge_adapter(tiny_model, adapter, out, lineage={"alias": "demo", "version": 3})
 
 
 @pytest.fixture(scope="module")
-def served(tiny_model, adapter) -> ex.Memo:
-    return ex.Memo(ex.load_served(tiny_model, adapter))
+def served(tiny_model, adapter) -> Memo:
+    return Memo(load_served(tiny_model, adapter))
 
 
 @pytest.fixture(scope="module")
 def prompt_ids(tiny_model, tokenizer) -> list[list[int]]:
-    return ex.encode_prompts(tiny_model, _prompts(tokenizer))
+    return encode_prompts(tiny_model, _prompts(tokenizer))
 
 
 @pytest.fixture(scope="module")
-def ggufs(merged, tmp_path_factory) -> dict[str, ex.GgufResult]:
+def ggufs(merged, tmp_path_factory) -> dict[str, GgufResult]:
     root = tmp_path_factory.mktemp("gguf")
-    return {q: ex.export_gguf(merged, root / q, q) for q in ("f16", "q8_0", "tq2_0")}
+    return {q: export_gguf(merged, root / q, q) for q in ("f16", "q8_0", "tq2_0")}
 
 
 # --- merged -----------------------------------------------------------------------------------
 
 
 def test_merged_reproduces_served_greedy_exactly(served, merged, prompt_ids):
-    metrics = ex.consistency(served, ex.load_merged(merged.path), prompt_ids,
+    metrics = consistency(served, load_merged(merged.path), prompt_ids,
                              max_new_tokens=MAX_NEW)
     assert metrics["exact_match"] == 1.0
     assert metrics["token_agreement"] == 1.0
     assert abs(metrics["nll_delta"]) < 1e-5
-    assert ex.judge(metrics, ex.Tolerance(), "merged") == []
+    assert judge(metrics, Tolerance(), "merged") == []
     # Non-vacuous: the LoRA changes the outputs, so matching the base would not pass.
     assert all(p["reference"] for p in metrics["per_prompt"])
 
 
 def test_gate_would_catch_a_merge_that_dropped_the_adapter(served, tiny_model, prompt_ids):
-    base_only = ex.TorchLM(ex.load_merged(tiny_model).model, served.stop_ids)
-    metrics = ex.consistency(served, base_only, prompt_ids, max_new_tokens=MAX_NEW)
-    reasons = ex.judge(metrics, ex.Tolerance(), "merged")
+    base_only = TorchLM(load_merged(tiny_model).model, served.stop_ids)
+    metrics = consistency(served, base_only, prompt_ids, max_new_tokens=MAX_NEW)
+    reasons = judge(metrics, Tolerance(), "merged")
     assert metrics["exact_match"] < 1.0 and reasons
     assert any("greedy output differs" in r for r in reasons)
 
 
 def test_merged_export_is_a_standalone_hashed_artifact(tiny_model, adapter, merged):
     from service.engine.artifact import artifact_sha256
-    from service.tiny_model import weights_sha256
 
     files = {p.name for p in merged.path.iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
-            "chat_template.jinja", ex.LINEAGE_FILE} <= files
+            "chat_template.jinja", LINEAGE_FILE} <= files
     assert not any(n.startswith("adapter_") for n in files)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         assert file_sha256(merged.path / name) == file_sha256(tiny_model / name)
-    lineage = json.loads((merged.path / ex.LINEAGE_FILE).read_text())
-    assert lineage["sha256"] == merged.sha256 == ex.export_sha256(merged.path)
+    lineage = json.loads((merged.path / LINEAGE_FILE).read_text())
+    assert lineage["sha256"] == merged.sha256 == export_sha256(merged.path)
     assert lineage["adapter"]["sha256"] == artifact_sha256(adapter)
     assert lineage["base"]["weights_sha256"] == weights_sha256(tiny_model)
     assert (lineage["alias"], lineage["version"], lineage["format"]) == ("demo", 3, "merged")
@@ -116,11 +127,11 @@ def test_export_sha256_covers_every_file_but_lineage(merged, tmp_path):
 
     copy = tmp_path / "copy"
     shutil.copytree(merged.path, copy)
-    (copy / ex.LINEAGE_FILE).write_text("{}")
-    assert ex.export_sha256(copy) == merged.sha256
+    (copy / LINEAGE_FILE).write_text("{}")
+    assert export_sha256(copy) == merged.sha256
     with open(copy / "tokenizer_config.json", "a") as fh:
         fh.write(" ")
-    assert ex.export_sha256(copy) != merged.sha256
+    assert export_sha256(copy) != merged.sha256
 
 
 # --- GGUF at file level -----------------------------------------------------------------------
@@ -182,41 +193,41 @@ def test_gguf_weights_roundtrip_within_quantization_error(ggufs, merged):
 
 def test_export_dir_has_modelfile_and_lineage(ggufs, merged):
     res = ggufs["f16"]
-    assert sorted(p.name for p in res.path.iterdir()) == [ex.MODELFILE, ex.LINEAGE_FILE,
-                                                           ex.GGUF_FILE]
-    lineage = json.loads((res.path / ex.LINEAGE_FILE).read_text())
+    assert sorted(p.name for p in res.path.iterdir()) == [MODELFILE, LINEAGE_FILE,
+                                                           GGUF_FILE]
+    lineage = json.loads((res.path / LINEAGE_FILE).read_text())
     assert lineage["gguf_sha256"] == file_sha256(res.gguf_path) == res.gguf_sha256
-    assert lineage["sha256"] == ex.export_sha256(res.path)
+    assert lineage["sha256"] == export_sha256(res.path)
     assert lineage["parent"] == {"format": "merged", "sha256": merged.sha256}
     assert lineage["quant"] == "f16" and lineage["adapter"]["sha256"]
     assert ggufs["q8_0"].bytes < ggufs["f16"].bytes * 0.6
 
 
 def test_gate_refuses_to_pass_without_prompts(served, merged):
-    metrics = ex.consistency(served, ex.load_merged(merged.path), [], max_new_tokens=MAX_NEW)
-    assert ex.judge(metrics, ex.Tolerance(), "merged") == [
+    metrics = consistency(served, load_merged(merged.path), [], max_new_tokens=MAX_NEW)
+    assert judge(metrics, Tolerance(), "merged") == [
         "no held-out or golden prompts to compare on: the consistency gate cannot run"]
 
 
 def test_unknown_quant_is_refused(merged, tmp_path):
     with pytest.raises(ValueError, match="unknown quantization"):
-        ex.to_gguf(merged.path, tmp_path / "x.gguf", "q3_xx")
+        to_gguf(merged.path, tmp_path / "x.gguf", "q3_xx")
 
 
 # --- llama.cpp's converter ----------------------------------------------------------------------
 
 
 def test_every_quant_has_one_producer():
-    assert set(ex.CONVERTER_QUANTS) | set(ex.QUANTIZER_QUANTS) == set(ex.QUANTS)
-    assert not set(ex.CONVERTER_QUANTS) & set(ex.QUANTIZER_QUANTS)
-    assert set(ex.QUANTIZER_QUANTS) == {"q4_k_m", "q4_0", "q2_k"}
+    assert set(CONVERTER_QUANTS) | set(QUANTIZER_QUANTS) == set(QUANTS)
+    assert not set(CONVERTER_QUANTS) & set(QUANTIZER_QUANTS)
+    assert set(QUANTIZER_QUANTS) == {"q4_k_m", "q4_0", "q2_k"}
 
 
 def _fake_sdist(path: Path, *, conversion: bool = True) -> Path:
     import io
     import tarfile
 
-    top = f"llama_cpp_python-{ex.LLAMA_CPP_VERSION}"
+    top = f"llama_cpp_python-{LLAMA_CPP_VERSION}"
     files = {f"{top}/vendor/llama.cpp/convert_hf_to_gguf.py": b"# converter\n",
              f"{top}/vendor/llama.cpp/gguf-py/gguf/__init__.py": b"# vendored gguf\n",
              f"{top}/vendor/llama.cpp/convert_lora_to_gguf.py": b"# not needed\n",
@@ -236,11 +247,11 @@ def _fake_sdist(path: Path, *, conversion: bool = True) -> Path:
 
 
 def test_extract_converter_takes_only_the_converter_gguf_py_and_conversion(tmp_path):
-    out = ex.extract_converter(_fake_sdist(tmp_path / "s.tar.gz"), tmp_path / "tree")
+    out = extract_converter(_fake_sdist(tmp_path / "s.tar.gz"), tmp_path / "tree")
     got = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if not p.is_dir())
     assert got == ["conversion/__init__.py", "convert_hf_to_gguf.py", "gguf-py/gguf/__init__.py"]
     # An older llama.cpp without conversion/ still extracts; one without the script does not.
-    out = ex.extract_converter(_fake_sdist(tmp_path / "old.tar.gz", conversion=False),
+    out = extract_converter(_fake_sdist(tmp_path / "old.tar.gz", conversion=False),
                                tmp_path / "old")
     assert not (out / "conversion").exists() and (out / "convert_hf_to_gguf.py").is_file()
     import tarfile
@@ -248,7 +259,7 @@ def test_extract_converter_takes_only_the_converter_gguf_py_and_conversion(tmp_p
     with tarfile.open(tmp_path / "empty.tar.gz", "w:gz"):
         pass
     with pytest.raises(RuntimeError, match="no vendor/llama.cpp/convert_hf_to_gguf.py"):
-        ex.extract_converter(tmp_path / "empty.tar.gz", tmp_path / "none")
+        extract_converter(tmp_path / "empty.tar.gz", tmp_path / "none")
 
 
 def test_ensure_converter_fetches_once_into_place(tmp_path, monkeypatch):
@@ -257,15 +268,15 @@ def test_ensure_converter_fetches_once_into_place(tmp_path, monkeypatch):
     def download(dest: Path) -> Path:
         calls.append(dest)
         dest.mkdir(parents=True)
-        return _fake_sdist(dest / f"llama_cpp_python-{ex.LLAMA_CPP_VERSION}.tar.gz")
+        return _fake_sdist(dest / f"llama_cpp_python-{LLAMA_CPP_VERSION}.tar.gz")
 
-    monkeypatch.setattr(ex, "_download_sdist", download)
-    root = tmp_path / "llama-convert" / ex.LLAMA_CPP_VERSION
+    monkeypatch.setattr("workers.export.converter._download_sdist", download)
+    root = tmp_path / "llama-convert" / LLAMA_CPP_VERSION
     root.mkdir(parents=True)
     (root / "stale").write_text("an interrupted earlier fetch")  # no script: replaced
-    assert ex.ensure_converter(root) == root and len(calls) == 1
+    assert ensure_converter(root) == root and len(calls) == 1
     assert (root / "convert_hf_to_gguf.py").is_file() and not (root / "stale").exists()
-    assert ex.ensure_converter(root) == root and len(calls) == 1  # present: nothing fetched
+    assert ensure_converter(root) == root and len(calls) == 1  # present: nothing fetched
     leftovers = [p.name for p in root.parent.iterdir() if p.name != root.name]
     assert all(name.endswith(".lock") for name in leftovers), leftovers
 
@@ -280,14 +291,14 @@ def test_converter_failure_names_its_reason(merged, tmp_path):
     tok["normalizer"] = {"type": "NFC"}
     (model / "tokenizer.json").write_text(json.dumps(tok))
     with pytest.raises(RuntimeError, match="BPE pre-tokenizer was not recognized") as err:
-        ex.convert_hf_to_gguf(model, tmp_path / "x.gguf", "f16")
+        convert_hf_to_gguf(model, tmp_path / "x.gguf", "f16")
     assert "convert_hf_to_gguf.py failed (exit 1)" in str(err.value)
     assert not (tmp_path / "x.gguf").exists()
 
 
 def test_converter_timeout_is_an_error(merged, tmp_path):
     with pytest.raises(RuntimeError, match=r"did not finish in 0\.5 s"):
-        ex.convert_hf_to_gguf(merged.path, tmp_path / "x.gguf", "f16", timeout_s=0.5)
+        convert_hf_to_gguf(merged.path, tmp_path / "x.gguf", "f16", timeout_s=0.5)
     assert not (tmp_path / "x.gguf").exists()
 
 
@@ -296,14 +307,14 @@ def test_converter_timeout_is_an_error(merged, tmp_path):
 
 def test_modelfile_template_renders_like_the_chat_template(tokenizer, tiny_model):
     cfg = json.loads((tiny_model / "tokenizer_config.json").read_text())
-    fmt = ex.turn_format(tokenizer.chat_template, cfg)
+    fmt = turn_format(tokenizer.chat_template, cfg)
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
             {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
     hf = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert fmt.bos == tokenizer.bos_token
     assert fmt.bos + fmt.render(msgs, True) == hf
 
-    text = ex.write_modelfile("./model.gguf", tokenizer.chat_template, cfg)
+    text = write_modelfile("./model.gguf", tokenizer.chat_template, cfg)
     assert text.startswith("FROM ./model.gguf\n")
     assert 'eq .Role "user" }}<|user|>\n{{ .Content }}</s>\n{{ else if' in text
     assert text.count('TEMPLATE """') == 1 and "<s>" not in text  # llama.cpp adds the bos
@@ -342,7 +353,7 @@ def test_modelfile_template_executes_in_go_like_the_chat_template(ggufs, tokeniz
     import re
     import subprocess
 
-    tpl = re.search(r'TEMPLATE """(.*?)"""', (ggufs["f16"].path / ex.MODELFILE).read_text(),
+    tpl = re.search(r'TEMPLATE """(.*?)"""', (ggufs["f16"].path / MODELFILE).read_text(),
                     re.S).group(1)
     (tmp_path / "main.go").write_text(GO_RENDER)
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
@@ -358,31 +369,31 @@ def test_untranslatable_chat_template_is_refused():
     first_only = ("{% for m in messages %}{% if loop.first %}[FIRST]{% endif %}"
                   "<{{ m['role'] }}>{{ m['content'] }}{% endfor %}")
     with pytest.raises(ValueError):
-        ex.turn_format(first_only, {})
-    text = ex.write_modelfile("./model.gguf", first_only, {"eos_token": "</s>"})
+        turn_format(first_only, {})
+    text = write_modelfile("./model.gguf", first_only, {"eos_token": "</s>"})
     assert "TEMPLATE" not in text and "# chat template not translated" in text
     assert 'PARAMETER stop "</s>"' in text
 
 
 # --- the gate through llama.cpp ---------------------------------------------------------------
 
-needs_llama_cpp = pytest.mark.skipif(not ex.llama_cpp_available(),
+needs_llama_cpp = pytest.mark.skipif(not llama_cpp_available(),
                                      reason="llama-cpp-python is not installed")
 
 
 def _gguf_metrics(served, result, prompt_ids, texts):
-    return ex.gguf_consistency(served, result.gguf_path, prompt_ids, texts,
-                               max_new_tokens=MAX_NEW, tie_margin=ex.Tolerance().tie_margin)
+    return gguf_consistency(served, result.gguf_path, prompt_ids, texts,
+                               max_new_tokens=MAX_NEW, tie_margin=Tolerance().tie_margin)
 
 
 @needs_llama_cpp
 @pytest.mark.parametrize("quant", ["f16", "q8_0"])
 def test_gguf_passes_the_gate_in_llama_cpp(quant, served, ggufs, prompt_ids, tiny_model,
                                            tokenizer):
-    texts = ex.render_prompts(tiny_model, _prompts(tokenizer))
+    texts = render_prompts(tiny_model, _prompts(tokenizer))
     metrics = _gguf_metrics(served, ggufs[quant], prompt_ids, texts)
     assert metrics["tokenizer_agreement"] == 1.0
-    assert ex.judge(metrics, ex.Tolerance(), "gguf") == [], metrics
+    assert judge(metrics, Tolerance(), "gguf") == [], metrics
 
 
 @needs_llama_cpp
@@ -405,21 +416,21 @@ def test_gguf_loads_and_generates_in_llama_cpp(quant, ggufs):
 @needs_llama_cpp
 def test_too_aggressive_quantization_fails_the_gate_with_numbers(served, ggufs, prompt_ids,
                                                                  tiny_model, tokenizer):
-    texts = ex.render_prompts(tiny_model, _prompts(tokenizer))
+    texts = render_prompts(tiny_model, _prompts(tokenizer))
     metrics = _gguf_metrics(served, ggufs["tq2_0"], prompt_ids, texts)
-    reasons = ex.judge(metrics, ex.Tolerance(), "gguf")
+    reasons = judge(metrics, Tolerance(), "gguf")
     assert reasons
     assert any("token agreement" in r and f"{metrics['decisive_agreement']:.3f}" in r
                for r in reasons)
     assert any("NLL delta" in r and f"{metrics['nll_delta']:+.4f}" in r for r in reasons)
-    assert ex.less_aggressive("tq2_0") == "q2_k"
+    assert less_aggressive("tq2_0") == "q2_k"
 
 
 @needs_llama_cpp
 def test_run_export_fails_then_falls_back_to_a_passing_quant(tiny_model, adapter, tokenizer,
                                                             tmp_path):
     events = []
-    outcome = ex.run_export(tiny_model, adapter, tmp_path, fmt="gguf", quant="tq2_0",
+    outcome = run_export(tiny_model, adapter, tmp_path, fmt="gguf", quant="tq2_0",
                             prompts=_prompts(tokenizer)[:3], fallback=True,
                             max_new_tokens=8, progress=lambda s, f: events.append(s))
     quants = [a.quant for a in outcome.attempts]
@@ -427,14 +438,14 @@ def test_run_export_fails_then_falls_back_to_a_passing_quant(tiny_model, adapter
     assert outcome.attempts[0].reasons and outcome.attempts[0].metrics["decisive_agreement"] < 0.95
     assert outcome.status == "succeeded" and outcome.final.status == "passed"
     assert outcome.merged.status == "passed" and outcome.merged.metrics["exact_match"] == 1.0
-    assert quants == list(ex.FALLBACK_ORDER[: len(quants)])
+    assert quants == list(FALLBACK_ORDER[: len(quants)])
     assert Path(outcome.final.path).is_file() and events
 
 
 @needs_llama_cpp
 def test_run_export_without_fallback_suggests_a_less_aggressive_quant(tiny_model, adapter,
                                                                      tokenizer, tmp_path):
-    outcome = ex.run_export(tiny_model, adapter, tmp_path, fmt="gguf", quant="tq2_0",
+    outcome = run_export(tiny_model, adapter, tmp_path, fmt="gguf", quant="tq2_0",
                             prompts=_prompts(tokenizer)[:2], max_new_tokens=8)
     assert outcome.status == "failed" and len(outcome.attempts) == 1
     assert outcome.suggestion == "q2_k"
@@ -444,8 +455,8 @@ def test_run_export_without_fallback_suggests_a_less_aggressive_quant(tiny_model
 def test_without_llama_cpp_the_gguf_is_an_error_not_a_quality_failure(tiny_model, adapter,
                                                                       tokenizer, tmp_path,
                                                                       monkeypatch):
-    monkeypatch.setattr(ex, "llama_cpp_available", lambda: False)
-    outcome = ex.run_export(tiny_model, adapter, tmp_path, fmt="gguf", quant="q8_0",
+    monkeypatch.setattr("workers.export.build.llama_cpp_available", lambda: False)
+    outcome = run_export(tiny_model, adapter, tmp_path, fmt="gguf", quant="q8_0",
                             prompts=_prompts(tokenizer)[:1], fallback=True, max_new_tokens=4)
     assert outcome.status == "failed" and outcome.suggestion is None
     assert [a.status for a in outcome.attempts] == ["error"]
@@ -457,18 +468,18 @@ def test_base_weights_hash_is_cached_until_a_file_changes(tmp_path):
     import hashlib
 
     (tmp_path / "model.safetensors").write_bytes(b"one")
-    first = ex._weights_sha256(tmp_path)
+    first = cached_weights_sha256(tmp_path)
     assert first == hashlib.sha256(b"one").hexdigest()
-    assert ex._weights_sha256(tmp_path) == first
+    assert cached_weights_sha256(tmp_path) == first
     (tmp_path / "model.safetensors").write_bytes(b"other")  # new size and mtime: hashed again
-    assert ex._weights_sha256(tmp_path) == hashlib.sha256(b"other").hexdigest()
+    assert cached_weights_sha256(tmp_path) == hashlib.sha256(b"other").hexdigest()
 
 
 def test_results_carry_the_manifest_they_were_sealed_with(merged, ggufs):
     """Each file is hashed once, when the export is sealed; the manifest matches the disk."""
     for result in (merged, ggufs["q8_0"]):
-        assert result.files == ex.file_manifest(result.path)
-        assert ex.manifest_sha256(result.files) == result.sha256 == ex.export_sha256(result.path)
+        assert result.files == file_manifest(result.path)
+        assert manifest_sha256(result.files) == result.sha256 == export_sha256(result.path)
         assert "lineage.json" in {f["name"] for f in result.files}
     gguf = next(f for f in ggufs["q8_0"].files if f["name"] == "model.gguf")
     assert gguf["sha256"] == ggufs["q8_0"].gguf_sha256 == file_sha256(ggufs["q8_0"].gguf_path)

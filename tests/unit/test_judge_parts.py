@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from service.api.schemas import FeedbackRequest
 from service.judge_stats import agreement, endpoint, wilson
 from service.policy import JudgePolicy, Policy
-from tests.unit.test_dataset import build, ri
+from tests.helpers.datasets import build, ri
 from workers.dataset import is_heldout
 from workers.judge import Candidate, batches, per_sweep_limit, split_budget
 from workers.judge_client import JudgeClient, JudgeFailed, parse, Verdict

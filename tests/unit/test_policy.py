@@ -109,7 +109,7 @@ def test_export_policy_names_why_a_spec_is_refused(tmp_path):
 
 
 def test_training_examples_are_limited_by_the_engines_context_unless_the_policy_asks_less():
-    from workers.steps import example_token_limit
+    from workers.recipe import example_token_limit
 
     def policy(max_length):
         return Policy.model_validate({"training": {"max_length": max_length}} if max_length else {})

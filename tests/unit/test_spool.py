@@ -10,8 +10,8 @@ import uuid
 
 import pytest
 
-from service import spool as spool_mod
-from service.spool import Spool, SpoolFull, SpoolUnavailable, decode, encode
+from service.intake import spool as spool_mod
+from service.intake.spool import Spool, SpoolFull, SpoolUnavailable, decode, encode
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -98,7 +98,7 @@ def test_the_spool_of_a_killed_process_is_adopted_with_every_acknowledged_record
     script = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {REPO!r})
-        from service.spool import Spool
+        from service.intake.spool import Spool
         s = Spool(__import__("pathlib").Path({str(folder)!r}), max_bytes=1 << 20)
         s.open()
         for n in range(50):

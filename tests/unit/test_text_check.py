@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from service.api.text_check import invalid_text
-from service.ratelimit import key_part
+from service.intake.ratelimit import key_part
 
 
 def test_a_lone_surrogate_is_found_with_the_path_to_its_field():

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from service.tiny_model import CHAT_TEMPLATE, MARKER_FILE, build_tiny_model, weights_sha256
-from tests.helpers.vllm import TINY_MODEL_CACHE
+from service.local.tiny_model import CHAT_TEMPLATE, MARKER_FILE, build_tiny_model
+from service.models.weights import weights_sha256
+from tests.helpers.stack import TINY_MODEL_CACHE
 
 MESSAGES = [
     {"role": "system", "content": "You are helpful."},

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from service.engine.artifact import PICKLE_SUFFIXES, verify_artifact
-from service.tiny_model import weights_sha256
+from service.models.weights import weights_sha256
 from workers.training import (
     LINEAGE_FILE,
     QuantizationUnavailable,
@@ -63,6 +63,8 @@ def _config(method: str = "sft", **kw) -> TrainingConfig:
     kw.setdefault("max_steps", 4)
     kw.setdefault("learning_rate", 1e-3)
     kw.setdefault("checkpoint_every_steps", 100)
+    kw.setdefault("per_device_batch_size", 4)
+    kw.setdefault("dpo_sft_weight", 0.0)  # plain DPO unless a test asks for the SFT term
     return TrainingConfig(method=method, **kw)
 
 
@@ -274,7 +276,7 @@ def test_dataset_records_train_on_the_engines_ids(method, tiny_model, tokenizer)
     must still be the engine's, with one bos."""
     from datetime import UTC, datetime
 
-    from workers.dataset import DatasetPolicy, RatedInteraction, build_dataset
+    from workers.dataset import DatasetConfig, RatedInteraction, build_dataset
     from workers.redaction import NullRedactor
     from workers.training import _to_dataset
 
@@ -282,7 +284,7 @@ def test_dataset_records_train_on_the_engines_ids(method, tiny_model, tokenizer)
                               messages=[{"role": "user", "content": q}], response_text="I do not know.",
                               rating="down", correction=a, rater_id="", created_at=datetime(2026, 1, 1, tzinfo=UTC))
              for i, (q, a) in enumerate(QA[:2])]
-    built = build_dataset(items, tokenizer=tokenizer, redactor=NullRedactor(), policy=DatasetPolicy(
+    built = build_dataset(items, tokenizer=tokenizer, redactor=NullRedactor(), policy=DatasetConfig(
         method=method, heldout_fraction=0.0, replay_fraction=0.0, min_examples=1))
     records = built.train[method]
     rows = list(_to_dataset(method, records, tokenizer, max_length=1024))
@@ -412,19 +414,16 @@ def test_dpo_sft_term_keeps_the_chosen_answers_likely(tiny_model, tokenizer, tmp
 
 
 def test_policy_training_knobs_reach_the_trainer_config(tmp_path):
-    from types import SimpleNamespace
-
     from service.policy import Policy
-    from workers.steps import _training_config
+    from workers.recipe import training_config
     from workers.training import _trainer_args
 
     policy = Policy.model_validate({"training": {"dpo_sft_weight": 0.5, "lr_scheduler": "cosine",
                                                  "warmup_steps": 3}})
-    built = SimpleNamespace(kto_desirable_weight=1.0, kto_undesirable_weight=1.0)
-    config = _training_config(policy, "dpo", built)
+    config = training_config(policy, "dpo")
     args = _trainer_args(config, tmp_path, "fp32")
     assert args.loss_type == ["sigmoid", "sft"] and args.loss_weights == [1.0, 0.5]
     assert args.lr_scheduler_type == "cosine" and args.warmup_steps == 3
-    plain = _trainer_args(_training_config(Policy.model_validate(
-        {"training": {"dpo_sft_weight": 0}}), "dpo", built), tmp_path, "fp32")
+    plain = _trainer_args(training_config(Policy.model_validate(
+        {"training": {"dpo_sft_weight": 0}}), "dpo"), tmp_path, "fp32")
     assert plain.loss_type == ["sigmoid"]

@@ -9,15 +9,19 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import select, text
 
-from service.names import check_name
 from service.api.deps import OpsCaller, State
 from service.api.errors import ApiError
 from service.api.export_views import ExportOut, list_for_adapter
+from service.api.lookups import adapter_or_404
 from service.api.schemas import AliasPath
+from service.db import adapter_reads as reads
 from service.db import repositories as repo
-from service.db.models import Adapter, AdapterVersion
+from service.db.models import Adapter
+from service.engine import swap as engine_swap
+from service.engine.vllm_admin import replica_admins_for
+from service.judge_stats import summary
+from service.names import check_name
 
 router = APIRouter(tags=["adapters"])
 
@@ -96,14 +100,6 @@ class RollbackBody(BaseModel):
     reason: str | None = Field(default=None, max_length=2000)
 
 
-async def _adapter(session, tenant_id: str, alias: str) -> Adapter:
-    adapter = (await session.scalars(select(Adapter).where(
-        Adapter.tenant_id == tenant_id, Adapter.alias == alias))).first()
-    if adapter is None:
-        raise ApiError(404, f"alias {alias!r} not found", param="alias", code="alias_not_found")
-    return adapter
-
-
 def _summary(a: Adapter, names: dict, base: str, recent: list[VersionBrief],
              count: int) -> dict[str, Any]:
     return dict(alias=a.alias, description=a.description or "",
@@ -112,16 +108,6 @@ def _summary(a: Adapter, names: dict, base: str, recent: list[VersionBrief],
                 canary=names.get(a.canary_version_id), canary_share=a.canary_share or 0.0,
                 created_at=a.created_at, previous=names.get(a.previous_version_id),
                 version_count=count, recent_versions=recent)
-
-
-async def _version_names(session, adapters: list[Adapter]) -> dict[uuid.UUID, str]:
-    """lora_names of the versions the adapters point at (serving, previous, canary)."""
-    ids = {i for a in adapters for i in (a.serving_version_id, a.previous_version_id,
-                                          a.canary_version_id) if i is not None}
-    if not ids:
-        return {}
-    return dict((await session.execute(select(AdapterVersion.id, AdapterVersion.lora_name)
-                                       .where(AdapterVersion.id.in_(ids)))).all())
 
 
 def _thumbs(counts: dict[tuple, int], version_id: uuid.UUID) -> dict[str, int]:
@@ -137,24 +123,9 @@ async def _recent_versions(session, adapter_ids: list[uuid.UUID]
     """Each adapter's newest RECENT_VERSIONS versions with ratings, and its version count.
 
     Two queries whatever the number of aliases or versions."""
-    if not adapter_ids:
-        return {}, {}
-    rows = (await session.execute(text("""
-        SELECT adapter_id, id, number, lora_name, status, total FROM (
-            SELECT adapter_id, id, number, lora_name, status,
-                   row_number() OVER (PARTITION BY adapter_id ORDER BY number DESC) AS rank,
-                   count(*) OVER (PARTITION BY adapter_id) AS total
-            FROM adapter_versions WHERE adapter_id = ANY(:adapters)) v
-        WHERE rank <= :k ORDER BY adapter_id, number DESC"""),
-        {"adapters": adapter_ids, "k": RECENT_VERSIONS})).all()
-    counts: dict[tuple[uuid.UUID, str], int] = {}
-    if rows:
-        # adapter_id narrows the scan to ix_feedback_adapter_seq; version_id has no index.
-        counts = {(r.version_id, r.source, r.rating): r.n for r in await session.execute(text(
-            "SELECT version_id, source, rating, count(*) AS n FROM feedback "
-            "WHERE adapter_id = ANY(:adapters) AND version_id = ANY(:ids) "
-            "GROUP BY version_id, source, rating"),
-            {"adapters": adapter_ids, "ids": [r.id for r in rows]})}
+    rows = await reads.recent_versions(session, adapter_ids, RECENT_VERSIONS)
+    counts = (await reads.rating_counts(session, adapter_ids, [r.id for r in rows])
+              if rows else {})
     recent: dict[uuid.UUID, list[VersionBrief]] = {}
     totals: dict[uuid.UUID, int] = {}
     for r in rows:
@@ -169,9 +140,10 @@ async def _recent_versions(session, adapter_ids: list[uuid.UUID]
 async def list_adapters(caller: OpsCaller, state: State) -> list[AdapterOut]:
     """The tenant's aliases with what each serves and its newest versions."""
     async with state.sessions() as session:
-        adapters = (await session.scalars(select(Adapter).where(Adapter.tenant_id == caller.tenant_id)
-                                          .order_by(Adapter.alias))).all()
-        names = await _version_names(session, adapters)
+        adapters = await reads.tenant_adapters(session, caller.tenant_id)
+        names = await reads.version_names(session, (
+            i for a in adapters
+            for i in (a.serving_version_id, a.previous_version_id, a.canary_version_id)))
         recent, totals = await _recent_versions(session, [a.id for a in adapters])
     base = state.settings.base_model_name
     return [AdapterOut(**_summary(a, names, base, recent.get(a.id, []), totals.get(a.id, 0)))
@@ -182,9 +154,7 @@ async def list_adapters(caller: OpsCaller, state: State) -> list[AdapterOut]:
 async def create_adapter(body: AdapterCreate, caller: OpsCaller, state: State) -> AdapterOut:
     """Register an alias (ops); it serves the base model until a version is promoted."""
     async with state.sessions() as session, session.begin():
-        exists = (await session.scalars(select(Adapter).where(
-            Adapter.tenant_id == caller.tenant_id, Adapter.alias == body.alias))).first()
-        if exists:
+        if await reads.adapter_for_alias(session, caller.tenant_id, body.alias):
             raise ApiError(409, f"alias {body.alias!r} already exists", param="alias",
                            code="alias_exists")
         adapter = await session.run_sync(lambda s: repo.ensure_adapter(
@@ -199,12 +169,9 @@ async def create_adapter(body: AdapterCreate, caller: OpsCaller, state: State) -
 async def get_adapter(alias: AliasPath, caller: OpsCaller, state: State) -> AdapterDetail:
     """An alias: serving and canary versions, and every version with its ratings."""
     async with state.sessions() as session:
-        adapter = await _adapter(session, caller.tenant_id, alias)
-        versions = (await session.scalars(select(AdapterVersion).where(
-            AdapterVersion.adapter_id == adapter.id).order_by(AdapterVersion.number))).all()
-        counts = {(r.version_id, r.source, r.rating): r.n for r in await session.execute(text(
-            "SELECT version_id, source, rating, count(*) AS n FROM feedback WHERE adapter_id = :a "
-            "GROUP BY version_id, source, rating"), {"a": adapter.id})}
+        adapter = await adapter_or_404(session, caller.tenant_id, alias)
+        versions = await reads.versions_of(session, adapter.id)
+        counts = await reads.rating_counts(session, [adapter.id])
         exports = await list_for_adapter(session, adapter.id)
     names = {v.id: v.lora_name for v in versions}
     out = [VersionOut.model_validate(v, from_attributes=True).model_copy(
@@ -226,7 +193,7 @@ class PolicyOut(BaseModel):
 async def adapter_policy(alias: AliasPath, caller: OpsCaller, state: State) -> PolicyOut:
     """The policy in effect for an alias (trigger, training, gate, approval, ..., export)."""
     async with state.sessions() as session:
-        await _adapter(session, caller.tenant_id, alias)  # 404 for another tenant's alias
+        await adapter_or_404(session, caller.tenant_id, alias)  # 404 for another tenant's alias
     policy = state.policies.for_alias(alias, caller.tenant_id)
     return PolicyOut(alias=alias, sources=state.policies.source_for(alias, caller.tenant_id),
                      policy=policy.model_dump(mode="json"))
@@ -238,19 +205,9 @@ async def adapter_stats(alias: AliasPath, caller: OpsCaller, state: State,
                         hours: Annotated[int, Query(ge=1, le=24 * 30)] = 24) -> dict:
     """Thumbs-up rate over time per version that answered (for the ops page's chart)."""
     async with state.sessions() as session:
-        adapter = await _adapter(session, caller.tenant_id, alias)
-        rows = await session.execute(text("""
-            SELECT CASE WHEN f.source = 'judge' THEN 'judge'
-                        ELSE coalesce(v.lora_name, i.served_model, :base) END AS version,
-                   to_timestamp(floor(extract(epoch FROM f.created_at) / (:b * 60)) * (:b * 60)) AS bucket,
-                   count(*) FILTER (WHERE f.rating = 'up') AS up, count(*) AS n
-            FROM feedback f LEFT JOIN adapter_versions v ON v.id = f.version_id
-            -- Imported ratings are their own series ("import:<source>"), not the base model's;
-            -- the AI judge's ratings are one series ("judge"), apart from every version's.
-            LEFT JOIN interactions i ON i.id = f.interaction_id AND i.source IS NOT NULL
-            WHERE f.adapter_id = :a AND f.created_at > now() - make_interval(hours => :h)
-            GROUP BY 1, 2 ORDER BY 2"""), {"a": adapter.id, "b": bucket_minutes, "h": hours,
-                                             "base": state.settings.base_model_name})
+        adapter = await adapter_or_404(session, caller.tenant_id, alias)
+        rows = await reads.rating_series(session, adapter.id, bucket_minutes=bucket_minutes,
+                                         hours=hours, base_name=state.settings.base_model_name)
         series: dict[str, list] = {}
         for r in rows:
             series.setdefault(r.version, []).append(
@@ -264,10 +221,8 @@ async def adapter_judge(alias: AliasPath, caller: OpsCaller, state: State,
                         sweeps: Annotated[int, Query(ge=1, le=100)] = 10) -> dict:
     """The AI judge of an alias: its policy (endpoint without credentials), the hour's budget
     used, ratings by source, agreement with humans on answers both rated, recent sweeps."""
-    from service.judge_stats import summary
-
     async with state.sessions() as session:
-        adapter = await _adapter(session, caller.tenant_id, alias)
+        adapter = await adapter_or_404(session, caller.tenant_id, alias)
         policy = state.policies.for_alias(alias, caller.tenant_id).judge
         return {"alias": alias, **await summary(session, adapter.id, policy, sweeps)}
 
@@ -276,17 +231,14 @@ async def adapter_judge(alias: AliasPath, caller: OpsCaller, state: State,
 async def rollback_adapter(alias: AliasPath, caller: OpsCaller, state: State,
                            body: RollbackBody | None = None) -> AdapterDetail:
     """Serve the previous version again (ops): instant while it is warm."""
-    from service.engine import swap as engine_swap
-    from service.engine.vllm_admin import replica_admins
-
     async with state.sessions() as session:
-        adapter = await _adapter(session, caller.tenant_id, alias)
+        adapter = await adapter_or_404(session, caller.tenant_id, alias)
     if not state.settings.vllm_url_list:
         raise ApiError(503, "no vLLM replicas configured", code="engine_unavailable",
                        headers={"Retry-After": str(state.settings.retry_after_s)})
     config = engine_swap.SwapConfig.from_settings(state.settings)
     try:
-        async with replica_admins(state.settings.vllm_url_list) as admins:
+        async with replica_admins_for(state.settings) as admins:
             result = await engine_swap.rollback(state.sync_sessions(), admins, adapter.id, config,
                                                 actor=f"key:{caller.key_id}",
                                                 reason=(body.reason if body else None))

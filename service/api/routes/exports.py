@@ -19,7 +19,7 @@ from service import exports as domain
 from service.api.deps import OpsCaller, State
 from service.api.errors import ApiError
 from service.api.export_views import ExportOut, export_out, list_for_adapter
-from service.api.routes.adapters import _adapter
+from service.api.lookups import adapter_or_404
 from service.api.schemas import AliasPath, NoNul
 from service.db.models import AdapterVersion, Export, ExportStatus
 from service.policy import ExportFormat, ExportQuant
@@ -63,7 +63,7 @@ async def request_export(alias: AliasPath, body: ExportRequest, caller: OpsCalle
     Runs as a background job on a worker; poll the returned export for progress and result.
     """
     async with state.sessions() as session, session.begin():
-        adapter = await _adapter(session, caller.tenant_id, alias)
+        adapter = await adapter_or_404(session, caller.tenant_id, alias)
         policy = state.policies.for_alias(alias, caller.tenant_id)
         fallback = policy.export.fallback if body.fallback is None else body.fallback
 
@@ -89,7 +89,7 @@ async def request_export(alias: AliasPath, body: ExportRequest, caller: OpsCalle
 async def list_exports(alias: AliasPath, caller: OpsCaller, state: State) -> list[ExportOut]:
     """The alias's exports, newest first (also in GET /v1/adapters/{alias})."""
     async with state.sessions() as session:
-        adapter = await _adapter(session, caller.tenant_id, alias)
+        adapter = await adapter_or_404(session, caller.tenant_id, alias)
         return await list_for_adapter(session, adapter.id)
 
 
@@ -98,7 +98,7 @@ async def get_export(alias: AliasPath, export_id: uuid.UUID, caller: OpsCaller,
                      state: State) -> ExportOut:
     """One export: progress while it runs; then its files, checksums, gate numbers and lineage."""
     async with state.sessions() as session:
-        adapter = await _adapter(session, caller.tenant_id, alias)
+        adapter = await adapter_or_404(session, caller.tenant_id, alias)
         export, version = await _export(session, adapter.id, export_id)
     return export_out(export, version, detail=True)
 
@@ -114,7 +114,7 @@ async def delete_export(alias: AliasPath, export_id: uuid.UUID, caller: OpsCalle
                         body: DeleteBody | None = None) -> ExportOut:
     """Delete a settled export's files (ops); the record stays, marked deleted, for the audit."""
     async with state.sessions() as session, session.begin():
-        adapter = await _adapter(session, caller.tenant_id, alias)
+        adapter = await adapter_or_404(session, caller.tenant_id, alias)
         export, version = await _export(session, adapter.id, export_id)
         try:
             doomed = await session.run_sync(lambda s: domain.delete_export(
@@ -137,7 +137,7 @@ async def download_export_file(alias: AliasPath, export_id: uuid.UUID,
                                caller: OpsCaller, state: State) -> FileResponse:
     """Download one file of a passed export (model.gguf, Modelfile, lineage.json, ...)."""
     async with state.sessions() as session:
-        adapter = await _adapter(session, caller.tenant_id, alias)
+        adapter = await adapter_or_404(session, caller.tenant_id, alias)
         export, _ = await _export(session, adapter.id, export_id)
     return await _file_response(export, name)
 
@@ -199,7 +199,7 @@ async def create_download_link(alias: AliasPath, export_id: uuid.UUID, body: Lin
     curl streams a multi-GB GGUF straight to disk. Anyone holding it can download until it
     expires (FLYWHEEL_DOWNLOAD_LINK_TTL_S), or, with `one_time`, for one download."""
     async with state.sessions() as session:
-        adapter = await _adapter(session, caller.tenant_id, alias)
+        adapter = await adapter_or_404(session, caller.tenant_id, alias)
         export, _ = await _export(session, adapter.id, export_id)
     entry = _entry(export, body.name)
     ttl = state.settings.download_link_ttl_s

@@ -10,14 +10,14 @@ from datetime import UTC, datetime
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from service import ratelimit
 from service.api.deps import Caller, State, owner_filter
 from service.api.errors import ApiError, unavailable
 from service.api.schemas import FeedbackOut, FeedbackRequest, InteractionOut
 from service.db import hotpath
 from service.db import repositories as repo
+from service.intake import ratelimit
+from service.intake.spool import SpoolFull, SpoolUnavailable
 from service.metrics import FEEDBACK, SPOOL_FULL
-from service.spool import SpoolFull, SpoolUnavailable
 
 router = APIRouter(tags=["feedback"])
 
@@ -37,7 +37,7 @@ async def post_feedback(body: FeedbackRequest, caller: Caller, state: State):
         per_key=settings.feedback_rate_per_key)
     if not verdict.allowed:
         who = {"rater": f"rater {rater!r}", "key": "this API key"}.get(
-            verdict.scope, f"tenant {caller.tenant_id!r}")
+            verdict.scope or "tenant", f"tenant {caller.tenant_id!r}")
         raise ApiError(429, f"feedback rate limit for {who}: {verdict.limit} per minute",
                        param="rater_id" if verdict.scope == "rater" else None,
                        code=f"{verdict.scope}_rate_limited",

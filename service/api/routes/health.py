@@ -29,10 +29,12 @@ async def healthz() -> dict:
 async def _check_db(state) -> str | None:
     async with state.sessions() as session:
         await session.execute(text("SELECT 1"))
+    return None  # a failure raises
 
 
 async def _check_broker(state) -> str | None:
     await state.redis.ping()
+    return None  # a failure raises
 
 
 async def _check_engine(state) -> str | None:

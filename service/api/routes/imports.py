@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import hashlib
 import logging
+import tempfile
 import uuid
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
+from service.adapter_import import AdapterRefused, register, unpack_tar
 from service.api.deps import OpsCaller, State
 from service.api.errors import ApiError
-from service.api.routes.adapters import _adapter
+from service.api.lookups import adapter_or_404
 from service.api.schemas import AliasPath, NoNul
 from service.db.models import Adapter, FeedbackImport
 from service.db.session import session_scope
@@ -121,7 +125,7 @@ async def start_import(
         raise ApiError(422, "the request body must be the export file", param="body",
                        code="empty_import_file")
     async with state.sessions() as session:
-        adapter = await _adapter(session, caller.tenant_id, alias)
+        adapter = await adapter_or_404(session, caller.tenant_id, alias)
         adapter_id = adapter.id
     try:
         parsed = await asyncio.to_thread(parse_file, source.value, body, rule)
@@ -166,7 +170,7 @@ async def list_imports(alias: AliasPath, caller: OpsCaller, state: State,
                        limit: Annotated[int, Query(ge=1, le=500)] = 50) -> list[ImportOut]:
     """The alias's imports, newest first, with their counts (ops)."""
     async with state.sessions() as session:
-        adapter = await _adapter(session, caller.tenant_id, alias)
+        adapter = await adapter_or_404(session, caller.tenant_id, alias)
     sessions = state.sync_sessions()
 
     def go():
@@ -181,7 +185,7 @@ async def get_import(alias: AliasPath, import_id: uuid.UUID, caller: OpsCaller,
                      state: State) -> ImportOut:
     """One import: status, counts, the malformed records with where they are (ops)."""
     async with state.sessions() as session:
-        adapter = await _adapter(session, caller.tenant_id, alias)
+        adapter = await adapter_or_404(session, caller.tenant_id, alias)
     sessions = state.sync_sessions()
 
     def go():
@@ -217,18 +221,13 @@ async def import_adapter(
     It is checked and stored now; its run then gates it on the worker, and the alias's approval
     policy decides, as for a version Flywheel trained.
     """
-    import hashlib
-    import tempfile
-    from pathlib import Path
-
-    from service.adapter_import import AdapterRefused, register, unpack_tar
 
     body = await request.body()
     if not body:
         raise ApiError(422, "the request body must be a tar of the adapter directory",
                        param="body", code="empty_adapter")
     async with state.sessions() as session:
-        adapter_id = (await _adapter(session, caller.tenant_id, alias)).id
+        adapter_id = (await adapter_or_404(session, caller.tenant_id, alias)).id
     settings = state.settings
     policy = state.policies.for_alias(alias, caller.tenant_id)
     sessions = state.sync_sessions()

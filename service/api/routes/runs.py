@@ -14,6 +14,7 @@ from sqlalchemy import select
 from service.api.deps import OpsCaller, State
 from service.api.errors import ApiError
 from service.api.schemas import AliasQuery
+from service.db.adapter_reads import version_names
 from service.db.models import Adapter, AdapterVersion, EvalResult, RunState, TrainingRun
 from service.decisions import DecisionError, decide_run
 from service.wakeup import wake_run
@@ -67,15 +68,6 @@ async def _load(session, tenant_id: str, run_id: uuid.UUID):
     return row
 
 
-async def _version_names(session, *ids) -> dict:
-    ids = [i for i in ids if i is not None]
-    if not ids:
-        return {}
-    rows = await session.execute(select(AdapterVersion.id, AdapterVersion.lora_name)
-                                 .where(AdapterVersion.id.in_(ids)))
-    return dict(rows.all())
-
-
 def _out(run: TrainingRun, alias: str, names: dict) -> dict:
     return dict(
         id=run.id, alias=alias, state=run.state, method=run.method, method_reason=run.method_reason,
@@ -101,8 +93,8 @@ async def list_runs(caller: OpsCaller, state: State,
         q = q.where(TrainingRun.state == run_state.value)
     async with state.sessions() as session:
         rows = (await session.execute(q)).all()
-        names = await _version_names(session, *{v for r, _ in rows
-                                                for v in (r.parent_version_id, r.candidate_version_id)})
+        names = await version_names(session, (v for r, _ in rows
+                                              for v in (r.parent_version_id, r.candidate_version_id)))
     return [RunOut(**_out(r, a, names)) for r, a in rows]
 
 
@@ -111,7 +103,7 @@ async def get_run(run_id: uuid.UUID, caller: OpsCaller, state: State) -> RunDeta
     """A run with progress, dataset stats, metrics, verdict, lineage and eval results."""
     async with state.sessions() as session:
         run, alias = await _load(session, caller.tenant_id, run_id)
-        names = await _version_names(session, run.parent_version_id, run.candidate_version_id)
+        names = await version_names(session, (run.parent_version_id, run.candidate_version_id))
         lineage = {}
         if run.candidate_version_id:
             version = await session.get(AdapterVersion, run.candidate_version_id)
