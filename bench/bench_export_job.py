@@ -138,7 +138,7 @@ def bench(model_dir: Path, *, repeats: int, n_prompts: int, seed: int,
     from sqlalchemy import select
     from sqlalchemy.orm import sessionmaker
 
-    from service import exports
+    from service.domain import exports
     from service.config import Settings
     from service.db import migrate
     from service.db import repositories as repo
@@ -146,7 +146,7 @@ def bench(model_dir: Path, *, repeats: int, n_prompts: int, seed: int,
     from service.db.session import make_sync_engine, session_scope
     from service.local.embedded import ensure_postgres, stop_postgres
     from service.engine.artifact import artifact_sha256
-    from service.policy import PolicyStore
+    from service.domain.policy import PolicyStore
     from tests.helpers.vllm import make_random_lora
     from workers.context import WorkerContext
     from workers.stages import export as export_stage

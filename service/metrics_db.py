@@ -8,7 +8,7 @@ from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.judge_stats import METRIC_QUERIES as _JUDGE_QUERIES
+from service.domain.judge_stats import METRIC_QUERIES as _JUDGE_QUERIES
 
 _QUERIES = {
     "runs": "SELECT state, count(*) AS n FROM training_runs GROUP BY state",

@@ -16,9 +16,9 @@ from sqlalchemy.orm import sessionmaker
 
 from service.config import Settings, get_settings
 from service.db.session import make_sync_engine
+from service.domain.policy import PolicyStore
 from service.local.embedded import resolve_database_url
 from service.models import resolve
-from service.policy import PolicyStore
 from workers.training import read_jsonl
 
 

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 from uuid import UUID
 
+from service.domain.policy import Policy
 from service.files import atomic_write_bytes
-from service.policy import Policy
 from workers.chat_request import (
     UnsupportedRequest,
     template_args,
@@ -147,7 +147,7 @@ class ChatTokenizer(Protocol):
 class DatasetConfig:
     """How one build turns ratings into a dataset.
 
-    An alias's policy (service.policy, policies/*.yaml) sets these through
+    An alias's policy (service.domain.policy, policies/*.yaml) sets these through
     workers.recipe.dataset_config, and the defaults are the policy's: its dataset section's
     heldout_fraction, replay_fraction, max_chars and min_examples, training.method and
     training.seed, and judge.max_share as max_judge_share. Differences from the policy:

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.policy import GatePolicy
+from service.domain.policy import GatePolicy
 
 
 @dataclass

@@ -29,8 +29,8 @@ from sqlalchemy.orm import sessionmaker
 from service.db import repositories as repo
 from service.db.models import FEEDBACK_SOURCE_JUDGE, JUDGE_RATER_PREFIX, Adapter, JudgeSweep
 from service.db.session import session_scope
-from service.judge_stats import USED_LAST_HOUR
-from service.policy import JudgePolicy
+from service.domain.judge_stats import USED_LAST_HOUR
+from service.domain.policy import JudgePolicy
 from workers.judge_client import JudgeClient, JudgeFailed, Rating
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import httpx
 from pydantic import BaseModel, Field, ValidationError
 from tenacity import RetryError, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from service.policy import JudgePolicy
+from service.domain.policy import JudgePolicy
 
 
 class JudgeFailed(Exception):

@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import runs
 from service.db.session import session_scope
+from service.domain import runs
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ Renew = Callable[[Session, dict | None], bool]
 class LeaseKeeper:
     """Renews the lease every lease_s/3 and carries the latest progress into the row.
 
-    ``renew`` defaults to a training run's (service.runs.renew); export jobs pass their own.
+    ``renew`` defaults to a training run's (service.domain.runs.renew); export jobs pass their own.
     """
 
     def __init__(self, sessions: sessionmaker, run_id: uuid.UUID, owner: str, lease_s: float,

@@ -10,11 +10,11 @@ from __future__ import annotations
 import logging
 import uuid
 
-from service import runs, trigger
 from service.db import repositories as repo
 from service.db.models import RunState, TrainingRun
 from service.db.session import session_scope
-from service.exports import claimable_exports
+from service.domain import runs, trigger
+from service.domain.exports import claimable_exports
 from service.local.embedded import resolve_broker_url
 from service.wakeup import wake_export, wake_run
 from workers.context import StepFailed, WorkerContext, disk_full_reason
@@ -79,7 +79,7 @@ def _broker(ctx: WorkerContext) -> str:
 
 
 def sweep(ctx: WorkerContext) -> dict:
-    """Run the trigger for every alias (service.trigger); re-enqueue unclaimed runs and exports
+    """Run the trigger for every alias (service.domain.trigger); re-enqueue unclaimed runs and exports
     that have no wake-up waiting in the queue."""
     created = trigger.sweep(ctx.sessions, ctx.policies)
     with session_scope(ctx.sessions) as s:

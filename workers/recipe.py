@@ -1,4 +1,4 @@
-"""An alias's policy as a run's settings: the one mapping from service.policy.Policy to the
+"""An alias's policy as a run's settings: the one mapping from service.domain.policy.Policy to the
 dataset build's DatasetConfig and the training's TrainingConfig.
 
 The train stage, the imported adapter's gate and the benches all go through it, so each rule
@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from service.policy import Policy
+from service.domain.policy import Policy
 from workers.dataset import JUDGE, DatasetConfig, RatedInteraction
 from workers.training import TrainingConfig
 

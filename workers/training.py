@@ -35,6 +35,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from service.domain.policy import TrainingPolicy
 from service.engine.artifact import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -43,7 +44,6 @@ from service.engine.artifact import (
     verify_artifact,
 )
 from service.files import atomic_write_text, publish_dir, staging_dir
-from service.policy import TrainingPolicy
 from workers.config_dict import from_mapping
 from workers.dataset import auto_special_prefix, engine_prompt, training_prompt
 from workers.quantization import FALLBACKS, QUANTIZATIONS, QuantizationUnavailable, plan_quantization
@@ -99,7 +99,7 @@ class TrainingError(RuntimeError):
 class TrainingConfig:
     """Hyper-parameters of one adapter training run (like TRL's *Config dataclasses, but small).
 
-    An alias's policy (service.policy.TrainingPolicy, the `training` section of policies/*.yaml)
+    An alias's policy (service.domain.policy.TrainingPolicy, the `training` section of policies/*.yaml)
     sets these through workers.recipe.training_config, and the defaults are the policy's. These
     differ from it:
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from service.policy import WatchPolicy
+from service.domain.policy import WatchPolicy
 
 
 @dataclass(frozen=True)

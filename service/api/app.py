@@ -23,10 +23,10 @@ from service.api.state import AppState, TTLCache
 from service.config import Settings, get_settings
 from service.db import hotpath, migrate
 from service.db.session import make_async_engine, make_async_sessionmaker, make_sync_engine
+from service.domain.policy import PolicyStore
 from service.engine import reconcile
 from service.engine.replicas import ReplicaPool
 from service.local.embedded import resolve_service_urls
-from service.policy import PolicyStore
 
 log = logging.getLogger(__name__)
 

@@ -21,14 +21,14 @@ from service.config import Settings
 from service.db import hotpath
 from service.db import repositories as repo
 from service.db.session import make_sync_engine
+from service.domain.policy import PolicyStore
+from service.domain.trigger import Debounce
 from service.engine.replicas import ReplicaPool
 from service.intake import ratelimit
 from service.intake.batching import Batcher
 from service.intake.outbox import Outbox, is_outage
 from service.intake.spool import Spool
 from service.metrics import FEEDBACK, FEEDBACK_BATCH
-from service.policy import PolicyStore
-from service.trigger import Debounce
 
 # Up to this many ratings per statement, and this many statements out at once per process:
 # a lone rating goes at once, a burst waits for the statement out and shares the next one.

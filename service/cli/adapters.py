@@ -11,15 +11,15 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from service.adapter_import import AdapterRefused, register
 from service.cli.db import adapter_or_exit, migrated_sessions
 from service.cli.engine import run_engine_op
 from service.config import get_settings
 from service.db import repositories as repo
 from service.db.session import session_scope
+from service.domain.adapter_import import AdapterRefused, register
+from service.domain.policy import PolicyStore
 from service.engine.swap import rollback, set_canary, swap
 from service.local.embedded import resolve_broker_url
-from service.policy import PolicyStore
 from service.wakeup import wake_run
 
 adapters_app = typer.Typer(help="Adapter aliases and their versions.", no_args_is_help=True)

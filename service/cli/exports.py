@@ -1,6 +1,6 @@
 """`flywheel export` and `flywheel exports`: edge exports from the command line.
 
-Same domain functions as the API (service.exports): the request is a row in Postgres and a
+Same domain functions as the API (service.domain.exports): the request is a row in Postgres and a
 worker builds it; --wait follows its progress until it settles.
 """
 
@@ -21,15 +21,15 @@ from service.cli.db import adapter_or_exit, migrated_sessions
 from service.config import get_settings
 from service.db.models import AdapterVersion, Export
 from service.db.session import session_scope
-from service.exports import (
+from service.domain.exports import (
     ExportRefused,
     delete_export,
     remove_files,
     request_export,
     resolve_version,
 )
+from service.domain.policy import EXPORT_FORMATS, EXPORT_QUANTS, PolicyStore
 from service.local.embedded import resolve_broker_url
-from service.policy import EXPORT_FORMATS, EXPORT_QUANTS, PolicyStore
 from service.wakeup import wake_export
 
 console = Console()

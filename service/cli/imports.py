@@ -19,9 +19,9 @@ from rich.table import Table
 from service.cli.db import adapter_or_exit, migrated_sessions
 from service.config import get_settings
 from service.db.session import session_scope
+from service.domain.policy import PolicyStore
 from service.imports import FileRefused, RatingRule, parse_file, store
 from service.local.embedded import resolve_broker_url
-from service.policy import PolicyStore
 from service.wakeup import wake_run
 
 console = Console()

@@ -10,7 +10,7 @@ import yaml
 from rich.console import Console
 
 from service.config import get_settings
-from service.policy import PolicyError, PolicyStore
+from service.domain.policy import PolicyError, PolicyStore
 
 policies_app = typer.Typer(help="Policy files.", no_args_is_help=True)
 console = Console()

@@ -16,7 +16,7 @@ from service.cli.db import migrated_sessions
 from service.config import get_settings
 from service.db.models import Adapter, TrainingRun
 from service.db.session import session_scope
-from service.decisions import DecisionError, decide_run
+from service.domain.decisions import DecisionError, decide_run
 from service.local.embedded import resolve_broker_url
 from service.wakeup import wake_run
 

@@ -57,8 +57,9 @@ class ManagedVllm:
         ``kv_cache_gb`` may be fractional (the tiny model needs ~64 MiB); None leaves the KV
         cache to vLLM's own sizing (a GPU's memory utilisation). ``cpu_threads`` caps the
         engine's compute threads on a CPU build (None: all cores but one, so the API, the
-        database and the trainer keep a core). ``die_with_parent`` asks Linux to SIGTERM the server when the thread that
-        called start() exits, so a crashed test run leaves nothing behind; only use it from a long-lived thread.
+        database and the trainer keep a core). ``die_with_parent`` asks Linux to SIGTERM the
+        server when the thread that called start() exits, so a crashed test run leaves nothing
+        behind; only use it from a long-lived thread.
         """
         self.model_dir = Path(model_dir)
         self.port = port

@@ -26,12 +26,12 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import trigger
 from service.db import repositories as repo
 from service.db.models import JUDGE_RATER_PREFIX, Adapter, FeedbackImport, ImportStatus
 from service.db.session import session_scope
+from service.domain import trigger
+from service.domain.policy import Policy
 from service.imports.records import ImportRecord, ParsedFile, RatingRule, RecordError, Unrated
-from service.policy import Policy
 
 log = logging.getLogger(__name__)
 

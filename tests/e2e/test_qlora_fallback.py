@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 
 from service.db.models import Adapter, AdapterVersion, Feedback, TrainingRun
 from service.db.session import session_scope
-from service.policy import Policy
+from service.domain.policy import Policy
 from service.wakeup import wake_run
 from tests.helpers.browser import CHROMIUM, CHROMIUM_ARGS, require_chromium
 from tests.helpers.cli import flywheel

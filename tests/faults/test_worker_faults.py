@@ -10,7 +10,7 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from service import exports
+from service.domain import exports
 from service.db import repositories as repo
 from service.db.models import Adapter, AdapterVersion, AuditEvent, Export, Feedback, TrainingRun
 from service.db.session import session_scope

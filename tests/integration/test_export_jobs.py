@@ -1,4 +1,4 @@
-"""service.exports against the real Postgres: dedupe, the lease, a dead worker's job handed on,
+"""service.domain.exports against the real Postgres: dedupe, the lease, a dead worker's job handed on,
 giving up on a job that keeps killing its worker; and the schema matches the models."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from redis.asyncio import Redis
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.engine import make_url
 
-from service import download_links as links
-from service import exports
+from service.api import download_links as links
+from service.domain import exports
 from service.db import migrate
 from service.db.models import AdapterVersion, AuditEvent, Base, Export, ExportStatus
 from service.db.session import session_scope

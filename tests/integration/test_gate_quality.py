@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from service.policy import GatePolicy
+from service.domain.policy import GatePolicy
 from workers.dataset import render_completion, render_prompt
 from workers.stages.evaluate import offline_metrics
 from workers.gate import decide

@@ -18,8 +18,8 @@ from sqlalchemy import func, select, text
 from service.db.models import Adapter, Feedback, JudgeSweep, TrainingRun
 from service.db.session import session_scope
 from service.local.embedded import free_port
-from service.policy import JudgePolicy, Policy, TriggerPolicy
-from service.trigger import start_run_if_due
+from service.domain.policy import JudgePolicy, Policy, TriggerPolicy
+from service.domain.trigger import start_run_if_due
 from tests.helpers.auth import METRICS_AUTH, bearer
 from tests.helpers.data import seed_interactions
 from workers.judge import judge_alias

@@ -9,7 +9,7 @@ import httpx
 import pytest
 import yaml
 
-from service.policy import PolicyStore
+from service.domain.policy import PolicyStore
 from tests.helpers.auth import bearer
 from tests.helpers.cli import flywheel
 from tests.helpers.stack import api_with

@@ -1,4 +1,4 @@
-"""service/runs.py, the one writer of run rows, against the session's real Postgres: stages add
+"""service/domain/runs.py, the one writer of run rows, against the session's real Postgres: stages add
 their part of a run's JSON columns without erasing another's, and every finished state is
 stamped with finished_at."""
 
@@ -8,7 +8,7 @@ import uuid
 
 from sqlalchemy import select
 
-from service import runs
+from service.domain import runs
 from service.db.models import Adapter, RunState, TrainingRun
 from service.db.session import session_scope
 

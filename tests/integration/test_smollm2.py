@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 from service.models.inspect import inspect_model_dir
 from service.models.prepare import DEFAULT_MODEL, weights_sha256
-from service.policy import GatePolicy, GoldenCase
+from service.domain.policy import GatePolicy, GoldenCase
 from service.tasks import support_desk
 from workers.dataset import render_completion, render_prompt
 from workers.stages.evaluate import offline_metrics

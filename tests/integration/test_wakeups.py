@@ -8,11 +8,12 @@ import uuid
 import pytest
 from redis import Redis
 
-from service import exports, wakeup
+from service import wakeup
+from service.domain import exports
 from service.config import Settings
 from service.db.models import AdapterVersion
 from service.db.session import session_scope
-from service.policy import PolicyStore
+from service.domain.policy import PolicyStore
 from workers.context import WorkerContext
 from workers.pipeline import sweep
 

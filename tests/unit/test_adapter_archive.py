@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from service.adapter_import import AdapterRefused, safetensors_header, unpack_tar
+from service.domain.adapter_import import AdapterRefused, safetensors_header, unpack_tar
 
 
 def _tar(members: list[tuple[str, bytes | None, str | None]]) -> bytes:

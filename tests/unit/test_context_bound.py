@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service.context_window import ContextTooLong, byte_bound, completion_budget
+from service.api.context_window import ContextTooLong, byte_bound, completion_budget
 
 
 def test_the_byte_bound_covers_the_messages_and_the_templates_text():

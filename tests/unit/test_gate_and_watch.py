@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.policy import GatePolicy, GoldenCase, WatchPolicy
+from service.domain.policy import GatePolicy, GoldenCase, WatchPolicy
 from workers.gate import check_golden_output, decide
 from workers.watch import RateComparison, judge
 
@@ -143,7 +143,7 @@ def test_the_generic_golden_checks_need_no_knowledge_of_the_task():
 
 
 def test_the_shipped_default_policy_has_a_generic_golden_suite_and_wants_evidence():
-    from service.policy import PolicyStore
+    from service.domain.policy import PolicyStore
     from tests.helpers.stack import REPO
 
     gate = PolicyStore(REPO / "policies").for_alias("any-alias", "any").gate

@@ -12,7 +12,7 @@ import json
 import httpx
 
 from service.engine.replicas import ReplicaPool
-from service.gateway import Capture, complete, merge_tool_call_deltas, relay_stream
+from service.api.gateway import Capture, complete, merge_tool_call_deltas, relay_stream
 
 ARGS = '{"city": "Oslo"}'
 NON_STREAM = (

@@ -13,8 +13,8 @@ import pytest
 from pydantic import ValidationError
 
 from service.api.schemas import FeedbackRequest
-from service.judge_stats import agreement, endpoint, wilson
-from service.policy import JudgePolicy, Policy
+from service.domain.judge_stats import agreement, endpoint, wilson
+from service.domain.policy import JudgePolicy, Policy
 from tests.helpers.datasets import build, ri
 from workers.dataset import is_heldout
 from workers.judge import Candidate, batches, per_sweep_limit, split_budget

@@ -330,7 +330,7 @@ def test_flywheel_commands_exist_in_the_cli(docs):
 
 
 def test_the_policies_config_map_is_the_repository_s_and_valid(docs, tmp_path):
-    from service.policy import PolicyStore
+    from service.domain.policy import PolicyStore
 
     assert (BASE / "policies" / "default.yaml").read_text() == (ROOT / "policies" / "default.yaml").read_text()
     cm = _config_map(docs, "flywheel-policies")

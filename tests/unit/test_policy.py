@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from service.policy import Policy, PolicyError, PolicyStore
+from service.domain.policy import Policy, PolicyError, PolicyStore
 
 
 def write(d, name, text):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.policy import Policy
+from service.domain.policy import Policy
 from workers.quantization import (
     MISSING_BITSANDBYTES,
     MISSING_CUDA,

@@ -1,5 +1,5 @@
 """workers.recipe: the one mapping from an alias's policy to the worker's configs, and the one
-place their defaults come from (service.policy)."""
+place their defaults come from (service.domain.policy)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import re
 from datetime import UTC, datetime
 from pathlib import Path
 
-from service.policy import DatasetPolicy, Policy, TrainingPolicy
+from service.domain.policy import DatasetPolicy, Policy, TrainingPolicy
 from workers.dataset import DatasetConfig, RatedInteraction
 from workers.recipe import dataset_config, human_raters, training_config
 from workers.training import TrainingConfig

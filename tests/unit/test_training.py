@@ -414,7 +414,7 @@ def test_dpo_sft_term_keeps_the_chosen_answers_likely(tiny_model, tokenizer, tmp
 
 
 def test_policy_training_knobs_reach_the_trainer_config(tmp_path):
-    from service.policy import Policy
+    from service.domain.policy import Policy
     from workers.recipe import training_config
     from workers.training import _trainer_args
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from service.domain.policy import EXPORT_QUANTS
 from service.files import publish_dir, staging_dir
-from service.policy import EXPORT_QUANTS
 from workers.export.converter import convert_hf_to_gguf
 from workers.export.identity import read_lineage, seal
 from workers.export.merge import MergedResult

@@ -1,6 +1,6 @@
 """The train stage of an imported adapter's run: nothing to train, so gather what the gate
 scores it on (the alias's held-out ratings, split as every training run splits them) and move
-the run on to evaluating. See service/adapter_import.py for how such a run is created."""
+the run on to evaluating. See service/domain/adapter_import.py for how such a run is created."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import uuid
 
 from sqlalchemy import text
 
-from service import runs
-from service.adapter_import import ADAPTER_IMPORT
 from service.db import repositories as repo
 from service.db.models import RunState, TrainingRun
 from service.db.session import session_scope
-from service.policy import Policy
+from service.domain import runs
+from service.domain.adapter_import import ADAPTER_IMPORT
+from service.domain.policy import Policy
 from workers.context import WorkerContext, run_dir
 from workers.dataset import NotEnoughData, build_dataset, write_jsonl
 from workers.recipe import dataset_config, example_token_limit

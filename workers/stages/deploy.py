@@ -10,15 +10,15 @@ import logging
 import uuid
 from datetime import UTC, datetime
 
-from service import runs
 from service.db import repositories as repo
 from service.db.models import Adapter, AdapterVersion, RunState, TrainingRun
 from service.db.session import session_scope
+from service.domain import runs
+from service.domain.exports import ExportRefused, request_export
+from service.domain.policy import Policy
 from service.engine import swap as engine_swap
 from service.engine.vllm_admin import replica_admins_for
-from service.exports import ExportRefused, request_export
 from service.local.embedded import resolve_broker_url
-from service.policy import Policy
 from service.wakeup import wake_export
 from workers.context import StepFailed, WorkerContext
 

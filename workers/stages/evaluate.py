@@ -10,14 +10,14 @@ import logging
 import math
 from typing import Any
 
-from service import runs
 from service.db import repositories as repo
 from service.db.models import Adapter, AdapterVersion, EvalResult, RunState, TrainingRun, VersionStatus
 from service.db.session import session_scope
+from service.domain import runs
+from service.domain.policy import Policy
 from service.engine import swap as engine_swap
 from service.engine.artifact import ArtifactRejected, verify_artifact
 from service.engine.vllm_admin import replica_admins_for
-from service.policy import Policy
 from workers.answer_check import compare
 from workers.context import StepFailed, WorkerContext, heldout_raw
 from workers.dataset import heldout_answer, heldout_completion

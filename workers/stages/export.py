@@ -13,13 +13,13 @@ from typing import Any
 
 from sqlalchemy import select
 
-from service import exports
 from service.db import repositories as repo
 from service.db.models import Adapter, AdapterVersion, Export, ExportStatus, TrainingRun
 from service.db.session import session_scope
+from service.domain import exports
+from service.domain.policy import Policy
 from service.engine.artifact import ArtifactRejected, verify_artifact
 from service.models.inspect import ModelError
-from service.policy import Policy
 from workers.context import WorkerContext, disk_full_reason, heldout_raw
 from workers.export import Tolerance, run_export
 from workers.lease import LeaseKeeper, LeaseLost

@@ -11,14 +11,14 @@ from pathlib import Path
 
 from sqlalchemy import text
 
-from service import runs
 from service.db import repositories as repo
 from service.db.models import Adapter, AdapterVersion, RunState, TrainingRun
 from service.db.session import session_scope
+from service.domain import runs
+from service.domain.policy import Policy
 from service.engine.artifact import ArtifactRejected, artifact_sha256, verify_artifact
 from service.imports.store import imported_from
 from service.models.inspect import ModelError
-from service.policy import Policy
 from workers.context import StepFailed, WorkerContext, run_dir
 from workers.dataset import NotEnoughData, RatedInteraction, build_dataset, write_jsonl
 from workers.lease import LeaseKeeper

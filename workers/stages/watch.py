@@ -9,12 +9,12 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select, text
 
-from service import runs
 from service.db import repositories as repo
 from service.db.models import Adapter, RunState, TrainingRun
 from service.db.session import session_scope
+from service.domain import runs
+from service.domain.policy import Policy
 from service.engine import swap as engine_swap
-from service.policy import Policy
 from workers.context import WorkerContext
 from workers.stages.deploy import engine_op, queue_promotion_exports
 from workers.watch import RateComparison, judge

@@ -18,9 +18,9 @@ from service.api.schemas import AliasPath
 from service.db import adapter_reads as reads
 from service.db import repositories as repo
 from service.db.models import Adapter
+from service.domain.judge_stats import summary
 from service.engine import swap as engine_swap
 from service.engine.vllm_admin import replica_admins_for
-from service.judge_stats import summary
 from service.names import check_name
 
 router = APIRouter(tags=["adapters"])

@@ -14,15 +14,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
 from sqlalchemy import select
 
-from service import download_links as links
-from service import exports as domain
+from service.api import download_links as links
 from service.api.deps import OpsCaller, State
 from service.api.errors import ApiError
 from service.api.export_views import ExportOut, export_out, list_for_adapter
 from service.api.lookups import adapter_or_404
 from service.api.schemas import AliasPath, NoNul
 from service.db.models import AdapterVersion, Export, ExportStatus
-from service.policy import ExportFormat, ExportQuant
+from service.domain import exports as domain
+from service.domain.policy import ExportFormat, ExportQuant
 from service.wakeup import wake_export
 
 router = APIRouter(tags=["exports"])

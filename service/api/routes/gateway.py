@@ -11,8 +11,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
-from service import context_window, gateway
-from service.api import storing
+from service.api import context_window, gateway, storing
 from service.api.deps import Caller, State
 from service.api.errors import ApiError, unavailable
 from service.api.schemas import ChatCompletionRequest, ModelCard, ModelList

@@ -22,13 +22,13 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
-from service.adapter_import import AdapterRefused, register, unpack_tar
 from service.api.deps import OpsCaller, State
 from service.api.errors import ApiError
 from service.api.lookups import adapter_or_404
 from service.api.schemas import AliasPath, NoNul
 from service.db.models import Adapter, FeedbackImport
 from service.db.session import session_scope
+from service.domain.adapter_import import AdapterRefused, register, unpack_tar
 from service.imports import FileRefused, RatingRule, parse_file, store
 from service.wakeup import wake_run
 

@@ -16,7 +16,7 @@ from service.api.errors import ApiError
 from service.api.schemas import AliasQuery
 from service.db.adapter_reads import version_names
 from service.db.models import Adapter, AdapterVersion, EvalResult, RunState, TrainingRun
-from service.decisions import DecisionError, decide_run
+from service.domain.decisions import DecisionError, decide_run
 from service.wakeup import wake_run
 
 router = APIRouter(tags=["runs"])

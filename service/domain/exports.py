@@ -20,9 +20,9 @@ from sqlalchemy.orm import Session
 
 from service.db import repositories as repo
 from service.db.models import Adapter, AdapterVersion, Export, ExportStatus, VersionStatus
+from service.domain.policy import ExportSpec
+from service.domain.runs import to_json
 from service.engine.artifact import file_sha256
-from service.policy import ExportSpec
-from service.runs import to_json
 
 # A job whose worker died this many times is given up (it would likely kill the next one too).
 MAX_ATTEMPTS = 3

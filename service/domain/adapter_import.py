@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 
 from service.db import repositories as repo
 from service.db.models import ACTIVE_RUN_STATES, Adapter, RunState, TrainingRun
+from service.domain.policy import Policy
 from service.engine.artifact import (
     CONFIG_FILE,
     PICKLE_SUFFIXES,
@@ -40,7 +41,6 @@ from service.engine.artifact import (
     verify_artifact,
 )
 from service.files import publish_dir, staging_dir
-from service.policy import Policy
 
 ADAPTER_IMPORT = "adapter_import"  # training_runs.trigger.reason of an imported adapter's run
 _LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B")

@@ -2,8 +2,8 @@
 
 This module is the one writer of training_runs rows once they exist: claims and lease renewals,
 state transitions (finished_at stamped on entering a finished state), dataset stats, method,
-and the JSON sections stages add to a run. Runs are created by the trigger (service/trigger.py,
-one exactly-once statement) and by an adapter import (service/adapter_import.py).
+and the JSON sections stages add to a run. Runs are created by the trigger (service/domain/trigger.py,
+one exactly-once statement) and by an adapter import (service/domain/adapter_import.py).
 
 Postgres is the only source of truth. Celery messages only wake workers, and a lease makes a
 duplicate delivery find nothing.

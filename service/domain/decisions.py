@@ -7,9 +7,9 @@ import uuid
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service import runs
 from service.db import repositories as repo
 from service.db.models import AdapterVersion, RunState, TrainingRun, VersionStatus
+from service.domain import runs
 
 
 class DecisionError(Exception):

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.policy import JudgePolicy
+from service.domain.policy import JudgePolicy
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float] | None:

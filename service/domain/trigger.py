@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.models import ACTIVE_RUN_STATES, Adapter
 from service.db.session import session_scope
-from service.policy import Policy, PolicyStore
+from service.domain.policy import Policy, PolicyStore
 from service.wakeup import wake_run
 
 log = logging.getLogger(__name__)
