@@ -10,10 +10,10 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from service.domain import exports
 from service.db import repositories as repo
 from service.db.models import Adapter, AdapterVersion, AuditEvent, Export, Feedback, TrainingRun
 from service.db.session import session_scope
+from service.domain import exports
 from service.engine.artifact import artifact_sha256
 from service.local.embedded import ensure_redis, stop_redis
 from service.wakeup import wake_export

@@ -63,7 +63,7 @@ class ApiProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 60.0) -> "ApiProcess":
+    def start(self, timeout: float = 60.0) -> ApiProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "api", "--port", str(self.port),
              "--workers", str(self.workers)],
@@ -76,7 +76,7 @@ class ApiProcess:
     def stop(self) -> None:
         stop_group(self.proc, 15)
 
-    def __enter__(self) -> "ApiProcess":
+    def __enter__(self) -> ApiProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -108,7 +108,7 @@ class WorkerProcess:
     proc: subprocess.Popen | None = None
     beat: bool = False  # run celery beat inside (sweeper, watch)
 
-    def start(self) -> "WorkerProcess":
+    def start(self) -> WorkerProcess:
         beat = ["--beat", "--schedule", str(self.log.with_suffix(".beat"))] if self.beat else []
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q",
@@ -131,7 +131,7 @@ class WorkerProcess:
     def stop(self) -> None:
         stop_group(self.proc, 20)
 
-    def __enter__(self) -> "WorkerProcess":
+    def __enter__(self) -> WorkerProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -16,10 +16,10 @@ from sqlalchemy import create_engine, select, text
 from sqlalchemy.engine import make_url
 
 from service.api import download_links as links
-from service.domain import exports
 from service.db import migrate
 from service.db.models import AdapterVersion, AuditEvent, Base, Export, ExportStatus
 from service.db.session import session_scope
+from service.domain import exports
 
 
 def _request(db_sessions, version_id, quant="q8_0", fallback=False):

@@ -23,8 +23,8 @@ from sqlalchemy import select
 from service.db import repositories as repo
 from service.db.models import Adapter, AdapterVersion, AuditEvent, Export, TrainingRun
 from service.db.session import session_scope
-from service.engine.artifact import artifact_sha256
 from service.domain.policy import Policy
+from service.engine.artifact import artifact_sha256
 from service.wakeup import wake_run
 from tests.helpers.auth import METRICS_AUTH, bearer
 from tests.helpers.cli import flywheel

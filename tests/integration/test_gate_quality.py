@@ -8,8 +8,8 @@ from transformers import AutoTokenizer
 
 from service.domain.policy import GatePolicy
 from workers.dataset import render_completion, render_prompt
-from workers.stages.evaluate import offline_metrics
 from workers.gate import decide
+from workers.stages.evaluate import offline_metrics
 from workers.training import TrainingConfig, train_adapter
 
 PRODUCTS = ["order", "account", "invoice", "delivery", "subscription", "password"]

@@ -21,8 +21,8 @@ from service.db.models import (
     TrainingRun,
 )
 from service.db.session import session_scope
-from service.imports import RatingRule, parse_file, store
 from service.domain.policy import PolicyStore
+from service.imports import RatingRule, parse_file, store
 from tests.helpers.cli import flywheel
 from tests.helpers.data import seed_interactions
 from tests.helpers.stack import REPO, flywheel_env

@@ -17,9 +17,9 @@ from sqlalchemy import func, select, text
 
 from service.db.models import Adapter, Feedback, JudgeSweep, TrainingRun
 from service.db.session import session_scope
-from service.local.embedded import free_port
 from service.domain.policy import JudgePolicy, Policy, TriggerPolicy
 from service.domain.trigger import start_run_if_due
+from service.local.embedded import free_port
 from tests.helpers.auth import METRICS_AUTH, bearer
 from tests.helpers.data import seed_interactions
 from workers.judge import judge_alias

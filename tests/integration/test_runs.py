@@ -8,9 +8,9 @@ import uuid
 
 from sqlalchemy import select
 
-from service.domain import runs
 from service.db.models import Adapter, RunState, TrainingRun
 from service.db.session import session_scope
+from service.domain import runs
 
 
 def _run(db_sessions, tenant: str, alias: str, state: RunState, **fields) -> uuid.UUID:

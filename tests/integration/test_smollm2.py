@@ -15,13 +15,13 @@ import httpx
 import pytest
 from transformers import AutoTokenizer
 
+from service.domain.policy import GatePolicy, GoldenCase
 from service.models.inspect import inspect_model_dir
 from service.models.prepare import DEFAULT_MODEL, weights_sha256
-from service.domain.policy import GatePolicy, GoldenCase
 from service.tasks import support_desk
 from workers.dataset import render_completion, render_prompt
-from workers.stages.evaluate import offline_metrics
 from workers.gate import check_golden_output, decide
+from workers.stages.evaluate import offline_metrics
 from workers.training import TrainingConfig, train_adapter
 
 # Training two adapters on a real model takes minutes on 2 cores (the module's first test pays).

@@ -13,8 +13,8 @@ from service.db.models import Adapter, AdapterVersion, AuditEvent
 from service.db.session import session_scope
 from service.engine import swap as sw
 from service.engine.artifact import verifier
-from service.engine.sizing import EngineSize
 from service.engine.reconcile import reconcile_once
+from service.engine.sizing import EngineSize
 from service.engine.vllm_admin import VllmAdmin
 from tests.helpers.cli import flywheel
 from tests.helpers.replicas import ROUTING_TTL_S, Traffic, api_env, chat, served_models

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from service.local.embedded import free_port
 from service.engine.artifact import verify_artifact
+from service.local.embedded import free_port
 from workers.training import latest_checkpoint
 
 pytestmark = pytest.mark.slow

@@ -9,10 +9,10 @@ import pytest
 from redis import Redis
 
 from service import wakeup
-from service.domain import exports
 from service.config import Settings
 from service.db.models import AdapterVersion
 from service.db.session import session_scope
+from service.domain import exports
 from service.domain.policy import PolicyStore
 from workers.context import WorkerContext
 from workers.pipeline import sweep

@@ -62,7 +62,8 @@ def test_every_flywheel_command_exists_in_the_cli():
 
 def test_the_worker_consumes_every_queue_the_app_routes_to():
     import workers.tasks  # noqa: F401 - registers the tasks
-    from workers.celery_app import QUEUES, ROUTES, app as celery
+    from workers.celery_app import QUEUES, ROUTES
+    from workers.celery_app import app as celery
 
     worker = SERVICES["worker"]["command"]
     assert worker[:4] == ["celery", "-A", "workers.celery_app", "worker"]

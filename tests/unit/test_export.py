@@ -23,12 +23,18 @@ from service.engine.artifact import file_sha256
 from service.models.weights import cached_weights_sha256, weights_sha256
 from workers.export.build import FALLBACK_ORDER, less_aggressive, run_export
 from workers.export.consistency import Tolerance, consistency, gguf_consistency, judge
-from workers.export.converter import (LLAMA_CPP_VERSION, convert_hf_to_gguf, ensure_converter,
-                                      extract_converter)
-from workers.export.engines import (Memo, TorchLM, encode_prompts, load_merged, load_served,
-                                    render_prompts)
-from workers.export.gguf_writer import (CONVERTER_QUANTS, GGUF_FILE, QUANTIZER_QUANTS, QUANTS,
-                                        GgufResult, export_gguf, llama_cpp_available, to_gguf)
+from workers.export.converter import LLAMA_CPP_VERSION, convert_hf_to_gguf, ensure_converter, extract_converter
+from workers.export.engines import Memo, TorchLM, encode_prompts, load_merged, load_served, render_prompts
+from workers.export.gguf_writer import (
+    CONVERTER_QUANTS,
+    GGUF_FILE,
+    QUANTIZER_QUANTS,
+    QUANTS,
+    GgufResult,
+    export_gguf,
+    llama_cpp_available,
+    to_gguf,
+)
 from workers.export.identity import LINEAGE_FILE, export_sha256, file_manifest, manifest_sha256
 from workers.export.merge import MergedResult, merge_adapter
 from workers.export.modelfile import MODELFILE, turn_format, write_modelfile

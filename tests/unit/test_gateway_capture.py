@@ -11,8 +11,8 @@ import json
 
 import httpx
 
-from service.engine.replicas import ReplicaPool
 from service.api.gateway import Capture, complete, merge_tool_call_deltas, relay_stream
+from service.engine.replicas import ReplicaPool
 
 ARGS = '{"city": "Oslo"}'
 NON_STREAM = (

@@ -18,7 +18,7 @@ from service.domain.policy import JudgePolicy, Policy
 from tests.helpers.datasets import build, ri
 from workers.dataset import is_heldout
 from workers.judge import Candidate, batches, per_sweep_limit, split_budget
-from workers.judge_client import JudgeClient, JudgeFailed, parse, Verdict
+from workers.judge_client import JudgeClient, JudgeFailed, Verdict, parse
 
 CHAT = [{"role": "user", "content": "How do I reset my password?"}]
 
