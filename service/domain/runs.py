@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from service.db.models import RunState
+from service.db.models import RunState, TrainingRun
 
 # Entering one of these stamps finished_at (once): the run's work is over, whatever follows.
 FINISHED_STATES = (RunState.rejected, RunState.failed, RunState.live, RunState.superseded,
@@ -32,6 +32,7 @@ FINISHED_STATES = (RunState.rejected, RunState.failed, RunState.live, RunState.s
 # stage erases another's. Any other column, dataset_stats included, is set whole; renew
 # replaces progress with the trainer's latest report (training writes progress first).
 MERGED_JSON = ("metrics", "progress", "verdict")
+_COLUMNS = frozenset(c.name for c in TrainingRun.__table__.columns)
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,8 @@ def _assignments(fields: dict[str, Any], params: dict[str, Any]) -> list[str]:
     merges its keys into the column, other dicts and lists are stored as JSON, the rest as is."""
     sets = []
     for name, value in fields.items():
+        if name not in _COLUMNS:  # names become SQL: only the table's own columns get through
+            raise ValueError(f"training_runs has no column {name!r}")
         params[name] = to_json(value) if isinstance(value, (dict, list)) else value
         if isinstance(value, dict) and name in MERGED_JSON:
             sets.append(f"{name} = coalesce({name}, '{{}}'::jsonb) || CAST(:{name} AS jsonb)")
