@@ -85,14 +85,25 @@ def publish_dir(tmp: str | os.PathLike[str], target: str | os.PathLike[str], *,
                 replace: bool = False) -> None:
     """Flush the finished folder ``tmp`` to disk and rename it to ``target``.
 
-    replace: an existing ``target`` (incomplete, or being rebuilt) is removed first. Without it
-    an existing non-empty ``target`` raises OSError: a folder is never merged into another.
+    replace: an existing ``target`` (incomplete, or being rebuilt) is renamed aside, the new one
+    renamed in, then the old one removed: lock-free readers see a target all but for the instant
+    between two renames, and a failed rename puts the old one back. Without it an existing
+    non-empty ``target`` raises OSError: a folder is never merged into another.
     """
     tmp, target = Path(tmp), Path(target)
     for path in tmp.rglob("*"):
         if path.is_file() and not path.is_symlink():
             fsync_path(path)
+    old = None
     if replace and target.exists():
-        shutil.rmtree(target)
-    os.rename(tmp, target)
+        old = tmp.with_name(tmp.name + "-old")
+        os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        if old is not None:
+            os.rename(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     fsync_path(target.parent)

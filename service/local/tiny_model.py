@@ -11,10 +11,11 @@ import fcntl
 import json
 import random
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from service.files import publish_dir, staging_dir
 
 BUILDER_VERSION = 1  # bump when the output changes, so cached builds are rebuilt
 MARKER_FILE = "flywheel_tiny_model.json"
@@ -60,20 +61,14 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0, pretrain_steps: int = 0) -
         if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MARKER_FILE).exists():
             raise FileExistsError(f"{out_dir} exists and is not a tiny-model build; refusing to replace it")
         # Build beside the target and swap in, so readers never see a half-written model.
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.build-", dir=out_dir.parent))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the engine may run as another user
+        tmp = staging_dir(out_dir)
         try:
             _build_into(tmp, seed=seed, pretrain_steps=pretrain_steps)
             (tmp / MARKER_FILE).write_text(json.dumps(wanted, sort_keys=True) + "\n")
-            # Two renames keep the window without a model at out_dir tiny for lock-free readers.
-            old = tmp.with_name(tmp.name + "-old")
-            if out_dir.exists():
-                out_dir.rename(old)
-            tmp.rename(out_dir)
+            publish_dir(tmp, out_dir, replace=True)
         finally:
-            for leftover in (tmp, tmp.with_name(tmp.name + "-old")):
-                if leftover.exists():
-                    shutil.rmtree(leftover, ignore_errors=True)
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

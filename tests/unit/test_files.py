@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -47,3 +48,24 @@ def test_publish_dir_never_merges_unless_asked(tmp_path):
     publish_dir(again, target, replace=True)
     assert (target / "w").read_text() == "2"
     assert sorted(p.name for p in target.parent.iterdir()) == ["artifact"]
+
+
+def test_a_failed_replace_puts_the_old_folder_back(tmp_path, monkeypatch):
+    target = tmp_path / "artifact"
+    first = staging_dir(target)
+    (first / "w").write_text("old")
+    publish_dir(first, target)
+    new = staging_dir(target)
+    (new / "w").write_text("new")
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if Path(src) == new:  # the new folder's rename fails (say, the disk)
+            raise OSError("rename refused")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="rename refused"):
+        publish_dir(new, target, replace=True)
+    assert (target / "w").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [new.name, "artifact"]

@@ -97,7 +97,7 @@ def test_cached_build_is_reused(tmp_path):
     # A different request replaces the build.
     build_tiny_model(tmp_path / "m", seed=4)
     assert json.loads((out / MARKER_FILE).read_text())["seed"] == 4
-    assert not [p for p in tmp_path.iterdir() if ".build-" in p.name]
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
 def test_refuses_to_replace_foreign_dir(tmp_path):
