@@ -120,6 +120,31 @@ class Settings(BaseSettings):
     # judge endpoints that want one.
     judge_interval_s: float = Field(60.0, gt=0)
     judge_sweep_max_s: float = Field(45.0, gt=0)
+
+    # Training jobs (workers/trainer/): every training runs as `accelerate launch` of
+    # workers.training in its own process group, which outlives a worker crash; the run row keeps
+    # the job's reference and the next worker re-attaches to it.
+    train_backend: Literal["local"] = "local"
+    # Processes per machine; None: the accelerate config file's, else 1. More than one trains DDP
+    # (gloo on CPU, nccl on GPUs) with workers/accelerate/ddp_cpu.yaml unless a config is given.
+    train_processes: int | None = Field(None, ge=1)
+    # Machines in one training; rank 0 is the worker's, the others join with
+    # `python -m workers.trainer.job join JOB_DIR --machine-rank N` (the job dir on shared storage).
+    train_machines: int = Field(1, ge=1)
+    # Rank 0's address the other machines reach (needed with train_machines > 1).
+    train_main_address: str | None = None
+    # The rendezvous port; None: a free port on this machine (single machine only).
+    train_main_port: int | None = Field(None, ge=1, le=65535)
+    # An accelerate config file (FSDP, DeepSpeed ZeRO-3: workers/accelerate/*.yaml, or your own).
+    train_accelerate_config: Path | None = None
+    # A job nobody has polled for this long stops itself (its worker died and none took the run
+    # over); None: 3 x run_lease_s, at least 30 s. The run resumes from its checkpoint later.
+    train_orphan_after_s: float | None = Field(None, gt=0)
+    # Times a training process that died without an error (killed, OOM) is started again from its
+    # last checkpoint before the run fails.
+    train_max_restarts: int = Field(2, ge=0)
+    # How often the worker reads a running job's progress and state.
+    train_poll_interval_s: float = Field(1.0, gt=0)
     judge_api_key: SecretStr | None = None
 
     # Database pool

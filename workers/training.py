@@ -8,13 +8,15 @@ resumes where it stopped, and writes an artifact directory (`adapter_model.safet
 torch / transformers / trl / peft are imported inside functions only: the API process imports this
 module for `TrainingConfig` and must not pay for (or need) torch.
 
-Multi-process (DDP on CPU with gloo, or several GPUs) runs through accelerate:
+The worker runs every training as `accelerate launch -m workers.training --spec spec.json`
+(workers/trainer/: one process or many, DDP on CPU with gloo, several GPUs or machines):
 
     accelerate launch --config_file workers/accelerate/ddp_cpu.yaml -m workers.training --spec spec.json
 
 The spec is JSON: {"base_model_dir", "data": {"train": jsonl, "eval": jsonl?}, "config": {...},
-"out_dir", "work_dir", "parent_adapter_dir"?, "lineage"?, "result_path"?}. Every process trains;
-only the main one writes the artifact and the result.
+"out_dir", "work_dir", "parent_adapter_dir"?, "lineage"?, "result_path"?, "progress_path"?,
+"error_dir"?}. Every process trains; only the main one writes the artifact, the result and the
+progress (JSON lines); a process that raises records why in error_dir/error-<rank>.json.
 """
 
 from __future__ import annotations
@@ -883,12 +885,36 @@ def _run_spec(spec: Mapping[str, Any]) -> TrainResult:
         work_dir=spec["work_dir"],
         parent_adapter_dir=parent,
         lineage=spec.get("lineage"),
-        progress=_print_progress,
+        progress=_progress_writer(spec.get("progress_path")),
     )
 
 
-def _print_progress(event: dict[str, Any]) -> None:
-    print(json.dumps({"progress": event}), file=sys.stderr, flush=True)
+def _progress_writer(path: str | None) -> ProgressFn:
+    """Progress events as JSON lines: appended to path (what the trainer backend reads), else
+    printed to stderr."""
+    def write(event: dict[str, Any]) -> None:
+        line = json.dumps(event, sort_keys=True, default=str) + "\n"
+        if path is None:
+            print(json.dumps({"progress": event}), file=sys.stderr, flush=True)
+            return
+        with open(path, "a") as f:  # one write of one whole line: a reader never sees half
+            f.write(line)
+
+    return write
+
+
+def _write_error(error_dir: str | None, exc: BaseException) -> None:
+    """Record why this process failed (error-<rank>.json), for the backend to tell a training
+    error from a killed process. Best effort: the disk may be what failed."""
+    if error_dir is None:
+        return
+    rank = os.environ.get("RANK", "0")  # set by accelerate/torchrun in each process
+    record = {"type": type(exc).__name__, "message": str(exc)[:2000], "rank": int(rank),
+              "errno": getattr(exc, "errno", None)}
+    try:
+        atomic_write_text(Path(error_dir) / f"error-{rank}.json", json.dumps(record) + "\n")
+    except OSError:
+        log.warning("could not record the training error in %s", error_dir)
 
 
 def result_to_dict(result: TrainResult) -> dict[str, Any]:
@@ -905,7 +931,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     spec = json.loads(Path(ns.spec).read_text())
-    result = _run_spec(spec)
+    try:
+        result = _run_spec(spec)
+    except Exception as exc:
+        _write_error(spec.get("error_dir"), exc)
+        raise
     from accelerate import PartialState
 
     if PartialState().is_main_process:

@@ -106,11 +106,24 @@ def runs_show(
                          ("quantization", _quantization_text(run.metrics or {})),
                          ("trigger", run.trigger), ("dataset", run.dataset_stats),
                          ("progress", _progress_text(run.progress or {})),
+                         ("training job", _job_text(run.trainer_job)),
                          ("gate", (run.metrics or {}).get("gate")), ("verdict", run.verdict),
                          ("failure", run.failure_reason)]:
         if value:
             table.add_row(label, str(value))
     console.print(table)
+
+
+def _job_text(job: dict | None) -> str | None:
+    """Where the run's training job runs: the operator's view, directory and pid included."""
+    if not job:
+        return None
+    restarts = job.get("restarts", 0)
+    text = (f"{job.get('backend')} attempt {job.get('attempt')} (restarts {restarts}), "
+            f"pid {job.get('pid')} on {job.get('host')}: {job.get('dir')}")
+    if job.get("previous_end"):
+        text += f"; the attempt before ended: {job['previous_end']}"
+    return text
 
 
 def _follow(sessions, rid: uuid.UUID) -> None:

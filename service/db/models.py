@@ -300,6 +300,8 @@ class TrainingRun(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
     verdict: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
     failure_reason: Mapped[str | None] = mapped_column(Text)
+    # The training job the train stage submitted (workers/trainer/): backend, reference, attempt.
+    trainer_job: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

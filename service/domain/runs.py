@@ -151,3 +151,15 @@ def to_json(value: Any) -> str:
         raise TypeError(type(o).__name__)
 
     return json.dumps(value, default=default)
+
+
+# What of a run's trainer_job the API and the ops page show: not its directory, pid or boot id.
+_JOB_PUBLIC = ("backend", "attempt", "restarts", "host", "submitted_at", "previous_end")
+
+
+def job_summary(job: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The public part of a run's training job reference (None before training started)."""
+    if not job:
+        return None
+    return {k: job[k] for k in _JOB_PUBLIC if k in job}
+

@@ -6,6 +6,7 @@ the missing-CUDA path is the real one): a qlora policy fails its run naming what
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import uuid
 from pathlib import Path
@@ -147,6 +148,9 @@ def _ops_page_shows_it(env, stack_root, ops_key: str, lenient: uuid.UUID, strict
             fact = page.get_by_test_id("run-quantization")
             expect(fact).to_contain_text("plain LoRA (fallback from QLoRA)")
             expect(fact).to_contain_text("CUDA is not available")
+            # The training job it ran as (workers/trainer/): backend, attempt, host; no path.
+            job = page.get_by_test_id("run-training-job")
+            expect(job).to_have_text(re.compile(r"^local, attempt 1, on \S+$"))
             assert not errors, errors
             browser.close()
     finally:

@@ -150,3 +150,16 @@ def build(new, pool=(), *, kind: str = "chatml", redactor=None, **kw):
         policy=policy(**kw),
         redactor=redactor or RegexRedactor(),
     )
+
+
+def addition_records(tok) -> list[dict]:
+    """16 SFT records ("What is a plus b?" -> "a+b.") rendered with tok's chat template."""
+    out = []
+    for a in range(4):
+        for b in range(4):
+            msgs = [{"role": "user", "content": f"What is {a} plus {b}?"}]
+            prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            full = tok.apply_chat_template([*msgs, {"role": "assistant", "content": f"{a + b}."}],
+                                           tokenize=False)
+            out.append({"prompt": prompt, "completion": full[len(prompt):].rstrip()})
+    return out

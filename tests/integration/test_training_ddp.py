@@ -17,24 +17,13 @@ import pytest
 
 from service.engine.artifact import verify_artifact
 from service.local.embedded import free_port
+from tests.helpers.datasets import addition_records
 from workers.training import latest_checkpoint
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 DDP_CONFIG = REPO / "workers" / "accelerate" / "ddp_cpu.yaml"
-
-
-def _sft_records(tok) -> list[dict]:
-    out = []
-    for a in range(4):
-        for b in range(4):
-            msgs = [{"role": "user", "content": f"What is {a} plus {b}?"}]
-            prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-            full = tok.apply_chat_template([*msgs, {"role": "assistant", "content": f"{a + b}."}],
-                                           tokenize=False)
-            out.append({"prompt": prompt, "completion": full[len(prompt):].rstrip()})
-    return out
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
@@ -44,7 +33,7 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
 def _write_spec(tmp_path: Path, tiny_model: Path, **config) -> Path:
     from transformers import AutoTokenizer
 
-    _write_jsonl(tmp_path / "train.jsonl", _sft_records(AutoTokenizer.from_pretrained(tiny_model)))
+    _write_jsonl(tmp_path / "train.jsonl", addition_records(AutoTokenizer.from_pretrained(tiny_model)))
     spec = {
         "base_model_dir": str(tiny_model),
         "data": {"train": str(tmp_path / "train.jsonl")},

@@ -3,6 +3,8 @@ window, train a candidate version on it, record it. Called by pipeline.advance u
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import json
 import logging
 import time
@@ -19,13 +21,14 @@ from service.domain.policy import Policy
 from service.engine.artifact import ArtifactRejected, artifact_sha256, verify_artifact
 from service.imports.store import imported_from
 from service.models.inspect import ModelError
-from workers.context import StepFailed, WorkerContext, run_dir
+from workers.context import StepFailed, WorkerContext, disk_full_reason, run_dir
 from workers.dataset import NotEnoughData, RatedInteraction, build_dataset, write_jsonl
-from workers.lease import LeaseKeeper
+from workers.lease import LeaseKeeper, LeaseLost
 from workers.quantization import plan_quantization
 from workers.recipe import dataset_config, example_token_limit, human_raters, training_config
 from workers.redaction import get_redactor
-from workers.training import train_adapter
+from workers.trainer.backend import TrainJob
+from workers.trainer.drive import TrainingFailed, backend_for, drive
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +91,42 @@ def check_quantization(ctx: WorkerContext, claim: runs.Claim, policy: Policy) ->
     return entry
 
 
+def _train_as_job(ctx: WorkerContext, claim: runs.Claim, spec: dict, base_dir: Path,
+                  out_dir: Path) -> tuple[Path, str, dict, dict]:
+    """Train through the trainer backend (`accelerate launch`, workers/trainer/), re-attaching
+    to the job the run already has when a worker died following it."""
+    with session_scope(ctx.sessions) as s:
+        ref = repo.get_row(s, TrainingRun, claim.run_id).trainer_job
+
+    def store_ref(new_ref: dict) -> None:
+        with session_scope(ctx.sessions) as s:
+            if not runs.update(s, claim.run_id, owner=claim.owner, trainer_job=new_ref):
+                raise LeaseLost(f"{claim.run_id}: lease lost to another worker")
+
+    def new_job(attempt: int) -> TrainJob:
+        return TrainJob(job_dir=base_dir / f"job-{attempt}", spec=spec, attempt=attempt)
+
+    settings = ctx.settings
+    with LeaseKeeper(ctx.sessions, claim.run_id, claim.owner, settings.run_lease_s) as lease:
+        try:
+            result = drive(backend_for(settings), ref=ref, new_job=new_job, store_ref=store_ref,
+                           report=lease.report, max_restarts=settings.train_max_restarts,
+                           interval_s=settings.train_poll_interval_s)
+        except TrainingFailed as exc:
+            err = exc.error or {}
+            if err.get("errno") == errno.ENOSPC:  # the pipeline words a full disk for ops
+                raise OSError(errno.ENOSPC, str(exc)) from exc
+            full = disk_full_reason(ctx, exc)
+            raise StepFailed(full or str(exc)) from exc
+    artifact = Path(result["artifact_dir"])
+    # The artifact was written by another process: the version records what is on disk.
+    sha = artifact_sha256(artifact)
+    if artifact != out_dir or sha != result["sha256"]:
+        raise StepFailed(f"training job reported artifact {artifact} ({result['sha256'][:12]}), "
+                         f"found {out_dir} ({sha[:12]})")
+    return artifact, sha, result["metrics"], result["library_versions"]
+
+
 def train(ctx: WorkerContext, claim: runs.Claim) -> str:
     """Build the dataset from the run's feedback window and train a candidate version."""
     from transformers import AutoTokenizer  # heavy: loads torch
@@ -136,7 +175,7 @@ def train(ctx: WorkerContext, claim: runs.Claim) -> str:
             runs.update(s, claim.run_id, dataset_stats=getattr(exc, "stats", None) or {})
         raise StepFailed(f"not enough usable data: {exc}") from exc
     base_dir = run_dir(ctx, claim.run_id)
-    write_jsonl(built, base_dir / "data")
+    data_paths = write_jsonl(built, base_dir / "data")
     with session_scope(ctx.sessions) as s:
         runs.update(s, claim.run_id, method=built.method, method_reason=built.reason,
                     dataset_stats={**built.stats, "snapshot_sha256": built.snapshot.sha256,
@@ -160,18 +199,16 @@ def train(ctx: WorkerContext, claim: runs.Claim) -> str:
         # written atomically, so this one is complete.
         trained = _recorded_artifact(out_dir)
     else:
-        with LeaseKeeper(ctx.sessions, claim.run_id, claim.owner, ctx.settings.run_lease_s) as lease:
-            result = train_adapter(
-                base_model_dir=base_model, data={"train": built.train[built.method],
-                                                 "eval": built.heldout.get(built.method, [])},
-                config=training_config(policy, built.method, max_length=token_limit,
-                                       desirable_weight=built.kto_desirable_weight,
-                                       undesirable_weight=built.kto_undesirable_weight),
-                out_dir=out_dir,
-                work_dir=base_dir / "work", parent_adapter_dir=parent_dir, progress=lease.report,
-                lineage=lineage,
-            )
-        trained = (result.artifact_dir, result.sha256, result.metrics, result.library_versions)
+        config = training_config(policy, built.method, max_length=token_limit,
+                                 desirable_weight=built.kto_desirable_weight,
+                                 undesirable_weight=built.kto_undesirable_weight)
+        spec = {"base_model_dir": base_model,
+                "data": {"train": str(data_paths[f"{built.method}_train"]),
+                         "eval": str(data_paths[f"{built.method}_heldout"])},
+                "config": dataclasses.asdict(config), "out_dir": str(out_dir),
+                "work_dir": str(base_dir / "work"),
+                "parent_adapter_dir": str(parent_dir) if parent_dir else None, "lineage": lineage}
+        trained = _train_as_job(ctx, claim, spec, base_dir, out_dir)
     with session_scope(ctx.sessions) as s:
         adapter = repo.get_row(s, Adapter, adapter_id)
         version = repo.create_version(

@@ -16,6 +16,7 @@ from service.api.errors import ApiError
 from service.api.schemas import AliasQuery
 from service.db.adapter_reads import version_names
 from service.db.models import Adapter, AdapterVersion, EvalResult, RunState, TrainingRun
+from service.domain import runs
 from service.domain.decisions import DecisionError, decide_run
 from service.wakeup import wake_run
 
@@ -35,6 +36,8 @@ class RunOut(BaseModel):
     verdict: dict[str, Any]
     failure_reason: str | None
     attempts: int
+    # The training job (workers/trainer/): backend, attempt, restarts and why the last one ended.
+    training_job: dict[str, Any] | None
     parent_version: str | None
     candidate_version: str | None
     created_at: datetime
@@ -73,7 +76,8 @@ def _out(run: TrainingRun, alias: str, names: dict) -> dict:
         id=run.id, alias=alias, state=run.state, method=run.method, method_reason=run.method_reason,
         trigger=run.trigger or {}, progress=run.progress or {}, dataset_stats=run.dataset_stats or {},
         metrics=run.metrics or {}, verdict=run.verdict or {}, failure_reason=run.failure_reason,
-        attempts=run.attempts, parent_version=names.get(run.parent_version_id),
+        attempts=run.attempts, training_job=runs.job_summary(run.trainer_job),
+        parent_version=names.get(run.parent_version_id),
         candidate_version=names.get(run.candidate_version_id), created_at=run.created_at,
         started_at=run.started_at, finished_at=run.finished_at, updated_at=run.updated_at)
 

@@ -1241,6 +1241,16 @@
     if (run.failure_reason) facts.push(["Failure", h("span", { class: "bad", text: run.failure_reason })]);
     fill($("run-facts"), facts.map(([k, v]) => [h("dt", { text: k }), h("dd", {}, v)]));
 
+    const job = run.training_job;
+    if (job) {
+      // The training job the run follows (workers/trainer/); restarts say a training process died.
+      const restarts = job.restarts ? `, ${job.restarts} restart${job.restarts > 1 ? "s" : ""}` : "";
+      facts.push(["Training job", h("span", {
+        class: job.restarts ? "bad" : null, "data-testid": "run-training-job",
+        title: job.previous_end ? `the attempt before ended: ${job.previous_end}` : "",
+        text: `${job.backend}, attempt ${job.attempt}${restarts}, on ${job.host}`,
+      })]);
+    }
     renderVerdict(run);
     renderGate(run);
     renderLoss(run);
