@@ -104,7 +104,8 @@ def _train_as_job(ctx: WorkerContext, claim: runs.Claim, spec: dict, base_dir: P
                 raise LeaseLost(f"{claim.run_id}: lease lost to another worker")
 
     def new_job(attempt: int) -> TrainJob:
-        return TrainJob(job_dir=base_dir / f"job-{attempt}", spec=spec, attempt=attempt)
+        # Absolute: the reference must mean the same directory to any worker that reads it.
+        return TrainJob(job_dir=base_dir.resolve() / f"job-{attempt}", spec=spec, attempt=attempt)
 
     settings = ctx.settings
     with LeaseKeeper(ctx.sessions, claim.run_id, claim.owner, settings.run_lease_s) as lease:

@@ -66,7 +66,7 @@ class LocalAccelerateBackend:
         with open(d / "supervisor.log", "ab") as log:
             proc = subprocess.Popen([sys.executable, "-m", "workers.trainer.job", "run", str(d)],
                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True, cwd=_CODE_ROOT)
+                                    start_new_session=True)
         self._children[proc.pid] = proc
         self._offsets[str(d)] = 0
         return {"backend": self.name, "dir": str(d), "attempt": job.attempt, "pid": proc.pid,
