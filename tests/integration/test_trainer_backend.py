@@ -1,7 +1,7 @@
 """The local trainer backend for real: `accelerate launch` of workers.training on the tiny model,
 supervised by workers/trainer/job.py in a session of its own.
 
-One process and two (DDP, gloo); two "machines" on one host (two launches, machine ranks 0 and
+One process and two (DDP, gloo); FSDP over two processes; two "machines" on one host (two launches, machine ranks 0 and
 1, a static rendezvous on loopback); a training process killed with SIGKILL is started again
 from its checkpoint; a second worker (a fresh backend, not the parent) re-attaches to a job that
 is still running; a training error fails at once; cancel and the orphan timeout stop every
@@ -125,6 +125,21 @@ def test_two_processes_train_ddp_with_gloo(tiny_model, tmp_path):
     assert [e["step"] for e in events] == [1, 2, 3, 4]  # reported once, by rank 0
     ckpt = tmp_path / "work" / "checkpoints" / "checkpoint-4"
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in ckpt.iterdir()}
+
+
+def test_fsdp_shards_the_training_over_two_processes(one_process, tiny_model, tmp_path):
+    """workers/accelerate/fsdp.yaml on CPU: FSDP over gloo trains the same adapter."""
+    spec = _spec(tmp_path, tiny_model, max_steps=4, precision="fp32")
+    settings = Settings(train_accelerate_config=REPO / "workers" / "accelerate" / "fsdp.yaml")
+    result, _, events = _run(LocalAccelerateBackend(settings), tmp_path, spec)
+    assert result["metrics"]["world_size"] == 2 and result["metrics"]["backend"] == "gloo"
+    assert [e["step"] for e in events] == [1, 2, 3, 4]
+    verify_artifact(tmp_path / "adapter", expected_sha256=result["sha256"],
+                    engine_base_model=str(tiny_model), max_lora_rank=16)
+    assert _tensor_shapes(tmp_path / "adapter") == _tensor_shapes(one_process[0] / "adapter")
+    with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "np") as f:
+        trained = [f.get_tensor(k) for k in f.keys() if "lora_B" in k]
+    assert trained and all(abs(t).sum() > 0 for t in trained)  # gathered, not left as shards
 
 
 def test_two_machines_on_one_host_train_one_adapter(one_process, tiny_model, tmp_path):
