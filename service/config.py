@@ -105,6 +105,11 @@ class Settings(BaseSettings):
     # At API start, when FLYWHEEL_VLLM_MAX_LORAS / _MAX_CPU_LORAS are too small for the aliases.
     engine_sizing_check: Literal["error", "warn", "off"] = "error"
 
+    # Replica discovery (service/engine/discovery.py): a name in FLYWHEEL_VLLM_URLS with several
+    # addresses (a Kubernetes headless Service) is one replica per address. How often each API
+    # process resolves the names again (0: only at start); workers and the CLI resolve per call.
+    replica_discovery_interval_s: float = Field(5.0, ge=0)
+
     # Workers
     # Must exceed the longest training: Redis redelivers unacked messages after it (celery #5935).
     broker_visibility_timeout_s: int = 6 * 3600
@@ -115,11 +120,6 @@ class Settings(BaseSettings):
     wake_resend_after_s: float = 600.0
     watch_interval_s: float = 15.0
     training_device: str = "auto"
-    # The AI judge (policy `judge`): how often beat sends its sweep, the most one sweep may take
-    # (it shares the control queue with the trigger sweep and the watch), and the key sent to
-    # judge endpoints that want one.
-    judge_interval_s: float = Field(60.0, gt=0)
-    judge_sweep_max_s: float = Field(45.0, gt=0)
 
     # Training jobs (workers/trainer/): every training runs as `accelerate launch` of
     # workers.training in its own process group, which outlives a worker crash; the run row keeps
@@ -145,6 +145,11 @@ class Settings(BaseSettings):
     train_max_restarts: int = Field(2, ge=0)
     # How often the worker reads a running job's progress and state.
     train_poll_interval_s: float = Field(1.0, gt=0)
+    # The AI judge (policy `judge`): how often beat sends its sweep, the most one sweep may take
+    # (it shares the control queue with the trigger sweep and the watch), and the key sent to
+    # judge endpoints that want one.
+    judge_interval_s: float = Field(60.0, gt=0)
+    judge_sweep_max_s: float = Field(45.0, gt=0)
     judge_api_key: SecretStr | None = None
 
     # Database pool

@@ -13,11 +13,12 @@ from collections import OrderedDict
 from prometheus_client.parser import text_string_to_metric_families
 
 PRIVATE = frozenset({"tenant", "alias", "version"})
-# Gauges whose sum over tenants is still a total (ratings waiting, rollbacks, exports, bytes).
+# Gauges whose sum over tenants is still a total (ratings waiting, rollbacks, exports, bytes,
+# versions resident per replica and role).
 SUMMABLE_GAUGES = frozenset({"flywheel_feedback_buffer", "flywheel_rollbacks", "flywheel_exports",
                              "flywheel_export_bytes", "flywheel_runs", "flywheel_ratings",
                              "flywheel_judge_agreement_pairs", "flywheel_judge_agreement_agree",
-                             "flywheel_judge_skipped"})
+                             "flywheel_judge_skipped", "flywheel_resident_versions"})
 
 
 def tenant_free(exposition: str) -> str:

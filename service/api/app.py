@@ -18,13 +18,25 @@ from service.api import errors
 from service.api.auth_guard import FailedAuthThrottle
 from service.api.limits import BodyLimitMiddleware
 from service.api.observe import RequestMetricsMiddleware
-from service.api.routes import adapters, audit, exports, feedback, gateway, health, imports, ops_page, runs
+from service.api.routes import (
+    adapters,
+    audit,
+    exports,
+    feedback,
+    gateway,
+    health,
+    imports,
+    ops_page,
+    replicas,
+    runs,
+)
 from service.api.state import AppState, TTLCache
 from service.config import Settings, get_settings
 from service.db import hotpath, migrate
 from service.db.session import make_async_engine, make_async_sessionmaker, make_sync_engine
 from service.domain.policy import PolicyStore
-from service.engine import reconcile
+from service.engine import watcher as engine_watcher
+from service.engine.discovery import Discovery
 from service.engine.replicas import ReplicaPool
 from service.local.embedded import resolve_service_urls
 
@@ -46,9 +58,12 @@ def build_state(settings: Settings) -> AppState:
     engine = make_async_engine(db_url, pool_size=settings.db_pool_size,
                                max_overflow=settings.db_max_overflow,
                                connect_timeout_s=settings.db_connect_timeout_s)
-    pool = ReplicaPool(settings.vllm_url_list, base_name=settings.base_model_name,
+    # FLYWHEEL_VLLM_URLS resolved once here (a name may be many replicas); the watcher follows it.
+    discovery = Discovery(settings.vllm_url_list)
+    pool = ReplicaPool(discovery.urls, base_name=settings.base_model_name,
                        connect_timeout_s=settings.upstream_connect_timeout_s,
-                       read_timeout_s=settings.upstream_timeout_s)
+                       read_timeout_s=settings.upstream_timeout_s,
+                       sources={u: discovery.source_of(u) or u for u in discovery.urls})
     # Short timeouts, no retries: Redis is off the critical path (rate limits fail open).
     redis = Redis.from_url(broker_url, socket_connect_timeout=0.5, socket_timeout=0.5,
                            retry=Retry(NoBackoff(), 0))
@@ -56,7 +71,7 @@ def build_state(settings: Settings) -> AppState:
                                   timeout_s=settings.db_connect_timeout_s)
     return AppState(settings=settings, db_url=db_url, broker_url=broker_url, engine=engine,
                     sessions=make_async_sessionmaker(engine), fast_pool=fast_pool, pool=pool,
-                    redis=redis,
+                    discovery=discovery, redis=redis,
                     auth_cache=TTLCache(settings.auth_cache_ttl_s),
                     auth_misses=TTLCache(settings.auth_cache_ttl_s),
                     failed_auth=FailedAuthThrottle(settings.auth_failures_per_minute),
@@ -85,9 +100,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         replay_task = asyncio.create_task(
             state.outbox.run(settings.spool_replay_interval_s), name="spool-replay")
         # Keeps state.pool following the replicas and converges them to the DB's desired state.
-        watcher = reconcile.watcher_from_settings(settings, state.db_url, state.pool)
+        watcher = engine_watcher.watcher_from_settings(
+            settings, state.db_url, state.pool, state.discovery,
+            bound_for=state.policies.max_resident_versions)
         log.info("flywheel API ready: db=%s replicas=%s", make_url(state.db_url).render_as_string(
-            hide_password=True), settings.vllm_url_list)
+            hide_password=True), state.pool.urls)
         try:
             await watcher.start(settings)  # EngineTooSmall here stops the API with the reason
             yield
@@ -110,6 +127,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(audit.router)
     app.include_router(health.router)
     app.include_router(ops_page.router)
+    app.include_router(replicas.router)
 
     app.add_middleware(RequestMetricsMiddleware)
     # Outermost, so oversized bodies are refused before anything reads them.

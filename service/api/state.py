@@ -23,6 +23,7 @@ from service.db import repositories as repo
 from service.db.session import make_sync_engine
 from service.domain.policy import PolicyStore
 from service.domain.trigger import Debounce
+from service.engine.discovery import Discovery
 from service.engine.replicas import ReplicaPool
 from service.intake import ratelimit
 from service.intake.batching import Batcher
@@ -77,6 +78,7 @@ class AppState:
     sessions: async_sessionmaker
     fast_pool: AsyncConnectionPool
     pool: ReplicaPool
+    discovery: Discovery  # what FLYWHEEL_VLLM_URLS resolves to (the watcher refreshes it)
     redis: Redis
     auth_cache: TTLCache
     route_cache: TTLCache

@@ -16,6 +16,7 @@ from sqlalchemy.orm import sessionmaker
 
 from service.cli.db import migrated_sessions
 from service.config import get_settings
+from service.domain.policy import PolicyStore
 from service.engine.managed import ManagedVllm
 from service.engine.reconcile import reconcile_once, settings_verifier
 from service.engine.swap import SwapConfig, SwapError
@@ -101,7 +102,9 @@ def reconcile() -> None:
         async with replica_admins_for(settings, timeout_s=ADMIN_TIMEOUT_S) as admins:
             return await reconcile_once(factory, admins, warm_grace_s=settings.warm_grace_s,
                                         drain_s=settings.drain_s,
-                                        verify=settings_verifier(settings))
+                                        verify=settings_verifier(settings),
+                                        bound_for=PolicyStore(settings.policy_dir)
+                                        .max_resident_versions)
 
     report = asyncio.run(go())
     table = Table("replica", "healthy", "loaded", "loaded now", "unloaded now", "error")
@@ -115,5 +118,7 @@ def reconcile() -> None:
         err.print(f"[red]refused:[/red] {name}: {why}")
     if report.retired:
         console.print(f"retired: {', '.join(report.retired)}")
+    if report.evicted:
+        console.print(f"evicted (residency bound): {', '.join(report.evicted)}")
     if not report.converged:
         raise typer.Exit(1)

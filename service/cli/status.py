@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 from service.cli.db import migrated_sessions
 from service.config import get_settings
 from service.db.models import Adapter, AdapterVersion, TrainingRun
+from service.engine.discovery import Discovery
 
 console = Console()
 
@@ -31,7 +32,7 @@ def status() -> None:
                                   .group_by(TrainingRun.state)).all())
     console.print(table)
     console.print("runs: " + (", ".join(f"{k} {v}" for k, v in sorted(by_state.items())) or "none"))
-    for url in settings.vllm_url_list:
+    for url in Discovery(settings.vllm_url_list).urls:  # a name may resolve to many replicas
         try:
             ok = httpx.get(f"{url}/health", timeout=2).status_code == 200
         except httpx.HTTPError:

@@ -1,5 +1,5 @@
-"""Policies: what ops decide per alias (trigger, training, gate, approval, canary, watch, rollback,
-edge export).
+"""Policies: what ops decide per alias (trigger, training, gate, approval, canary, serving, watch,
+rollback, edge export).
 
 policies/default.yaml applies to every alias; policies/<alias>.yaml (for the tenants it names)
 or <tenant>--<alias>.yaml (which wins) is deep-merged over it. Files are validated at start;
@@ -114,6 +114,16 @@ class GatePolicy(_Strict):
 
 class CanaryPolicy(_Strict):
     share: float = Field(0.0, ge=0, le=1)
+
+
+class ServingPolicy(_Strict):
+    """What the alias keeps loaded on every vLLM replica (service/engine/residency.py)."""
+
+    # Versions of the alias resident per replica: live + warm previous + canary or staged. Past
+    # it the oldest staged versions nothing is using go back to candidate and are unloaded; the
+    # live, canary and warm versions and a run's candidate in use are never let go. At most 3:
+    # the engine's sizing check (sizing.py) counts 3 per alias, so a policy can only lower it.
+    max_resident_versions: int = Field(3, ge=1, le=3)
 
 
 class WatchPolicy(_Strict):
@@ -231,6 +241,7 @@ class Policy(_Strict):
     gate: GatePolicy = Field(default_factory=GatePolicy)
     approval: Literal["auto", "manual"] = "manual"
     canary: CanaryPolicy = Field(default_factory=CanaryPolicy)
+    serving: ServingPolicy = Field(default_factory=ServingPolicy)
     watch: WatchPolicy = Field(default_factory=WatchPolicy)
     rollback: RollbackPolicy = Field(default_factory=RollbackPolicy)
     export: ExportPolicy = Field(default_factory=ExportPolicy)
@@ -364,6 +375,15 @@ class PolicyStore:
         policy = self._resolve(alias, tenant_id)
         self._cache[(alias, tenant_id)] = policy
         return policy
+
+    def max_resident_versions(self, tenant_id: str, alias: str) -> int:
+        """The alias's residency bound (the reconciler's BoundFor); the built-in default when its
+        policy cannot be read."""
+        try:
+            return self.for_alias(alias, tenant_id).serving.max_resident_versions
+        except (PolicyError, ValidationError, OSError):
+            logging.getLogger(__name__).exception("policy of %s/%s unreadable", tenant_id, alias)
+            return ServingPolicy().max_resident_versions
 
     def source_for(self, alias: str, tenant_id: str | None = None) -> list[str]:
         """The files that make up an alias's policy, most general first (none: built-in)."""

@@ -4,6 +4,9 @@ A version must be loaded while its status is live, warm or staged, or while an a
 or sends it canary traffic. Everything else the DB knows (candidate, retired, failed) must not be
 loaded. Names the DB does not know are left alone: they belong to someone else.
 
+How many of an alias's versions stay resident is bounded (residency.py): residents() lists
+them with their roles, and the reconciler lets the ones past the bound go.
+
 Pure query functions over a sync Session; nothing here writes.
 """
 
@@ -14,10 +17,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.orm import Session
 
-from service.db.models import Adapter, AdapterVersion, VersionStatus
+from service.db.models import Adapter, AdapterVersion, TrainingRun, VersionStatus
+from service.engine.residency import (
+    RUN_STATES_USING_CANDIDATE,
+    BoundFor,
+    Resident,
+    beyond_bound,
+    resident,
+)
 
 LOADED_STATUSES = (VersionStatus.live.value, VersionStatus.warm.value, VersionStatus.staged.value)
 
@@ -60,6 +70,43 @@ def desired_versions(session: Session, adapter_id: uuid.UUID | None = None) -> l
         q = q.where(AdapterVersion.adapter_id == adapter_id)
     return [DesiredVersion(r.id, r.adapter_id, r.lora_name, r.artifact_path, r.status, r.sha256)
             for r in session.execute(q)]
+
+
+def residents(session: Session, adapter_id: uuid.UUID | None = None,
+              drain_s: float | None = None) -> list[Resident]:
+    """Desired versions with their roles (residency.py), oldest first per adapter; with drain_s,
+    warm versions of aliases that last changed longer ago than that may go."""
+    in_run = set(session.scalars(select(TrainingRun.candidate_version_id).where(
+        TrainingRun.state.in_(RUN_STATES_USING_CANDIDATE),
+        TrainingRun.candidate_version_id.is_not(None))))
+    q = version_rows().where(_must_load()).order_by(AdapterVersion.adapter_id,
+                                                    AdapterVersion.number)
+    if adapter_id is not None:
+        q = q.where(AdapterVersion.adapter_id == adapter_id)
+    if drain_s is None:
+        return [resident(r, r.id in in_run) for r in session.execute(q)]
+    q = q.add_columns((Adapter.updated_at < func.now() - timedelta(seconds=drain_s)).label("drained"))
+    return [resident(r, r.id in in_run, bool(r.drained)) for r in session.execute(q)]
+
+
+def beyond_bounds(session: Session, bound_for: BoundFor, adapter_id: uuid.UUID | None = None,
+                  drain_s: float | None = None) -> list[Resident]:
+    """Desired versions past their alias's residency bound (optionally one adapter's); warm ones
+    only past drain_s when it is given."""
+    by_adapter: dict[uuid.UUID, list[Resident]] = {}
+    for r in residents(session, adapter_id, drain_s):
+        by_adapter.setdefault(r.adapter_id, []).append(r)
+    return [v for rs in by_adapter.values()
+            for v in beyond_bound(rs, bound_for(rs[0].tenant_id, rs[0].alias))]
+
+
+def version_rows() -> Select:
+    """Versions with their alias's tenant, name and routing: the columns residency.resident()
+    reads. Shared with the API's async reads (which versions a replica holds, for whom)."""
+    return (select(AdapterVersion.id, AdapterVersion.adapter_id, AdapterVersion.lora_name,
+                   AdapterVersion.number, AdapterVersion.status, Adapter.tenant_id, Adapter.alias,
+                   Adapter.serving_version_id, Adapter.canary_version_id)
+            .join(Adapter, Adapter.id == AdapterVersion.adapter_id))
 
 
 def known_versions(session: Session, names: Iterable[str]) -> dict[str, KnownVersion]:

@@ -1,51 +1,44 @@
 """Converge the replicas to the desired state in Postgres, and keep the gateway's pool current.
 
 reconcile_once() lists every replica (GET /v1/models), retires warm versions whose grace or drain
-time is over, loads desired versions a replica lacks (a restarted replica gets its adapters back)
-and unloads versions the DB says must not be loaded. Names unknown to the DB are left alone.
+time is over, lets staged versions past their alias's residency bound go (residency.py), loads
+desired versions a replica lacks (a restarted or newly discovered replica gets its adapters) and
+unloads versions the DB says must not be loaded. Names unknown to the DB are left alone.
 It acts on an alias only while holding that alias's lock (swap.py), re-reading the alias's
 desired state under it, so it never races a swap, rollback or canary change: a busy alias is
 skipped until the next round.
 
-EngineWatcher runs in every API process: an observer that feeds GET /v1/models into the
-ReplicaPool every ``replica_observe_interval_s`` (a replica that does not answer is out of
-routing until it does; a version is routed only to replicas that hold it), and the reconciler
-every ``reconcile_interval_s``. Several processes reconciling at once is safe: loads of a name
-already loaded and unloads of a name already gone are no-ops.
+The API runs it in the background (watcher.py). Several processes reconciling at once is safe:
+loads of a name already loaded and unloads of a name already gone are no-ops.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.config import Settings
 from service.db.models import Adapter, AdapterVersion, AuditEvent, EngineReplica, VersionStatus
 from service.db.repositories import audit
-from service.db.session import db_call, make_sync_engine
-from service.engine import desired, sizing
+from service.db.session import db_call
+from service.engine import desired
 from service.engine.alias_lock import try_lock
 from service.engine.artifact import ArtifactRejected, verifier
 from service.engine.replicas import ReplicaPool
+from service.engine.residency import BoundFor, Resident, default_bound
 from service.engine.vllm_admin import AlreadyLoaded, ReplicaError, VllmAdmin
 
 log = logging.getLogger(__name__)
 
 Verify = Callable[[str, str], "ArtifactRejected | None"]
-
-# Observing must not stall on a hung replica; loads may legitimately take longer.
-OBSERVE_TIMEOUT_S = 3.0
-CONTROL_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -67,6 +60,8 @@ class ReconcileReport:
 
     replicas: list[ReplicaState]
     retired: list[str] = field(default_factory=list)
+    # Staged versions let go because their alias had more resident than its bound.
+    evicted: list[str] = field(default_factory=list)
     busy: list[uuid.UUID] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     # Desired versions whose artifact failed verification: lora name -> why. Never loaded on a
@@ -102,7 +97,7 @@ def apply_to_pool(pool: ReplicaPool, states: Sequence[ReplicaState]) -> None:
 # --- DB steps ----------------------------------------------------------------------------------
 
 def _adapters_needing_work(session: Session, states: Sequence[ReplicaState], warm_grace_s: float,
-                           drain_s: float) -> set[uuid.UUID]:
+                           drain_s: float, bound_for: BoundFor) -> set[uuid.UUID]:
     """Adapters with something to load, unload or retire, from one unlocked look."""
     want = desired.desired_versions(session)
     want_names = {d.lora_name for d in want}
@@ -113,12 +108,25 @@ def _adapters_needing_work(session: Session, states: Sequence[ReplicaState], war
     out |= {d.adapter_id for d in want if any(d.lora_name not in names for names in up)}
     out |= {w.adapter_id for w in desired.expired_warm(session, warm_grace_s=warm_grace_s,
                                                        drain_s=drain_s)}
+    out |= {v.adapter_id for v in desired.beyond_bounds(session, bound_for, drain_s=drain_s)}
     return out
 
 
-def _retire_and_read(session: Session, adapter_id: uuid.UUID, warm_grace_s: float, drain_s: float
-                     ) -> tuple[list[str], list[desired.DesiredVersion], set[str]]:
-    """Under the alias lock: retire expired warm versions, then read what must be loaded."""
+@dataclass
+class AliasPlan:
+    """One alias's round, decided under its lock."""
+
+    retired: list[str]
+    evicted: list[str]
+    want: list[desired.DesiredVersion]
+    names: set[str]  # every lora name the alias ever had
+
+
+def _retire_and_read(session: Session, adapter_id: uuid.UUID, warm_grace_s: float, drain_s: float,
+                     bound_for: BoundFor = default_bound) -> AliasPlan:
+    """Under the alias lock: retire expired warm versions, let versions past the residency
+    bound go (staged back to candidate, drained warm ones retired), then read what must be
+    loaded."""
     expired = desired.expired_warm(session, warm_grace_s=warm_grace_s, drain_s=drain_s,
                                    adapter_id=adapter_id)
     for w in expired:
@@ -126,8 +134,26 @@ def _retire_and_read(session: Session, adapter_id: uuid.UUID, warm_grace_s: floa
                         .values(status=VersionStatus.retired.value))
     if expired:
         _audit_retired(session, adapter_id, expired, warm_grace_s, drain_s)
-    return ([w.lora_name for w in expired], desired.desired_versions(session, adapter_id),
-            desired.adapter_version_names(session, adapter_id))
+    evicted = desired.beyond_bounds(session, bound_for, adapter_id, drain_s=drain_s)
+    for v in evicted:
+        session.execute(update(AdapterVersion).where(AdapterVersion.id == v.version_id)
+                        .values(status=v.evicted_status))
+    if evicted:
+        _audit_evicted(session, evicted, bound_for)
+    return AliasPlan([w.lora_name for w in expired], [v.lora_name for v in evicted],
+                     desired.desired_versions(session, adapter_id),
+                     desired.adapter_version_names(session, adapter_id))
+
+
+def _audit_evicted(session: Session, evicted: list[Resident], bound_for: BoundFor) -> None:
+    for v in evicted:
+        bound = bound_for(v.tenant_id, v.alias)
+        audit(session, tenant_id=v.tenant_id, actor="reconciler", action="adapter.evict",
+              target_type="adapter_version", target_id=str(v.version_id),
+              reason=f"residency bound: {v.alias} keeps at most {bound} versions loaded "
+                     "(serving.max_resident_versions)",
+              detail={"lora_name": v.lora_name, "alias": v.alias, "from": v.status,
+                      "to": v.evicted_status, "max_resident_versions": bound})
 
 
 def _audit_retired(session: Session, adapter_id: uuid.UUID, expired: list[desired.DesiredVersion],
@@ -150,6 +176,11 @@ def _record(session: Session, states: Sequence[ReplicaState]) -> None:
         session.execute(stmt.on_conflict_do_update(
             index_elements=[EngineReplica.url],
             set_={k: stmt.excluded[k] for k in values if k != "url"}))
+
+
+def forget_replicas(session: Session, urls: Sequence[str]) -> None:
+    """Drop the rows of replicas that are gone (discovery no longer finds them)."""
+    session.execute(delete(EngineReplica).where(EngineReplica.url.in_(list(urls))))
 
 
 # --- replica steps -----------------------------------------------------------------------------
@@ -212,14 +243,16 @@ def _audit_refused(session: Session, d: desired.DesiredVersion, rejected: Artifa
 
 async def reconcile_once(sessions: sessionmaker, admins: Sequence[VllmAdmin], *,
                          warm_grace_s: float, drain_s: float, verify: Verify,
-                         pool: ReplicaPool | None = None) -> ReconcileReport:
-    """One round: observe, retire expired warm versions, load what is missing (each artifact
-    verified first: `verify(path, sha256)` from service.engine.artifact.verifier), unload the
-    rest."""
+                         pool: ReplicaPool | None = None,
+                         bound_for: BoundFor = default_bound) -> ReconcileReport:
+    """One round: observe, retire expired warm versions and staged ones past the alias's
+    residency bound (`bound_for(tenant, alias)`), load what is missing (each artifact verified
+    first: `verify(path, sha256)` from service.engine.artifact.verifier), unload the rest."""
     t0 = time.perf_counter()
     states = await observe(admins)
     report = ReconcileReport(replicas=states)
-    todo = await db_call(sessions, _adapters_needing_work, states, warm_grace_s, drain_s)
+    todo = await db_call(sessions, _adapters_needing_work, states, warm_grace_s, drain_s,
+                         bound_for)
     by_url = {a.base_url: a for a in admins}
     up = [s for s in states if s.healthy]
     for adapter_id in sorted(todo):
@@ -228,12 +261,13 @@ async def reconcile_once(sessions: sessionmaker, admins: Sequence[VllmAdmin], *,
             report.busy.append(adapter_id)  # an operation holds it and converges it itself
             continue
         try:
-            retired, want, names = await db_call(sessions, _retire_and_read, adapter_id,
-                                             warm_grace_s, drain_s)
-            report.retired += retired
-            await _verify_missing(sessions, verify, want, up, report)
-            await asyncio.gather(*(_converge_replica(by_url[s.url], s, want, names, report.errors,
-                                                     report.refused)
+            plan = await db_call(sessions, _retire_and_read, adapter_id, warm_grace_s, drain_s,
+                                 bound_for)
+            report.retired += plan.retired
+            report.evicted += plan.evicted
+            await _verify_missing(sessions, verify, plan.want, up, report)
+            await asyncio.gather(*(_converge_replica(by_url[s.url], s, plan.want, plan.names,
+                                                     report.errors, report.refused)
                                    for s in up))
         finally:
             await asyncio.shield(asyncio.to_thread(lock.release))
@@ -245,108 +279,7 @@ async def reconcile_once(sessions: sessionmaker, admins: Sequence[VllmAdmin], *,
     return report
 
 
-# --- the API's background task -----------------------------------------------------------------
-
-class EngineWatcher:
-    """Observer + reconciler loops for one API process; start() then aclose() at shutdown."""
-
-    def __init__(self, pool: ReplicaPool, sessions: sessionmaker, urls: Sequence[str], *,
-                 observe_interval_s: float, reconcile_interval_s: float, warm_grace_s: float,
-                 drain_s: float, verify: Verify, connect_timeout_s: float = 2.0) -> None:
-        self.pool = pool
-        self.verify = verify
-        self.sessions = sessions
-        self.observe_interval_s = observe_interval_s
-        self.reconcile_interval_s = reconcile_interval_s
-        self.warm_grace_s = warm_grace_s
-        self.drain_s = drain_s
-        self._observers = [VllmAdmin(u, timeout_s=OBSERVE_TIMEOUT_S,
-                                     connect_timeout_s=connect_timeout_s, get_retries=0)
-                           for u in urls]
-        self._controls = [VllmAdmin(u, timeout_s=CONTROL_TIMEOUT_S,
-                                    connect_timeout_s=connect_timeout_s) for u in urls]
-        self._tasks: list[asyncio.Task] = []
-        self.last_report: ReconcileReport | None = None
-
-    async def start(self, settings: Settings | None = None) -> None:
-        """Check the engine's sizing (when given settings), then start the loops.
-
-        Raises EngineTooSmall when FLYWHEEL_ENGINE_SIZING_CHECK=error and the engine is too small.
-        """
-        if settings is not None:
-            warning = await asyncio.to_thread(check_sizing, self.sessions, settings)
-            if warning:
-                log.warning("%s", warning)
-        if not self._observers:
-            return
-        self._tasks.append(asyncio.create_task(self._observe_loop(), name="replica-observer"))
-        if self.reconcile_interval_s > 0:
-            self._tasks.append(asyncio.create_task(self._reconcile_loop(), name="reconciler"))
-
-    async def aclose(self) -> None:
-        """Cancel the loops and close clients and the DB engine."""
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
-        for a in self._observers + self._controls:
-            await a.aclose()
-        self.sessions.kw["bind"].dispose()
-
-    async def _observe_loop(self) -> None:
-        while True:
-            try:
-                apply_to_pool(self.pool, await observe(self._observers))
-            except Exception:  # noqa: BLE001 - the loop must outlive any one failure
-                log.exception("replica observation failed")
-            await asyncio.sleep(self.observe_interval_s)
-
-    async def _reconcile_loop(self) -> None:
-        while True:
-            try:
-                self.last_report = await reconcile_once(
-                    self.sessions, self._controls, warm_grace_s=self.warm_grace_s,
-                    drain_s=self.drain_s, verify=self.verify, pool=self.pool)
-                for e in self.last_report.errors:
-                    log.warning("reconcile: %s", e)
-            except Exception as exc:  # noqa: BLE001 - e.g. the database is down: try next round
-                log.warning("reconcile round failed: %s", exc)
-            await asyncio.sleep(self.reconcile_interval_s)
-
-
-def watcher_from_settings(settings: Settings, db_url: str, pool: ReplicaPool) -> EngineWatcher:
-    """An EngineWatcher for this process's replicas, with its own small sync DB pool."""
-    engine = make_sync_engine(db_url, connect_timeout_s=settings.db_connect_timeout_s, pool_size=2)
-    return EngineWatcher(pool, sessionmaker(engine, expire_on_commit=False), settings.vllm_url_list,
-                         observe_interval_s=settings.replica_observe_interval_s,
-                         reconcile_interval_s=settings.reconcile_interval_s,
-                         warm_grace_s=settings.warm_grace_s, drain_s=settings.drain_s,
-                         verify=settings_verifier(settings),
-                         connect_timeout_s=settings.upstream_connect_timeout_s)
-
-
 def settings_verifier(settings: Settings) -> Verify:
     """The artifact check of this deployment's engine (its base model and LoRA rank)."""
     return verifier(engine_base_model=settings.resolved_base_model,
                     max_lora_rank=settings.vllm_max_lora_rank)
-
-
-def check_sizing(sessions: sessionmaker, settings: Settings) -> str | None:
-    """The start-time sizing check: raises EngineTooSmall (mode "error") or returns a warning."""
-    if settings.engine_sizing_check == "off":
-        return None
-    size = sizing.EngineSize(settings.vllm_max_loras, settings.vllm_max_cpu_loras)
-    try:
-        with sessions() as session:
-            sizing.check_db(session, size)
-    except sizing.EngineTooSmall as e:
-        if settings.engine_sizing_check == "error":
-            log.error("%s", e)
-            raise
-        return str(e)
-    except SQLAlchemyError as e:
-        # The API starts while Postgres is down; the swap re-checks before giving an alias its
-        # first adapter.
-        return f"engine sizing not checked: database unavailable ({type(e).__name__})"
-    return None

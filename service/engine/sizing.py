@@ -28,9 +28,11 @@ from dataclasses import dataclass
 from sqlalchemy.orm import Session
 
 from service.engine.desired import alias_demand
+from service.engine.residency import MAX_RESIDENT_VERSIONS
 
-# live + warm previous + staged (canary or swap candidate)
-VERSIONS_HELD_PER_ALIAS = 3
+# live + warm previous + staged (canary or swap candidate); an alias's policy may lower it
+# (serving.max_resident_versions), never raise it.
+VERSIONS_HELD_PER_ALIAS = MAX_RESIDENT_VERSIONS
 
 
 class EngineTooSmall(Exception):

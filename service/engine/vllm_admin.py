@@ -24,6 +24,7 @@ import httpx
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_fixed
 
 from service.config import Settings
+from service.engine.discovery import resolve_urls
 
 CONNECT_TIMEOUT_S = 2.0
 _TRANSPORT_ERRORS = (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError)
@@ -271,9 +272,13 @@ async def replica_admins(urls: Sequence[str], *, timeout_s: float = 120.0
         await asyncio.gather(*(a.aclose() for a in admins), return_exceptions=True)
 
 
-def replica_admins_for(settings: Settings, *, timeout_s: float = 120.0
-                       ) -> contextlib.AbstractAsyncContextManager[list[VllmAdmin]]:
-    """Admin clients for the deployment's replicas (FLYWHEEL_VLLM_URLS); all closed on exit.
+@contextlib.asynccontextmanager
+async def replica_admins_for(settings: Settings, *, timeout_s: float = 120.0
+                             ) -> AsyncIterator[list[VllmAdmin]]:
+    """Admin clients for the deployment's replicas (FLYWHEEL_VLLM_URLS, each name resolved into
+    its replicas: service.engine.discovery); all closed on exit.
 
     The one way the CLI, the API and the worker open them."""
-    return replica_admins(settings.vllm_url_list, timeout_s=timeout_s)
+    async with replica_admins(await resolve_urls(settings.vllm_url_list),
+                              timeout_s=timeout_s) as admins:
+        yield admins

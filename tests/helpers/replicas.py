@@ -53,11 +53,18 @@ class ReplicaSet:
     model_dir: Path
     log_dir: Path
     servers: list[ManagedVllm] = field(default_factory=list)
+    # Set: server i listens on hosts[i], all on one port (replicas behind one DNS name).
+    hosts: list[str] | None = None
 
     @classmethod
-    def start(cls, model_dir: Path, log_dir: Path, n: int = 2) -> ReplicaSet:
-        rs = cls(model_dir, log_dir)
-        rs.servers = [rs._server(free_port(), i) for i in range(n)]
+    def start(cls, model_dir: Path, log_dir: Path, n: int = 2,
+              hosts: list[str] | None = None) -> ReplicaSet:
+        rs = cls(model_dir, log_dir, hosts=hosts)
+        if hosts:
+            port = free_port(hosts[0])
+            rs.servers = [rs._server(port, i) for i in range(len(hosts))]
+        else:
+            rs.servers = [rs._server(free_port(), i) for i in range(n)]
         try:
             for s in rs.servers:
                 s.start()
@@ -70,9 +77,11 @@ class ReplicaSet:
         return rs
 
     def _server(self, port: int, i: int) -> ManagedVllm:
+        host = self.hosts[i] if self.hosts else "127.0.0.1"
         return ManagedVllm(self.model_dir, port, max_loras=MAX_LORAS, max_cpu_loras=MAX_CPU_LORAS,
-                           max_lora_rank=MAX_LORA_RANK, kv_cache_gb=0.0625,
-                           log_path=self.log_dir / f"replica-{i}.log", die_with_parent=True)
+                           max_lora_rank=MAX_LORA_RANK, kv_cache_gb=0.0625, host=host,
+                           log_path=self.log_dir / f"replica-{host}-{port}.log",
+                           die_with_parent=True)
 
     @property
     def urls(self) -> list[str]:

@@ -188,22 +188,22 @@ def test_every_flywheel_variable_is_a_setting_and_compose_s_are_all_set(docs):
     assert set(compose["x-flywheel-env"]) <= flywheel, "compose sets these; Kubernetes must too"
 
 
-def test_vllm_urls_name_the_replicas_behind_the_headless_service(docs):
+def test_vllm_urls_name_the_headless_service_that_discovery_resolves(docs):
     settings = _settings(docs)
     sts = _one(docs, "StatefulSet", "flywheel-vllm")
     svc = _one(docs, "Service", sts["spec"]["serviceName"])
     assert svc["spec"]["clusterIP"] == "None", "the replicas' Service must be headless"
     assert svc["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
-    name, replicas = svc["metadata"]["name"], sts["spec"]["replicas"]
+    name = svc["metadata"]["name"]
     port = _containers(sts)[0]["ports"][0]["containerPort"]
     assert str(port) == settings["FLYWHEEL_VLLM_PORT"]
-    hosts = []
-    for url in Settings(vllm_urls=settings["FLYWHEEL_VLLM_URLS"]).vllm_url_list:
-        parts = urlsplit(url)
-        assert parts.scheme == "http" and parts.port == port, url
-        hosts.append(parts.hostname)
-    # Per-replica names (<statefulset>-<i>.<service>) for each replica, or the Service's own name.
-    assert hosts == [name] or hosts == [f"{sts['metadata']['name']}-{i}.{name}" for i in range(replicas)]
+    # The Service's own name: discovery resolves it into every ready replica, however many.
+    [url] = Settings(vllm_urls=settings["FLYWHEEL_VLLM_URLS"]).vllm_url_list
+    parts = urlsplit(url)
+    assert parts.scheme == "http" and parts.port == port and parts.hostname == name, url
+    # Only ready pods are resolved: an engine still loading is never a replica.
+    assert not svc["spec"].get("publishNotReadyAddresses", False)
+    assert sts["spec"]["replicas"] >= 1
 
 
 def test_probes_hit_real_routes(docs):

@@ -34,3 +34,17 @@ def test_private_labels_are_summed_away_and_per_alias_gauges_dropped():
     assert "fw_training_seconds" not in fams  # a duration summed over aliases means nothing
     assert fams["flywheel_feedback_buffer"].samples[0].value == 5.0
     assert fams["fw_up"].samples[0].labels == {"replica": "http://v:8100"}
+
+
+def test_resident_versions_are_counted_per_replica_and_role_without_names():
+    reg = CollectorRegistry()
+    resident = Gauge("flywheel_resident_versions", "resident",
+                     ["replica", "tenant", "alias", "version", "role"], registry=reg)
+    for tenant, role in (("acme", "live"), ("globex", "live"), ("acme", "warm")):
+        resident.labels("http://10.0.0.2:8100", tenant, f"{tenant}-bot",
+                        f"{tenant}--{tenant}-bot--{role}", role).set(1)
+    text = tenant_free(generate_latest(reg).decode())
+    assert "acme" not in text and "globex" not in text
+    [fam] = [f for f in text_string_to_metric_families(text) if f.name == "flywheel_resident_versions"]
+    assert {(s.labels["replica"], s.labels["role"], s.value) for s in fam.samples} == {
+        ("http://10.0.0.2:8100", "live", 2.0), ("http://10.0.0.2:8100", "warm", 1.0)}

@@ -20,7 +20,7 @@ from service.db import repositories as repo
 from service.db.models import Adapter
 from service.domain.judge_stats import summary
 from service.engine import swap as engine_swap
-from service.engine.vllm_admin import replica_admins_for
+from service.engine.vllm_admin import replica_admins
 from service.names import check_name
 
 router = APIRouter(tags=["adapters"])
@@ -238,7 +238,8 @@ async def rollback_adapter(alias: AliasPath, caller: OpsCaller, state: State,
                        headers={"Retry-After": str(state.settings.retry_after_s)})
     config = engine_swap.SwapConfig.from_settings(state.settings)
     try:
-        async with replica_admins_for(state.settings) as admins:
+        # This process's replicas as its discovery last found them.
+        async with replica_admins(state.pool.urls) as admins:
             result = await engine_swap.rollback(state.sync_sessions(), admins, adapter.id, config,
                                                 actor=f"key:{caller.key_id}",
                                                 reason=(body.reason if body else None))

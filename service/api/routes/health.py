@@ -11,7 +11,7 @@ from fastapi import APIRouter, Header, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from service import metrics, metrics_db, metrics_redact
+from service import metrics, metrics_db, metrics_redact, metrics_replicas
 from service.api.deps import State
 from service.api.errors import ApiError
 
@@ -68,7 +68,11 @@ async def readyz(state: State) -> JSONResponse:
             "refused_artifacts": [{"version_id": v, "code": c}
                                   for v, c in sorted(state.pool.refused.items())],
             # What this process holds for Postgres (written back in order once it answers).
-            "spool": {"records": state.outbox.depth, "bytes": state.outbox.spool.size}}
+            "spool": {"records": state.outbox.depth, "bytes": state.outbox.spool.size},
+            # Each FLYWHEEL_VLLM_URLS entry: how many replicas it gave, and why its last lookup
+            # failed (its last known replicas are kept meanwhile; not a readiness failure).
+            "replica_discovery": [{"name": lk.entry, "replicas": len(lk.urls), "error": lk.error}
+                                  for lk in state.discovery.lookups.values()]}
     return JSONResponse(body, status_code=200 if ready else 503,
                         headers=None if ready else {"Retry-After": str(state.settings.retry_after_s)})
 
@@ -89,6 +93,8 @@ async def prometheus_metrics(state: State,
     body, content_type = metrics.render(state.settings.prometheus_multiproc_dir is not None)
     body += await _db_metrics(state)
     body += _spool_metrics(state)
+    body += metrics_replicas.exposition(metrics_replicas.discovery_families(state.pool,
+                                                                           state.discovery))
     if token is None:
         body = metrics_redact.tenant_free(body.decode()).encode()
     return Response(body, media_type=content_type)
@@ -117,6 +123,8 @@ async def _db_metrics(state) -> bytes:
                           for t, a in aliases}
             body = await metrics_db.render(
                 session, thresholds, [(r.url, r.is_up()) for r in state.pool.replicas])
+            body += metrics_replicas.exposition(
+                await metrics_replicas.resident_families(session, state.pool))
     except Exception:  # noqa: BLE001 - scrapes must not fail with the DB; the gap shows the outage
         metrics.SCRAPE_DB_FAILURES.inc()
         return b""

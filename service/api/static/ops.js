@@ -200,7 +200,8 @@
     for (const id of ["aliases-body", "runs-body", "audit-body", "versions-body", "gate-head",
                       "gate-body", "golden-body", "run-facts", "verdict", "dataset-facts",
                       "training-facts", "thumbs-chart", "version-gate-chart", "gate-chart",
-                      "loss-chart", "exports-body", "imports-body", "judge-body"]) {
+                      "loss-chart", "exports-body", "imports-body", "judge-body",
+                      "replicas-body", "discovery", "replicas-count"]) {
       $(id).replaceChildren();
     }
     $("report-body").hidden = true;
@@ -254,13 +255,15 @@
   async function refreshOnce() {
     const session = S.session;
     try {
-      const [adapters, runs, audit] = await Promise.all([
-        api("/v1/adapters"), api("/v1/runs?limit=50"), api("/v1/audit?limit=100")]);
+      const [adapters, runs, audit, replicas] = await Promise.all([
+        api("/v1/adapters"), api("/v1/runs?limit=50"), api("/v1/audit?limit=100"),
+        soft(api("/v1/replicas"))]);
       if (!S.key || session !== S.session) return;
       S.adapters = adapters;
       S.runs = runs;
       pickDefaults();
       renderAliases();
+      renderReplicas(replicas);
       renderRuns();
       renderAudit(audit);
       await Promise.all([S.runId ? loadRun(S.runId) : null, S.alias ? loadAlias(S.alias) : null]);
@@ -1238,9 +1241,6 @@
     ];
     const quant = quantFact(run);
     if (quant) facts.splice(3, 0, ["Quantization", quant]);
-    if (run.failure_reason) facts.push(["Failure", h("span", { class: "bad", text: run.failure_reason })]);
-    fill($("run-facts"), facts.map(([k, v]) => [h("dt", { text: k }), h("dd", {}, v)]));
-
     const job = run.training_job;
     if (job) {
       // The training job the run follows (workers/trainer/); restarts say a training process died.
@@ -1251,6 +1251,9 @@
         text: `${job.backend}, attempt ${job.attempt}${restarts}, on ${job.host}`,
       })]);
     }
+    if (run.failure_reason) facts.push(["Failure", h("span", { class: "bad", text: run.failure_reason })]);
+    fill($("run-facts"), facts.map(([k, v]) => [h("dt", { text: k }), h("dd", {}, v)]));
+
     renderVerdict(run);
     renderGate(run);
     renderLoss(run);
@@ -1354,6 +1357,48 @@
       h("dd", {}, Array.isArray(v) ? (v.length ? v.join("; ") : "none")
                   : typeof v === "string" && v.length > 16 ? h("code", { title: v, text: short(v) })
                   : typeof v === "object" && v !== null ? JSON.stringify(v) : num(v, 3))]));
+  }
+
+  // --- replicas ----------------------------------------------------------------------------
+
+  function renderReplicas(data) {
+    if (data.failed) {
+      fill($("replicas-count"), "");
+      fill($("discovery"));
+      fill($("replicas-body"), failedRow(4, `Could not read the replicas: ${data.failed}`));
+      return;
+    }
+    const up = data.replicas.filter((r) => r.healthy).length;
+    fill($("replicas-count"), `${data.replicas.length} replica${data.replicas.length === 1 ? "" : "s"}, ${up} healthy`);
+    fill($("discovery"), data.discovery.map(lookupLine));
+    fill($("replicas-body"), data.replicas.length ? data.replicas.map(replicaRow)
+                                                  : emptyRow(4, "No vLLM replicas configured."));
+  }
+
+  // One FLYWHEEL_VLLM_URLS entry: what it resolved to, when, and why its last lookup failed.
+  function lookupLine(d) {
+    const n = d.replicas.length;
+    const what = d.expanded ? `resolves to ${n} replica${n === 1 ? "" : "s"}` : "one replica, as configured";
+    return h("li", { "data-testid": "discovery-entry", "data-name": d.name },
+      h("code", { text: d.name }), ` ${what}`,
+      d.resolved_at ? [", looked up ", when(d.resolved_at)] : null,
+      d.error ? h("span", { class: "bad", "data-testid": "discovery-error",
+                            text: ` · lookup failed: ${d.error} (last known replicas kept)` }) : null);
+  }
+
+  function replicaRow(r) {
+    return h("tr", { "data-testid": "replica-row", "data-url": r.url },
+      h("th", { scope: "row" }, h("code", { text: r.url }),
+        r.source !== r.url ? h("div", { class: "muted small", text: `from ${r.source}` }) : null),
+      h("td", {}, h("span", { class: r.healthy ? "ok" : "bad", text: r.healthy ? "healthy" : "down" })),
+      h("td", {}, !r.observed ? h("span", { class: "muted", text: "not observed yet" })
+        : r.versions.length ? h("ul", { class: "chips" }, r.versions.map((v) =>
+            h("li", { class: `chip vs-${v.role}`, title: v.version,
+                      "data-testid": "resident-version", "data-version": v.version,
+                      "data-role": v.role },
+              `${v.alias} v${v.number} `, h("span", { class: "small", text: v.role }))))
+        : h("span", { class: "muted", text: "none of yours" })),
+      h("td", { text: r.adapters === null ? "—" : String(r.adapters) }));
   }
 
   // --- audit -------------------------------------------------------------------------------
