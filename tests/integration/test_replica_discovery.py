@@ -114,6 +114,11 @@ async def test_replicas_follow_the_name_and_a_new_one_gets_the_live_version_firs
     await until(lambda: resident(b_url), "v1 live on both in the API's metrics")
     assert await resident(a_url) == 1
 
+    async def both_recorded() -> bool:  # rows are written at the end of a reconcile round
+        return _row(db_sessions, a_url) is not None and _row(db_sessions, b_url) is not None
+
+    await until(both_recorded, "both replicas' engine_replicas rows", 120)
+
     # B leaves the name: out of the pool, the metrics and the table; chats go to A only.
     named.hosts.set(ADDRESSES[:1])
 
