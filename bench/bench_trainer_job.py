@@ -31,6 +31,7 @@ from pathlib import Path
 
 from service.config import Settings
 from service.local.tiny_model import build_tiny_model
+from tests.helpers.datasets import addition_records
 from workers.trainer.backend import TrainJob
 from workers.trainer.drive import drive
 from workers.trainer.local import LocalAccelerateBackend
@@ -38,18 +39,6 @@ from workers.training import TrainingConfig, read_jsonl, train_adapter
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TINY_MODEL_DIR = Path.home() / ".cache" / "flywheel" / "tiny-model-v1"
-
-
-def _records(tok) -> list[dict]:
-    out = []
-    for a in range(4):
-        for b in range(4):
-            msgs = [{"role": "user", "content": f"What is {a} plus {b}?"}]
-            prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-            full = tok.apply_chat_template([*msgs, {"role": "assistant", "content": f"{a + b}."}],
-                                           tokenize=False)
-            out.append({"prompt": prompt, "completion": full[len(prompt):].rstrip()})
-    return out
 
 
 def _spec(root: Path, model: Path, steps: int) -> dict:
@@ -94,7 +83,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-trainer-job-") as tmp:
         base = Path(tmp)
         (base / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in
-                                                  _records(AutoTokenizer.from_pretrained(model))))
+                                                  addition_records(AutoTokenizer.from_pretrained(model))))
         _in_process(base / "warm", _spec(base / "warm", model, 2))  # imports, as in a warm worker
         for i in range(args.repeats):
             for j, (name, run) in enumerate(variants.items()):

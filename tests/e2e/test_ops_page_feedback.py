@@ -24,7 +24,6 @@ from tests.helpers.auth import bearer
 from tests.helpers.data import wait_import
 from tests.helpers.stack import REPO, ApiProcess, flywheel_env
 
-UI_TIMEOUT_MS = 15_000
 SCREENSHOT = Path("/tmp/ops-feedback.png")
 
 # chats.jsonl: 13 lines; line 5 is malformed JSON and line 13 has no answer (2 errors), line 12
@@ -46,19 +45,6 @@ def feedback_api(db_url, broker_url, stack_root, tmp_path_factory):
     proc = ApiProcess(env=env, log=stack_root / "api-ops-feedback.log").start()
     yield proc, policies
     proc.stop()
-
-
-@pytest.fixture()
-def page(browser):
-    context = browser.new_context(viewport={"width": 1440, "height": 900})
-    pg = context.new_page()
-    pg.set_default_timeout(UI_TIMEOUT_MS)
-    pg.problems = []
-    pg.on("pageerror", lambda e: pg.problems.append(f"pageerror: {e}"))
-    pg.on("console", lambda m: pg.problems.append(f"console: {m.text}") if m.type == "error" else None)
-    pg.on("response", lambda r: pg.problems.append(f"HTTP {r.status} {r.url}") if r.status >= 400 else None)
-    yield pg
-    context.close()
 
 
 def _pct(x: float) -> str:

@@ -22,21 +22,7 @@ from tests.helpers.replicas import swap_config
 
 pytestmark = pytest.mark.vllm
 
-UI_TIMEOUT_MS = 15_000
 SCREENSHOT = Path("/tmp/ops-replicas.png")
-
-
-@pytest.fixture()
-def page(browser):
-    context = browser.new_context(viewport={"width": 1440, "height": 900})
-    pg = context.new_page()
-    pg.set_default_timeout(UI_TIMEOUT_MS)
-    pg.problems = []
-    pg.on("pageerror", lambda e: pg.problems.append(f"pageerror: {e}"))
-    pg.on("console", lambda m: pg.problems.append(f"console: {m.text}") if m.type == "error" else None)
-    pg.on("response", lambda r: pg.problems.append(f"HTTP {r.status} {r.url}") if r.status >= 400 else None)
-    yield pg
-    context.close()
 
 
 async def _swap_in(url: str, sessions, cfg: sw.SwapConfig, *versions) -> None:
