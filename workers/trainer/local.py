@@ -95,21 +95,17 @@ class LocalAccelerateBackend:
         with contextlib.suppress(OSError):  # a full disk must not stop us reading the outcome
             os.utime(d / files.ATTACHED_FILE)
         events = self._read_events(d)
+        if (not (d / files.RESULT_FILE).exists() and files.read_json(d / files.EXIT_FILE) is None
+                and self._alive(ref, d)):
+            return JobStatus("running", events)
+        # It ended (or vanished): what it left is final. Progress written since counts too.
+        events += self._read_events(d)
         if (d / files.RESULT_FILE).exists():
             return JobStatus("succeeded", events)
         ended = files.read_json(d / files.EXIT_FILE)
         if ended is None:
-            alive = self._alive(ref, d)
-            if alive:
-                return JobStatus("running", events)
-            ended = files.read_json(d / files.EXIT_FILE)  # it may have ended since
-            if ended is None:
-                self._kill_leftovers(ref, d)
-                if (d / files.RESULT_FILE).exists():
-                    return JobStatus("succeeded", events + self._read_events(d))
-                return JobStatus("lost", events, detail=self._lost_detail(ref, d))
-        if (d / files.RESULT_FILE).exists():
-            return JobStatus("succeeded", events + self._read_events(d))
+            self._kill_leftovers(ref, d)
+            return JobStatus("lost", events, detail=self._lost_detail(ref, d))
         detail = _exit_detail(ended)
         error = _first_error(d)
         if error is not None and not ended.get("stopped"):
