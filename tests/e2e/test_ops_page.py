@@ -160,7 +160,7 @@ def test_review_and_approve_a_run_from_the_page(page_stack, page, make_key, make
 
     # Ratings through the API start a run; the page picks it up and follows it live.
     with httpx.Client(base_url=api.url, timeout=60) as c:
-        chat_and_rate(c, key, alias, 16)
+        chat_and_rate(c, key, alias, 16, heldout_fraction=0.4)
     run = wait_first_run(db_sessions, tenant, alias)
     row = page.locator(f'[data-testid="run-row"][data-run-id="{run.id}"]')
     expect_or_log(lambda: expect(row.get_by_test_id("run-progress")).to_contain_text(
@@ -175,7 +175,12 @@ def test_review_and_approve_a_run_from_the_page(page_stack, page, make_key, make
     expect(row.get_by_test_id("state-badge")).to_have_text("awaiting approval")
     expect(row.get_by_test_id("run-progress")).to_contain_text("6/6")
     expect(row.get_by_test_id("run-gate")).to_contain_text("passed")
+    # The row shows the gate's preference accuracy (chat_and_rate put a corrected thumbs-down
+    # in the held-out set, so there is one to show).
+    acc = (run.metrics or {})["gate"]["preference_accuracy"]
     expect(row.get_by_test_id("run-gate")).to_contain_text(re.compile(r"pref\. acc \d"))
+    shown = re.search(r"pref\. acc (\d\.\d\d)", row.get_by_test_id("run-gate").inner_text())
+    assert shown and abs(float(shown.group(1)) - acc) <= 0.005 + 1e-9, (shown, acc)
     expect(alias_row.get_by_test_id("alias-serving")).to_have_text("base")
 
     row.get_by_role("button", name=re.compile("^Review")).click()

@@ -34,7 +34,7 @@ def test_feedback_to_gated_candidate_through_the_real_worker(loop_stack, make_ke
     key, ops = make_key(tenant, "product"), make_key(tenant, "ops")
     alias = make_alias(tenant)
     with httpx.Client(base_url=api.url, timeout=60) as c:
-        chat_and_rate(c, key, alias, 16)
+        chat_and_rate(c, key, alias, 16, heldout_fraction=0.4)
         run = wait_first_run(db_sessions, tenant, alias)
         run = wait_run(db_sessions, run.id, {"awaiting_approval", "rejected"}, timeout=400,
                        log=worker.log)

@@ -17,6 +17,7 @@ from tests.helpers.auth import bearer
 from tests.helpers.data import api_key_id, seed_interactions
 from tests.helpers.runs import wait_first_run
 from tests.helpers.stack import ApiProcess, WorkerProcess, flywheel_env
+from workers.dataset import is_heldout
 
 PROMPTS = ["Where is my order {i}?", "How do I reset my password ({i})?", "Can I get a refund for item {i}?",
            "My parcel {i} is late, what now?"]
@@ -87,16 +88,30 @@ def api_and_worker(api_settings: dict[str, str], root: Path, policies: Path, nam
 
 # --- a product ---------------------------------------------------------------------------------
 
-def chat_and_rate(c, key, alias, n, rating=None) -> list[str]:
-    """n chats through the gateway, each rated (alternating up/down unless rating is given)."""
-    ids = []
+def chat_and_rate(c, key, alias, n, rating=None, heldout_fraction: float | None = None) -> list[str]:
+    """n chats through the gateway, each rated (alternating up/down unless rating is given;
+    every fourth thumbs-down carries a correction).
+
+    With heldout_fraction (the policy's), the first interaction the dataset will hold out gets
+    the first corrected thumbs-down (one with a non-empty answer where there is one: the tiny
+    model answers some prompts with nothing), so the gate has a (correction, answer) pair to
+    score: the split hashes random interaction ids, and left alone about one draw in fifty
+    holds no comparable pair."""
+    ids, answered = [], []
     for i in range(n):
         r = c.post("/v1/chat/completions", headers=bearer(key), json={
             "model": alias, "max_tokens": 6, "temperature": 0,
             "messages": [{"role": "user", "content": PROMPTS[i % 4].format(i=i)}]})
         assert r.status_code == 200, r.text
         ids.append(r.headers["x-interaction-id"])
-    for i, iid in enumerate(ids):
+        answered.append(bool((r.json()["choices"][0]["message"].get("content") or "").strip()))
+    order = list(range(n))
+    if heldout_fraction is not None and rating is None:
+        held = sorted((i for i, iid in enumerate(ids) if is_heldout(iid, heldout_fraction)),
+                      key=lambda i: not answered[i])
+        assert held, "no interaction landed in the held-out set"
+        order[0], order[held[0]] = order[held[0]], order[0]
+    for i, iid in zip(order, ids, strict=True):
         body = {"interaction_id": iid, "rating": rating or ("up" if i % 2 else "down"),
                 "rater_id": f"u{i % 5}"}
         if rating is None and i % 4 == 0:
