@@ -46,7 +46,8 @@ def run_wrk(url: str, *, bodies: list[dict], path: str, headers: dict[str, str],
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(lua % (body_list, header_tbl, path))
     out = subprocess.run([require_wrk(), "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
-                          f"--timeout={timeout_s}s", "-s", f.name, url], capture_output=True, text=True, check=True).stdout
+                          f"--timeout={timeout_s}s", "-s", f.name, url],
+                         capture_output=True, text=True, check=True).stdout
     Path(f.name).unlink()
     if "Requests/sec" not in out or "50%" not in out:
         raise RuntimeError(f"wrk printed no figures:\n{out}")

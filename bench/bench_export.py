@@ -37,10 +37,8 @@ from typing import Any
 from service.local.tiny_model import build_tiny_model, synthetic_dialogues
 from workers.export.consistency import Tolerance, consistency, gguf_consistency, judge
 from workers.export.converter import ensure_converter
-from workers.export.engines import (Memo, encode_prompts, load_merged, load_served,
-                                    render_prompts)
-from workers.export.gguf_writer import (QUANTIZER_QUANTS, QUANTS, export_gguf,
-                                        llama_cpp_available)
+from workers.export.engines import Memo, encode_prompts, load_merged, load_served, render_prompts
+from workers.export.gguf_writer import QUANTIZER_QUANTS, QUANTS, export_gguf, llama_cpp_available
 from workers.export.merge import MergedResult, merge_adapter
 from workers.training import package_versions
 
@@ -88,8 +86,9 @@ def make_prompts(tokenizer, n: int) -> list:
 
 
 def _gate_figures(metrics: dict[str, Any]) -> dict[str, Any]:
-    keys = ("exact_match", "token_agreement", "decisive_agreement", "n_decisive", "nll_reference", "nll_candidate", "nll_delta",
-            "ppl_ratio", "kl_mean", "max_abs_logprob_delta", "tokenizer_agreement", "n_tokens")
+    keys = ("exact_match", "token_agreement", "decisive_agreement", "n_decisive", "nll_reference",
+            "nll_candidate", "nll_delta", "ppl_ratio", "kl_mean", "max_abs_logprob_delta",
+            "tokenizer_agreement", "n_tokens")
     return {k: metrics[k] for k in keys if k in metrics}
 
 
@@ -171,7 +170,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             continue
         verdict = ("pass" if r.get("passed") else "FAIL") if "passed" in r else r.get("gate", "")
 
-        def f(key: str, fmt: str) -> str:
+        def f(key: str, fmt: str, r: dict = r) -> str:
             return format(r[key], fmt) if key in r else "–"
 
         decisive = (f"{r['decisive_agreement']:.3f} ({r['n_decisive']}/{r['n_tokens']})"

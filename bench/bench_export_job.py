@@ -138,15 +138,15 @@ def bench(model_dir: Path, *, repeats: int, n_prompts: int, seed: int,
     from sqlalchemy import select
     from sqlalchemy.orm import sessionmaker
 
-    from service.domain import exports
     from service.config import Settings
     from service.db import migrate
     from service.db import repositories as repo
     from service.db.models import AdapterVersion, Export
     from service.db.session import make_sync_engine, session_scope
-    from service.local.embedded import ensure_postgres, stop_postgres
-    from service.engine.artifact import artifact_sha256
+    from service.domain import exports
     from service.domain.policy import PolicyStore
+    from service.engine.artifact import artifact_sha256
+    from service.local.embedded import ensure_postgres, stop_postgres
     from tests.helpers.vllm import make_random_lora
     from workers.context import WorkerContext
     from workers.stages import export as export_stage

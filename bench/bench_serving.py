@@ -23,8 +23,8 @@ from pathlib import Path
 import httpx
 
 from bench._stack import bench_model, save
-from service.local.embedded import free_port
 from service.engine.managed import ManagedVllm
+from service.local.embedded import free_port
 
 PROMPTS = ["My order is late.", "How do I reset my password?", "Where is my parcel?",
            "My invoice was charged twice.", "What is the capital of France?", "Say hello."]

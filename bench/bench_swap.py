@@ -35,10 +35,10 @@ from sqlalchemy.orm import sessionmaker  # noqa: E402
 from service.db import migrate  # noqa: E402
 from service.db import repositories as repo  # noqa: E402
 from service.db.session import make_sync_engine, session_scope  # noqa: E402
-from service.local.embedded import ensure_postgres, ensure_redis, stop_postgres, stop_redis  # noqa: E402
 from service.engine import swap as sw  # noqa: E402
-from service.security import display_prefix, generate_key, hash_key  # noqa: E402
+from service.local.embedded import ensure_postgres, ensure_redis, stop_postgres, stop_redis  # noqa: E402
 from service.local.tiny_model import build_tiny_model  # noqa: E402
+from service.security import display_prefix, generate_key, hash_key  # noqa: E402
 from tests.helpers.replicas import (  # noqa: E402
     ROUTING_TTL_S,
     ReplicaSet,

@@ -32,8 +32,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from service.local.tiny_model import build_tiny_model, synthetic_dialogues
 from service.domain.policy import Policy
+from service.local.tiny_model import build_tiny_model, synthetic_dialogues
 from workers.recipe import training_config
 from workers.training import library_versions, train_adapter
 

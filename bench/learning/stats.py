@@ -59,8 +59,8 @@ def bad_promotions(base_rate: float, rounds: list[dict], alpha: float = 0.05) ->
                      "replaced_rate": before}
             old, new = r.get("serving_before", {}).get("outcomes"), r["serving"].get("outcomes")
             if old is not None and new is not None and len(old) == len(new):
-                lost = sum(1 for a, b in zip(old, new) if a and not b)
-                gained = sum(1 for a, b in zip(old, new) if b and not a)
+                lost = sum(1 for a, b in zip(old, new, strict=True) if a and not b)
+                gained = sum(1 for a, b in zip(old, new, strict=True) if b and not a)
                 p = sign_test_p(lost, gained)
                 entry.update(lost=lost, gained=gained, p_value=round(p, 4), significant=p < alpha)
             out.append(entry)

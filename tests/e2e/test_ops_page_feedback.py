@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -90,7 +90,7 @@ def test_imports_and_ai_judge_panels(feedback_api, page, make_key, make_alias, t
     # The judge's rows, as workers.judge writes them: feedback with source "judge" (some on answers
     # humans rated too, so agreement has pairs; two a day-old bucket back, so its line has two
     # points), a version with judge ratings of its own, and two sweeps.
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     pairs: list[tuple[str, str]] = []  # (judge, human) on the same answer
     with session_scope(db_sessions) as s:
         adapter = s.scalars(select(Adapter).where(Adapter.tenant_id == tenant,
@@ -100,7 +100,7 @@ def test_imports_and_ai_judge_panels(feedback_api, page, make_key, make_alias, t
                           .where(Interaction.import_id == uuid.UUID(job["id"]))
                           .order_by(Interaction.source_id)).all()
         for (iid, human), verdict, hours in zip(rated, ["up", "up", "up", "up", "down"],
-                                                [2, 2, 0, 0, 0]):
+                                                [2, 2, 0, 0, 0], strict=False):
             s.add(Feedback(interaction_id=iid, tenant_id=tenant, adapter_id=adapter.id,
                            rater_id="judge:base", rating=verdict, source="judge",
                            created_at=now - timedelta(hours=hours)))
@@ -222,7 +222,7 @@ def test_imports_and_ai_judge_panels(feedback_api, page, make_key, make_alias, t
     with session_scope(db_sessions) as s:
         s.execute(update(FeedbackImport).where(FeedbackImport.id == running).values(
             status="failed", imported=30, failure_reason="the database went away after 33 of 40 records",
-            finished_at=datetime.now(timezone.utc)))
+            finished_at=datetime.now(UTC)))
     expect(live).to_have_attribute("data-status", "failed")
     expect(live.get_by_test_id("import-failure")).to_have_text(
         "the database went away after 33 of 40 records")

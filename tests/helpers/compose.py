@@ -138,7 +138,7 @@ class NativeService:
         if unmapped:
             raise ComposeError(f"{self.name}: no local folder for its mount(s) {unmapped}")
         command = self.service.get("command") or []
-        for flag, value in zip(command, command[1:]):
+        for flag, value in zip(command, command[1:], strict=False):
             if flag == "--port":
                 self.ports.setdefault(int(value), free_port())
 

@@ -89,10 +89,10 @@ def test_listing_carries_the_newest_versions_with_ratings(client, make_key, make
     ratings = [(8, "up"), (8, "up"), (8, "down"), (5, "down"), (2, "up"), (1, "up"), (None, "up")]
     interactions = seed_interactions(db_sessions, tenant, alias, None, len(ratings))
     with session_scope(db_sessions) as s:
-        for iid, (n, _) in zip(interactions, ratings):
+        for iid, (n, _) in zip(interactions, ratings, strict=True):
             s.execute(update(Interaction).where(Interaction.id == uuid.UUID(iid))
                       .values(version_id=ids.get(n)))
-    for iid, (_, rating) in zip(interactions, ratings):
+    for iid, (_, rating) in zip(interactions, ratings, strict=True):
         r = client.post("/v1/feedback", headers=bearer(ops), json={"interaction_id": iid,
                                                                    "rating": rating})
         assert r.status_code == 201, r.text

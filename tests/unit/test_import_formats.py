@@ -56,7 +56,8 @@ def test_openwebui_walks_the_chat_tree_to_the_rated_answer():
     assert two_turns.rater_id == doc[3]["user_id"]
     # The chat's system prompt comes first; a thumbs-down keeps its reason and comment.
     first_down = by_id[doc[2]["id"]]
-    assert first_down.messages[0] == {"role": "system", "content": doc[2]["snapshot"]["chat"]["chat"]["params"]["system"]}
+    system = doc[2]["snapshot"]["chat"]["chat"]["params"]["system"]
+    assert first_down.messages[0] == {"role": "system", "content": system}
     assert first_down.rating == "down"
     assert first_down.comment == "[Not helpful] Does not answer the question."
     # The answer's own time, not the feedback's.

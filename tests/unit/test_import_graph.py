@@ -59,7 +59,8 @@ def _cycles(edges):
         on.add(v)
         for w in edges[v]:
             if w not in index:
-                visit(w); low[v] = min(low[v], low[w])
+                visit(w)
+                low[v] = min(low[v], low[w])
             elif w in on:
                 low[v] = min(low[v], index[w])
         if low[v] == index[v]:
