@@ -169,13 +169,19 @@ async def _holds(admin: VllmAdmin, name: str) -> bool:
     return name in await admin.loaded_loras()
 
 
-async def test_a_staged_version_past_the_residency_bound_is_unloaded_everywhere(
-        named, versions, swap_cfg, db_sessions, make_key):
+async def _alias_bounded_to(named, versions, bound: int) -> str:
+    """A fresh alias of the tenant whose policy bounds its resident versions to `bound`."""
     named.hosts.set(ADDRESSES)
     alias, _ = versions.alias()
     (named.policies / f"{versions.tenant}--{alias}.yaml").write_text(
-        "serving: {max_resident_versions: 2}\n")
+        f"serving: {{max_resident_versions: {bound}}}\n")
     await asyncio.sleep(1.2)  # the API re-reads policy files at most once a second
+    return alias
+
+
+async def test_a_staged_version_past_the_residency_bound_is_unloaded_everywhere(
+        named, versions, swap_cfg, db_sessions, make_key):
+    alias = await _alias_bounded_to(named, versions, 2)
     live, live_name = versions.new(alias)
     older, older_name = versions.new(alias)
     newer, newer_name = versions.new(alias)
@@ -216,11 +222,7 @@ async def test_a_warm_version_past_the_bound_is_retired_once_the_alias_has_drain
         named, versions, swap_cfg, db_sessions):
     """Bound 1: the previous version stays only while it may still serve (drain_s), not for the
     whole warm grace period; it is retired, not sent back to candidate."""
-    named.hosts.set(ADDRESSES)
-    alias, _ = versions.alias()
-    (named.policies / f"{versions.tenant}--{alias}.yaml").write_text(
-        "serving: {max_resident_versions: 1}\n")
-    await asyncio.sleep(1.2)  # the API re-reads policy files at most once a second
+    alias = await _alias_bounded_to(named, versions, 1)
     first, first_name = versions.new(alias)
     second, second_name = versions.new(alias)
     async with replica_admins_for(Settings(vllm_urls=named.entry)) as admins:
