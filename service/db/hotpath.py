@@ -18,7 +18,7 @@ from weakref import WeakKeyDictionary
 import psycopg
 from psycopg import AsyncConnection
 from psycopg.rows import namedtuple_row
-from psycopg.types.json import Jsonb
+from psycopg.types.json import Json, Jsonb
 from psycopg_pool import AsyncConnectionPool
 from sqlalchemy.engine import make_url
 
@@ -109,7 +109,7 @@ async def insert_interaction(pool: AsyncConnectionPool, values: dict[str, Any]) 
     its id already stored is left alone (autocommit: one statement is its own transaction)."""
     params = {**_INTERACTION_DEFAULTS, **{k: _strip_nul(v) for k, v in values.items()}}
     params["messages"] = Jsonb(params["messages"])
-    params["params"] = Jsonb(params.get("params") or {})
+    params["params"] = Json(params.get("params") or {})  # a json column: kept as sent
     params["response_tool_calls"] = _json_or_none(params["response_tool_calls"])
     async with pool.connection() as conn:
         await conn.execute(_INSERT_INTERACTION, params)

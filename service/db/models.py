@@ -23,7 +23,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import JSON, JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING = {
@@ -193,7 +193,8 @@ class Interaction(Base):
     replica: Mapped[str | None] = mapped_column(String(300))
     user: Mapped[str | None] = mapped_column(String(200))
     messages: Mapped[list[Any]] = mapped_column(JSONB)
-    params: Mapped[dict[str, Any]] = mapped_column(JSONB, default=dict)
+    # json, not jsonb: kept as sent (key order included), since templates dump tools as JSON.
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     response_text: Mapped[str] = mapped_column(Text, default="")
     # The answer's tool calls (OpenAI's list), when it called tools.
     response_tool_calls: Mapped[list[Any] | None] = mapped_column(JSONB)

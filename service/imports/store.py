@@ -46,7 +46,7 @@ INSERT INTO interactions (id, tenant_id, api_key_id, alias, adapter_id, version_
     replica, "user", messages, params, response_text, response_tool_calls, finish_reason, stream,
     created_at, source, source_id, import_id)
 VALUES (:id, :tenant_id, :api_key_id, :alias, :adapter_id, NULL, :served_model, NULL, :user,
-    CAST(:messages AS jsonb), CAST(:params AS jsonb), :response_text,
+    CAST(:messages AS jsonb), CAST(:params AS json), :response_text,
     CAST(:response_tool_calls AS jsonb), NULL, false,
     COALESCE(CAST(:created_at AS timestamptz), now()), :source, :source_id, :import_id)
 ON CONFLICT (tenant_id, source, source_id) WHERE source IS NOT NULL DO NOTHING
