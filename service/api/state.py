@@ -6,6 +6,7 @@ import asyncio
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,14 +43,16 @@ class TTLCache:
     """A tiny dict with per-entry expiry, bounded: past max_entries the least recently used
     entry goes (never the whole cache)."""
 
-    def __init__(self, ttl_s: float, max_entries: int = 10_000) -> None:
+    def __init__(self, ttl_s: float, max_entries: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
+        self.clock = clock
         self._data: OrderedDict[Any, tuple[float, Any]] = OrderedDict()
 
     def get(self, key: Any) -> tuple[bool, Any]:
         hit = self._data.get(key)
-        if hit is None or hit[0] < time.monotonic():
+        if hit is None or hit[0] < self.clock():
             return False, None
         self._data.move_to_end(key)
         return True, hit[1]
@@ -59,8 +62,16 @@ class TTLCache:
         hit = self._data.get(key)
         return (False, None) if hit is None else (True, hit[1])
 
-    def put(self, key: Any, value: Any) -> None:
-        self._data[key] = (time.monotonic() + self.ttl_s, value)
+    def put(self, key: Any, value: Any, read_at: float | None = None) -> None:
+        """Store value, valid for ttl_s from read_at (the clock when its read began;
+        default now). Counting from the read's start keeps the TTL a bound on staleness when a
+        read is slow, and an entry from a later read is never replaced by one from an earlier
+        read that finished after it (two requests missing the cache at once)."""
+        expires = (self.clock() if read_at is None else read_at) + self.ttl_s
+        held = self._data.get(key)
+        if held is not None and held[0] >= expires:
+            return
+        self._data[key] = (expires, value)
         self._data.move_to_end(key)
         while len(self._data) > self.max_entries:
             self._data.popitem(last=False)
@@ -148,11 +159,12 @@ class AppState:
             return principal
         if self.auth_misses.get(key_hash)[0]:
             return None
+        read_at = self.auth_cache.clock()
         principal, fresh = await self._from_db(
             self.auth_cache, key_hash, lambda s: repo.principal_for_hash(s, key_hash))
         if not fresh:
             return principal
-        (self.auth_cache if principal is not None else self.auth_misses).put(key_hash, principal)
+        (self.auth_cache if principal is not None else self.auth_misses).put(key_hash, principal, read_at)
         return principal
 
     async def route(self, tenant_id: str, alias: str) -> repo.Route | None:
@@ -161,11 +173,12 @@ class AppState:
         found, route = self.route_cache.get(key)
         if found:
             return route
+        read_at = self.route_cache.clock()
         route, fresh = await self._from_db(self.route_cache, key, lambda s: repo.route_for_alias(
             s, tenant_id, alias, self.settings.base_model_name))
         if not fresh:
             return route
-        self.route_cache.put(key, route)
+        self.route_cache.put(key, route, read_at)
         return route
 
     def feedback_arrived(self, adapter_id: uuid.UUID, alias: str, tenant_id: str) -> None:
